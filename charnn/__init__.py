@@ -1,3 +1,34 @@
-"""charnn: character-level recurrent language models on your own text."""
+"""charnn: character-level recurrent language models on your own text.
+
+The public API is re-exported here lazily, so ``import charnn`` (and the
+``charnn --help`` command) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CharnnError": "errors", "DataError": "errors", "VocabError": "errors",
+    "CheckpointError": "errors", "ConfigError": "errors", "TrainingError": "errors",
+    "CharTokenizer": "tokenizer",
+    "ModelConfig": "config", "TrainConfig": "config",
+    "CharRNN": "model",
+    "read_corpus": "data",
+    "load": "checkpoint", "load_model": "checkpoint", "save": "checkpoint",
+    "Trainer": "train", "train": "train",
+    "generate": "sample", "sample_text": "sample",
+    "evaluate_ids": "evaluate", "EvalResult": "evaluate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'charnn' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
