@@ -393,10 +393,8 @@ class Trainer:
         for key in ("step", "epoch", "chunk", "chars_seen", "elapsed", "best_val",
                     "evals_without_improvement", "nonfinite_skipped", "clipped_steps",
                     "restores", "lr_scale"):
-            if key in ts:
+            if ts.get(key) is not None:
                 setattr(self, key, type(getattr(self, key))(ts[key]))
-        if ts.get("best_val") is None:
-            self.best_val = math.inf
         self.metrics = list(resumed.metrics)
         if "rng_cpu" in ts:
             torch.set_rng_state(ts["rng_cpu"])
@@ -509,7 +507,8 @@ class Trainer:
         """Validation loss over the whole split, state carried; agreed by all ranks."""
         loss = torch.tensor(math.nan)
         if self.dist.is_main and len(self.val_ids) >= 2:
-            loss = torch.tensor(evaluate_ids(self.model, self.val_ids, device=self.device).loss)
+            loss = torch.tensor(evaluate_ids(self.model, self.val_ids, device=self.device,
+                                             autocast_dtype=_AUTOCAST[self.precision]).loss)
         if self.dist.enabled:
             loss = loss.to(self.device)
             dist.broadcast(loss, src=0)
@@ -584,7 +583,17 @@ class Trainer:
         if self.dist.enabled:
             finite = not self._agree(not finite)
         if finite:
-            self.scaler.step(self.optimizer)
+            # An absurd --lr can turn a finite gradient into inf weights, or
+            # overflow the update itself: count that step as non-finite too, so
+            # the guard restores the last good state before anything is saved.
+            try:
+                self.scaler.step(self.optimizer)
+            except RuntimeError as e:
+                if "overflow" not in str(e):
+                    raise
+                finite = False
+            else:
+                finite = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
         self.scaler.update()
         return float(loss.detach()) / self.dist.world_size, norm, finite
 
@@ -607,7 +616,9 @@ class Trainer:
                    vocab_size=self.tokenizer.vocab_size, out_dir=str(self.out_dir),
                    resumed_at=self.step, world_size=self.dist.world_size,
                    chunks_per_epoch=len(self.batcher))
+        run_start, elapsed_base = time.perf_counter(), self.elapsed
         self._snapshot_good()
+        guessed_eval_time = self._calibrate_eval()
         eval_time = None  # seconds one evaluation + save takes, measured
         consecutive_bad = 0
         window_loss, window_steps, window_chars = 0.0, 0, 0
@@ -615,12 +626,11 @@ class Trainer:
         last_path: Path | None = None
         stopped = None
         flag = _SigintFlag() if self.handle_sigint else None
-        run_start, elapsed_base = time.perf_counter(), self.elapsed
         if flag:
             flag.__enter__()
         try:
             while True:
-                reserve = eval_time if eval_time is not None else self._guess_eval_time()
+                reserve = eval_time if eval_time is not None else guessed_eval_time
                 stopped = self._budget_left(reserve)
                 if self._agree(flag is not None and flag.hit):
                     stopped = "interrupted"
@@ -701,15 +711,18 @@ class Trainer:
                                       self.out_dir / "last.pt")
         return result
 
-    def _guess_eval_time(self) -> float:
-        # Before the first evaluation: a forward pass costs about a third of a
-        # training step per character; assume 20k chars/s as a floor.
-        if not self.cfg.time_limit:
-            return 0.0
-        rate = 20_000.0
-        if self.elapsed > 0 and self.chars_seen:
-            rate = max(rate, 3 * self.chars_seen / self.elapsed)
-        return len(self.val_ids) / rate + 1.0
+    def _calibrate_eval(self) -> float:
+        """Seconds the final evaluation + save will take, from timing the
+        evaluation of a slice of the validation text (for --time-limit)."""
+        if not self.cfg.time_limit or len(self.val_ids) < 2:
+            return 1.0
+        n = min(len(self.val_ids), 32_768)
+        t0 = time.perf_counter()
+        if self.dist.is_main:
+            evaluate_ids(self.model, self.val_ids[:n], device=self.device,
+                         autocast_dtype=_AUTOCAST[self.precision])
+        seconds = (time.perf_counter() - t0) * len(self.val_ids) / n
+        return 1.2 * seconds + 1.0  # margin for noise and the checkpoint write
 
     def _evaluate_and_save(self) -> Path | None:
         val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan

@@ -1,0 +1,106 @@
+"""Training throughput: charnn's trainer against a bare PyTorch loop.
+
+Both run in this process at the same shapes, interleaved, so machine noise
+hits both alike. The bare loop is Embedding + nn.LSTM + Linear + AdamW +
+clip_grad_norm_ on random ids; charnn is the whole Trainer (corpus, batching,
+logging, callbacks) timed between two step counts via its log events.
+
+    python benchmarks/bench_train.py [--corpus FILE] [--steps 30] [--shapes 2x512,2x256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charnn.config import TrainConfig
+from charnn.train import Trainer
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "war-and-peace.txt"
+
+
+def bare_loop(layers: int, hidden: int, batch: int, seq: int, steps: int, warmup: int,
+              precision: str, vocab: int = 96, embed: int = 64) -> float:
+    """chars/s of the plainest TBPTT loop at these shapes."""
+    torch.manual_seed(0)
+    emb, rnn, head = nn.Embedding(vocab, embed), nn.LSTM(embed, hidden, layers, batch_first=True), nn.Linear(hidden, vocab)
+    params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    data = torch.randint(0, vocab, (batch, (steps + warmup) * seq + 1))
+    state = None
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for i in range(steps + warmup):
+        if i == warmup:
+            t0 = time.perf_counter()
+        x = data[:, i * seq : (i + 1) * seq]
+        y = data[:, i * seq + 1 : (i + 1) * seq + 1]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out, state = rnn(emb(x), state)
+            logits = head(out)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        state = tuple(s.detach() for s in state)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return steps * batch * seq / (time.perf_counter() - t0)
+
+
+def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, steps: int,
+                warmup: int, precision: str) -> float:
+    """chars/s of charnn's Trainer between step ``warmup`` and ``warmup + steps``."""
+    marks: dict[int, float] = {}
+
+    def on_event(event: dict) -> None:
+        if event["kind"] == "log":
+            marks[event["step"]] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=1,
+                          batch_size=batch, seq_len=seq, precision=precision, device="cpu",
+                          sample_every=0, out=out, val_fraction=0.001)
+        trainer = Trainer(cfg, {"hidden_size": hidden, "num_layers": layers, "dropout": 0.0},
+                          callback=on_event, handle_sigint=False)
+        trainer.run()
+    return steps * batch * seq / (marks[warmup + steps] - marks[warmup])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--shapes", default="2x512,2x256")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"seq-len {args.seq_len}, {args.steps} timed steps")
+    print(f"{'shape':>6} {'prec':>5} {'bare chars/s':>13} {'charnn chars/s':>15} {'charnn/bare':>12}")
+    fp32_charnn: dict[str, float] = {}
+    for shape in args.shapes.split(","):
+        layers, hidden = (int(v) for v in shape.split("x"))
+        for precision in ("fp32", "bf16"):
+            bare, mine = 0.0, 0.0
+            for _ in range(args.rounds):
+                common = (layers, hidden, args.batch_size, args.seq_len, args.steps, args.warmup, precision)
+                bare = max(bare, bare_loop(*common))
+                mine = max(mine, charnn_loop(args.corpus, *common))
+            extra = ""
+            if precision == "fp32":
+                fp32_charnn[shape] = mine
+            else:
+                extra = f"   bf16/fp32 (charnn) {mine / fp32_charnn[shape]:.2f}x"
+            print(f"{shape:>6} {precision:>5} {bare:>13,.0f} {mine:>15,.0f} {mine / bare:>11.2f}x{extra}")
+
+
+if __name__ == "__main__":
+    main()
