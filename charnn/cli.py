@@ -199,15 +199,19 @@ def train(
         reporter = TrainReporter(sample_every=sample_every)
         trainer = Trainer(cfg, overrides, resume=resume, init_from=init_from, extend_vocab=extend_vocab,
                           callback=reporter)
-        if not budget_given and not resume:
+        if not budget_given and not resume and trainer.dist.is_main:
             err.print(f"No budget given: training for {DEFAULT_TIME_LIMIT} (set --time-limit, "
                       "--max-steps or --epochs).", markup=False)
-        with reporter:
-            result = trainer.run()
-        best = result.best_path or result.last_path
-        err.print(f"Done: {result.step} steps, best validation loss "
-                  f"{_fmt_loss(result.best_val_loss)}. Checkpoints in {result.out_dir}/", markup=False)
-        err.print(f"Next: charnn sample {best} -n 500", markup=False)
+        try:
+            with reporter:
+                result = trainer.run()
+        finally:
+            trainer.close()
+        if trainer.dist.is_main:
+            best = result.best_path or result.last_path
+            err.print(f"Done: {result.step} steps, best validation loss "
+                      f"{_fmt_loss(result.best_val_loss)}. Checkpoints in {result.out_dir}/", markup=False)
+            err.print(f"Next: charnn sample {best} -n 500", markup=False)
 
     run_command(body)
 
@@ -320,34 +324,75 @@ class TrainReporter:
 # sample
 # ---------------------------------------------------------------------------
 
+SAMPLE_DIVIDER = "-" * 40  # printed after each of several samples
+
+
+def _temperature(value: float) -> float:
+    if not (value >= 0 and math.isfinite(value)):
+        raise typer.BadParameter(f"must be 0 (greedy) or a positive number, got {value}")
+    return value
+
+
+def _stop_string(value: Optional[str]) -> Optional[str]:
+    if value == "":
+        raise typer.BadParameter("must not be empty")
+    return value
+
+
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by charnn train.", show_default=False)],
-    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to start from (printed first).")] = "",
-    length: Annotated[int, typer.Option("--length", "-n", min=0, help="Characters to generate after the prime.")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample only from the K most likely characters (0 = off).")] = 0,
+    prime: Annotated[Optional[str], typer.Option("--prime", "-p", help="Text to start from (printed first).", show_default=False)] = None,
+    prime_file: Annotated[Optional[Path], typer.Option(help="Read the prime from this UTF-8 file instead.", show_default=False)] = None,
+    length: Annotated[int, typer.Option("--length", "-n", min=0, help="Characters to generate after the prime (at most, with --stop).")] = 500,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", callback=_temperature, help="Sampling temperature; 0 = greedy (always the most likely character).")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample only from the K most likely characters (0 = off, 1 = greedy).")] = 0,
     top_p: Annotated[float, typer.Option(callback=unit_interval, help="Nucleus sampling: smallest set of characters with this much probability, in (0, 1].")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text.")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-m", min=1, help="Samples to generate, together as one batch.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed, checkpoint and options give the same text. Sample i uses seed+i. Default: a random seed, shown on stderr.", show_default=False)] = None,
+    stop: Annotated[Optional[str], typer.Option(callback=_stop_string, help="End each sample just before the first occurrence of this text after the prime (not printed).", show_default=False)] = None,
+    unknown: Annotated[Unknown, typer.Option(help="Prime characters outside the model's vocabulary: error (name them) or skip (drop them).")] = Unknown.error,
+    device: Annotated[Device, typer.Option(help="Where to run the model.")] = Device.cpu,
+    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list of {"text", "prime", "seed"} objects instead of plain text.')] = False,
 ) -> None:
-    """Generate text from a checkpoint, streaming it to stdout."""
+    """Generate text from a checkpoint. One sample streams to stdout as it is
+    generated; several print one after another, each followed by a divider line."""
+    if prime is not None and prime_file is not None:
+        raise typer.BadParameter("give --prime or --prime-file, not both", param_hint="'--prime-file'")
 
     def body() -> None:
         from .checkpoint import load_model
-        from .sample import generate
+        from .errors import describe_char
+        from .sample import check_prime, generate, generate_samples, random_seed, read_prime_file
+        from .train import resolve_device
 
-        model, tokenizer, _ = load_model(checkpoint)
-        stream = generate(model, tokenizer, prime, length, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed)
-        first = next(stream, "")  # validates the prime before anything is printed
+        text = read_prime_file(prime_file) if prime_file is not None else (prime or "")
+        model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device.value))
+        usable, dropped = check_prime(tokenizer, text, unknown.value)
+        if dropped:
+            err.print(f"Skipping {len(dropped)} prime character(s) not in the model's vocabulary: "
+                      + ", ".join(describe_char(c) for c in dropped), markup=False)
+        chosen = random_seed() if seed is None else seed
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=chosen, stop=stop)
         out = sys.stdout
-        out.write(prime + first)
-        out.flush()
-        for ch in stream:
-            out.write(ch)
+        if num_samples == 1 and not as_json:
+            stream = generate(model, tokenizer, usable, length, **options)
+            out.write(usable)
             out.flush()
-        out.write("\n")
+            for ch in stream:
+                out.write(ch)
+                out.flush()
+            out.write("\n")
+        else:
+            samples = generate_samples(model, tokenizer, usable, length, num_samples=num_samples, **options)
+            if as_json:
+                out.write(json.dumps([s.to_dict() for s in samples], ensure_ascii=False) + "\n")
+            else:
+                for s in samples:
+                    out.write(s.text + "\n" + SAMPLE_DIVIDER + "\n")
         out.flush()
+        if seed is None:
+            err.print(f"seed {chosen} (pass --seed {chosen} to repeat)", markup=False)
 
     run_command(body)
 
@@ -370,7 +415,7 @@ def evaluate(
     unknown: Annotated[Unknown, typer.Option(help="Characters outside the model's vocabulary: error (name them) or skip (drop and count them).")] = Unknown.error,
     show: Annotated[bool, typer.Option("--show", help="Print the text coloured by each character's surprisal.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone HTML page: every character coloured by its loss; hover for its probability and the top 5 alternatives.", show_default=False)] = None,
-    max_chars: Annotated[Optional[int], typer.Option(min=2, help=f"Characters shown by --show / --html (from the start of the text).  [default: {SHOW_DEFAULT_CHARS} / {HTML_DEFAULT_CHARS}]", show_default=False)] = None,
+    max_chars: Annotated[Optional[int], typer.Option(min=2, help=f"Characters shown by --show / --html, from the start of the text (default {SHOW_DEFAULT_CHARS:,} for --show, {HTML_DEFAULT_CHARS:,} for --html).", show_default=False)] = None,
     gradient_flow: Annotated[bool, typer.Option("--gradient-flow", help="Measure how far back the loss's gradient reaches (vanishing gradients), and W_hh's largest singular values.")] = False,
     window: Annotated[int, typer.Option(min=2, max=2000, help="--gradient-flow: window length (largest distance + 1).")] = 100,
     windows: Annotated[int, typer.Option(min=1, max=1024, help="--gradient-flow: windows averaged over.")] = 32,

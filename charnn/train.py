@@ -597,6 +597,11 @@ class Trainer:
         self.scaler.update()
         return float(loss.detach()) / self.dist.world_size, norm, finite
 
+    def close(self) -> None:
+        """Leave the process group (under torchrun), once training is over."""
+        if self.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
     def state_rows_mismatch(self, rows: int) -> bool:
         first = self.state[0] if isinstance(self.state, tuple) else self.state
         return first.shape[1] != rows
