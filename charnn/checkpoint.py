@@ -99,7 +99,11 @@ def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         ) from None
     except OSError as e:
         raise CheckpointError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+                              "choose a writable --out folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -137,10 +141,17 @@ def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's first line is generic; the line naming the cause is the useful one.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), "")
+        if not cause:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (corrupt, or not a charnn/torch file)"
+            ) from None
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects beyond plain data and tensors, "
             "which could run code. charnn checkpoints never do; do not trust this file "
-            f"({str(e).splitlines()[0][:200]})"
+            f"({cause[:200]})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
             AttributeError, TypeError, IndexError, UnicodeDecodeError, io.UnsupportedOperation) as e:
@@ -181,6 +192,8 @@ def validate(data: Any, path: str | os.PathLike = "checkpoint") -> Checkpoint:
     except (CharnnError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid model_config: {e}") from None
     vocab = data["vocab"]
+    if not isinstance(vocab, list):
+        raise CheckpointError(f"{path}: vocab is not a list of characters")
     try:
         tokenizer = CharTokenizer(vocab)
     except (CharnnError, TypeError) as e:
@@ -206,6 +219,13 @@ def validate(data: Any, path: str | os.PathLike = "checkpoint") -> Checkpoint:
             raise CheckpointError(
                 f"{path}: weight {key} has shape {tuple(state[key].shape)}, "
                 f"model_config implies {tuple(ref.shape)}"
+            )
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            # A damaged file (or a diverged run saved by another tool): NaN/inf
+            # weights would only produce NaN losses and failed sampling later.
+            raise CheckpointError(
+                f"{path}: weight {key} holds NaN or infinite values; the file is damaged "
+                "(use an earlier checkpoint)"
             )
     for key in ("train_config", "train_state"):
         if not isinstance(data.get(key, {}), dict):

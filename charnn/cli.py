@@ -187,7 +187,7 @@ def train(
         budget_given = max_steps or epochs or time_limit
         limit = time_limit if budget_given else (None if resume else DEFAULT_TIME_LIMIT)
         cfg = TrainConfig(
-            corpus=[str(p) for p in (corpus or [])], val_fraction=val_fraction, seq_len=seq_len,
+            corpus=[os.path.abspath(p) for p in (corpus or [])], val_fraction=val_fraction, seq_len=seq_len,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
             warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs,
             time_limit=parse_duration(limit), eval_every=eval_every, log_every=log_every,

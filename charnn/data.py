@@ -6,6 +6,7 @@ array, memory-mapped from a cache for big corpora) -> (B, T) batches.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sys
@@ -13,7 +14,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,18 @@ def looks_binary(head: bytes) -> bool:
     return controls / len(head) > 0.1
 
 
+def _sniff_binary(head: bytes, encoding: str) -> bool:
+    """``looks_binary``, except for UTF-16/32 text, where NUL bytes are normal
+    (strict decoding still rejects a file that is not such text)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        name = encoding
+    if name.startswith(("utf-16", "utf-32")):
+        return False
+    return looks_binary(head)
+
+
 def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8") -> str:
     """Strict decoding with an error that names the file and byte offset."""
     try:
@@ -81,11 +94,13 @@ def _read_file(path: Path, encoding: str) -> str:
     return decode_bytes(raw, str(path), encoding)
 
 
-def _directory_files(root: Path) -> list[Path]:
-    """Regular files under ``root``, recursively, sorted; hidden entries skipped."""
+def _directory_files(root: Path, skip_dir: Callable[[str], bool] | None = None) -> list[Path]:
+    """Regular files under ``root``, recursively, sorted; hidden entries skipped,
+    and folders whose name ``skip_dir`` rejects are not even walked."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not (skip_dir and skip_dir(d)))
         for name in sorted(filenames):
             if not name.startswith("."):
                 found.append(Path(dirpath) / name)
@@ -121,7 +136,7 @@ def read_corpus(paths: Sequence[str | os.PathLike], encoding: str = "utf-8") -> 
                 except OSError as e:
                     warnings.append(f"skipped {f}: {e.strerror or e}")
                     continue
-                if looks_binary(head):
+                if _sniff_binary(head, encoding):
                     warnings.append(f"skipped binary file {f}")
                     continue
                 pieces.append(normalize_newlines(_read_file(f, encoding)))
@@ -135,7 +150,7 @@ def read_corpus(paths: Sequence[str | os.PathLike], encoding: str = "utf-8") -> 
                     head = fh.read(BINARY_SNIFF_BYTES)
             except OSError as e:
                 raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-            if looks_binary(head):
+            if _sniff_binary(head, encoding):
                 raise DataError(f"{path} looks like a binary file, not text; pass a text file")
             pieces.append(normalize_newlines(_read_file(path, encoding)))
             files.append(str(path))
@@ -182,14 +197,18 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "charnn"
 
 
+def _builtin_skip_dir(name: str) -> bool:
+    return name in _BUILTIN_SKIP_DIRS or name.startswith("config-")
+
+
 def builtin_corpus_files() -> list[Path]:
     """The standard-library ``.py`` files, in fixed order, within the cap."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chosen, total = [], 0
-    for f in _directory_files(root):
-        rel = f.relative_to(root)
-        if f.suffix != ".py" or any(part in _BUILTIN_SKIP_DIRS or part.startswith("config-")
-                                    for part in rel.parts[:-1]):
+    # Prune while walking: site-packages alone can hold far more files than
+    # the standard library (torch), and none of them is wanted.
+    for f in _directory_files(root, skip_dir=_builtin_skip_dir):
+        if f.suffix != ".py":
             continue
         size = f.stat().st_size
         if size == 0 or size > BUILTIN_MAX_FILE_BYTES or total + size > BUILTIN_CAP_BYTES:
@@ -220,13 +239,28 @@ def builtin_corpus_path() -> Path:
     return target
 
 
+def _atomic_write(target: Path, write, suffix: str = "") -> None:
+    """Write through ``write(binary_file)`` to a temp file beside ``target``, then
+    ``os.replace``: readers never see a half-written file, and a failure leaves
+    no temp file behind. Raises OSError."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".charnn-tmp-", suffix=suffix, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary files
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _atomic_write_text(target: Path, text: str) -> None:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".charnn-tmp-", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        _atomic_write(target, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         raise DataError(f"cannot write {target}: {e.strerror or e}; set CHARNN_DATA_DIR "
                         "to a writable folder") from None
@@ -253,11 +287,7 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True) 
             pass  # unreadable cache entry: rebuild it
     ids = tokenizer.encode_array(corpus.text)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".charnn-tmp-", suffix=".npy", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-        os.replace(tmp, path)
+        _atomic_write(path, lambda f: np.save(f, ids), suffix=".npy")
         return np.load(path, mmap_mode="r")
     except OSError:
         return ids  # a read-only or full disk only costs the cache

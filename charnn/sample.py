@@ -1,61 +1,129 @@
-"""Generation: prime, temperature, top-k, top-p, streaming.
+"""Generation: prime, temperature, top-k, top-p, stop strings, batches, streaming.
 
-``generate`` is an iterator over generated characters, so a caller can stream
-them as they come. The prime is consumed in one forward pass; each later step
-feeds one character.
+Two entry points:
+
+- :func:`generate` -- an iterator over the characters of one sample, so a
+  caller can print them as they come;
+- :func:`generate_samples` -- several samples generated together as one batch,
+  returned finished as :class:`Sample` objects (what ``charnn sample`` uses).
+
+Both run on :class:`~charnn.fastrnn.PackedRNN`: the prime is consumed in one
+sequence pass of the model, then each character is one step of written-out
+cell equations (see ``fastrnn.py``).
+
+Randomness: sample ``i`` of a batch with seed ``S`` draws from its own random
+stream seeded ``S + i``. Sampling is the Gumbel-max trick -- the next id is
+``argmax(logits / T + g)`` with ``g`` standard Gumbel noise, which picks id
+``k`` with probability ``softmax(logits / T)[k]``, exactly as
+``torch.multinomial`` would, but lets the noise be drawn in blocks of
+:data:`NOISE_BLOCK` steps instead of one random call per character. The same
+seed, checkpoint and options give the same text on every run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, VocabError, describe_char
+from .fastrnn import PackedRNN, cpu_has_bf16
 from .model import CharRNN
 from .tokenizer import CharTokenizer
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
+NOISE_BLOCK = 64  # steps of random noise drawn per call, per stream
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BF16_MIN_BATCH = 16  # "auto" uses bf16 weights from this many samples on (see resolve_precision)
 
 
-def validate_options(temperature: float, top_k: int, top_p: float, length: int) -> None:
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+@dataclass
+class Sample:
+    """One finished sample: ``text`` is the prime followed by the generated
+    characters (cut before the stop string, if one was found)."""
+
+    text: str
+    prime: str
+    seed: int
+
+    @property
+    def generated(self) -> str:
+        return self.text[len(self.prime):]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Options and the prime
+# ---------------------------------------------------------------------------
+
+def validate_options(temperature: float, top_k: int, top_p: float, length: int,
+                     num_samples: int = 1, precision: str = "fp32") -> None:
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise ConfigError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
     if top_k < 0:
         raise ConfigError(f"top-k must be 0 (off) or positive, got {top_k}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
     if length < 0:
         raise ConfigError(f"length must not be negative, got {length}")
+    if num_samples < 1:
+        raise ConfigError(f"num-samples must be at least 1, got {num_samples}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask all but the ``top_k`` most likely and the smallest set whose
-    probability reaches ``top_p`` (nucleus). logits (B, V) -> (B, V)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p.
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+def check_prime(tokenizer: CharTokenizer, prime: str, unknown: str = "error") -> tuple[str, list[str]]:
+    """The prime as the model can read it, and the distinct characters dropped.
+
+    ``unknown="error"`` raises :class:`VocabError` naming every character
+    outside the vocabulary; ``"skip"`` drops them (the caller may report the
+    second return value).
+    """
+    if unknown not in ("error", "skip"):
+        raise ConfigError(f"unknown must be 'error' or 'skip', not {unknown!r}")
+    bad = tokenizer.unknown_chars(prime)
+    if not bad:
+        return prime, []
+    if unknown == "error":
+        shown = ", ".join(describe_char(c) for c in bad[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise VocabError(
+            f"the prime has {len(bad)} character(s) not in the model's vocabulary: {shown}{more}. "
+            "Remove them, or pass --unknown skip to drop them",
+            characters=bad,
+        )
+    drop = set(bad)
+    return "".join(c for c in prime if c not in drop), bad
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-         generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def read_prime_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """The text of a prime file, every failure a :class:`DataError` naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"prime file {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"prime file {path} is a folder; give a text file") from None
+    except OSError as e:
+        raise DataError(f"cannot read prime file {path}: {e.strerror or e}") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"prime file {path} is not {encoding} text (invalid byte 0x{data[e.start]:02x} "
+                        f"at offset {e.start}); convert it to UTF-8") from None
 
 
 def start_ids(tokenizer: CharTokenizer, prime: str) -> list[int]:
+    """Ids the model reads before generating: the prime, or for an empty prime
+    a newline (or space) so the first character starts a line."""
     if prime:
         return tokenizer.encode(prime)
     for ch in START_CANDIDATES:
@@ -64,30 +132,196 @@ def start_ids(tokenizer: CharTokenizer, prime: str) -> list[int]:
     return [0]
 
 
-@torch.inference_mode()
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Mask all but the ``top_k`` most likely and the smallest set whose
+    probability reaches ``top_p`` (nucleus). logits (B, V) -> (B, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def resolve_precision(precision: str, device: torch.device, num_samples: int, greedy: bool) -> str:
+    """``auto``: fp32 -- exactly torch's numbers, so greedy output matches the
+    plain ``nn.LSTM`` loop -- except for a batch of at least BF16_MIN_BATCH
+    *sampled* streams on a CPU with native bf16, where the matrix products are
+    compute-bound and bf16 weights run them about twice as fast (the samples
+    are then draws from a model rounded to bf16, not bit-for-bit fp32 ones)."""
+    if precision != "auto":
+        return precision
+    if (not greedy and num_samples >= BF16_MIN_BATCH and torch.device(device).type == "cpu"
+            and cpu_has_bf16()):
+        return "bf16"
+    return "fp32"
+
+
+def random_seed() -> int:
+    """A fresh seed for when the caller gives none (reported back, so a
+    good sample can be repeated)."""
+    return random.SystemRandom().randrange(1 << 31)
+
+
+# ---------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------
+
+class Sampler:
+    """A model packed for generation with fixed sampling options.
+
+    Packing costs a few matrix products; reuse one Sampler for many calls.
+    """
+
+    def __init__(self, model: CharRNN, tokenizer: CharTokenizer, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, precision: str = "fp32"):
+        validate_options(temperature, top_k, top_p, 0, 1, precision)
+        if precision == "auto":
+            precision = "fp32"
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+        self.greedy = temperature == 0 or top_k == 1
+        self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
+        self.packed = PackedRNN(model, PRECISIONS[precision])
+        self.device = model.head.weight.device
+
+    def _noise(self, generators: list[torch.Generator]) -> Tensor:
+        """Gumbel noise for the next NOISE_BLOCK steps: (NOISE_BLOCK, B, V)."""
+        V = self.tokenizer.vocab_size
+        u = torch.stack([torch.rand(NOISE_BLOCK, V, generator=g, device=self.device) for g in generators], 1)
+        return u.log_().neg_().log_().neg_()  # -log(-log(u))
+
+    def _pick(self, logits: Tensor, noise: Tensor | None) -> Tensor:
+        """Next ids (B,) from logits (B, V)."""
+        if noise is None:
+            return logits.argmax(-1)
+        if self.filtered:
+            return filter_logits(logits / self.temperature, self.top_k, self.top_p).add_(noise).argmax(-1)
+        return torch.add(logits, noise, alpha=self.temperature).argmax(-1)  # = argmax(logits/T + g)
+
+    @torch.inference_mode()
+    def ids(self, prime_ids: Sequence[int], length: int, seeds: Sequence[int]) -> Iterator[Tensor]:
+        """Yield ``length`` tensors of next ids (B,), one per step, for
+        ``len(seeds)`` streams that all start from ``prime_ids``."""
+        if length <= 0:
+            return
+        packed, pick = self.packed, self._pick
+        logits, state = packed.forward_prime(list(prime_ids), len(seeds))  # the whole prime in one pass
+        generators = None
+        if not self.greedy:
+            generators = [torch.Generator(device=self.device) for _ in seeds]
+            for g, s in zip(generators, seeds):
+                g.manual_seed(int(s))
+        step = packed.step
+        t = 0
+        while True:
+            noise = self._noise(generators) if generators is not None else None
+            for k in range(NOISE_BLOCK):
+                nxt = pick(logits, None if noise is None else noise[k])  # (B,)
+                yield nxt
+                t += 1
+                if t == length:
+                    return
+                logits = step(nxt, state)  # (B, V)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
 def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             ) -> Iterator[str]:
-    """Yield ``length`` generated characters after ``prime`` (the prime itself
-    is not yielded). Characters outside the vocabulary raise VocabError."""
-    validate_options(temperature, top_k, top_p, length)
-    ids = start_ids(tokenizer, prime)
-    device = model.head.weight.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
-        logits, state = model(x)  # the whole prime in one pass
-        last = logits[:, -1]  # (1, V)
-        for _ in range(length):
-            nxt = pick(last, temperature, top_k, top_p, generator)  # (1,)
-            yield tokenizer.chars[int(nxt)]
-            logits, state = model(nxt.view(1, 1), state)
-            last = logits[:, -1]
-    finally:
-        model.train(was_training)
+             stop: str | None = None, unknown: str = "error", precision: str = "auto") -> Iterator[str]:
+    """An iterator over up to ``length`` generated characters after ``prime``
+    (the prime itself is not yielded).
+
+    Options are checked when this is called, not at the first character: a
+    prime character outside the vocabulary raises :class:`VocabError` here
+    (unless ``unknown="skip"``). With ``stop``, the iterator ends just before
+    the first occurrence of ``stop`` in the generated text, which is never
+    yielded (characters that might begin it are held back until they don't).
+    """
+    validate_options(temperature, top_k, top_p, length, 1, precision)
+    prime, _ = check_prime(tokenizer, prime, unknown)
+    sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
+    seed = random_seed() if seed is None else seed
+    chars = _chars(sampler, start_ids(tokenizer, prime), length, seed)
+    return _until(chars, stop) if stop else chars
+
+
+def _chars(sampler: Sampler, prime_ids: list[int], length: int, seed: int) -> Iterator[str]:
+    vocab = sampler.tokenizer.chars
+    for nxt in sampler.ids(prime_ids, length, [seed]):
+        yield vocab[int(nxt)]
+
+
+def _until(chars: Iterator[str], stop: str) -> Iterator[str]:
+    """Pass characters through, ending before the first ``stop``."""
+    pending = ""
+    for ch in chars:
+        pending += ch
+        found = pending.find(stop)
+        if found >= 0:
+            yield from pending[:found]
+            return
+        # Keep the longest tail of `pending` that could still grow into `stop`.
+        keep = next((j for j in range(min(len(stop) - 1, len(pending)), 0, -1)
+                     if pending.endswith(stop[:j])), 0)
+        yield from pending[: len(pending) - keep]
+        pending = pending[len(pending) - keep:]
+    yield from pending
+
+
+def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
+                     num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int | None = None, stop: str | None = None, unknown: str = "error",
+                     precision: str = "auto") -> list[Sample]:
+    """``num_samples`` samples generated together as one batch.
+
+    Sample ``i`` uses seed ``seed + i`` (``seed`` drawn at random when None);
+    each is the prime followed by up to ``length`` characters, ending before
+    the first ``stop`` in its generated part. Generation ends early once every
+    sample has met ``stop``.
+    """
+    validate_options(temperature, top_k, top_p, length, num_samples, precision)
+    prime, _ = check_prime(tokenizer, prime, unknown)
+    greedy = temperature == 0 or top_k == 1
+    precision = resolve_precision(precision, model.head.weight.device, num_samples, greedy)
+    sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
+    seed = random_seed() if seed is None else seed
+    seeds = [seed + i for i in range(num_samples)]
+    vocab = tokenizer.chars
+    texts = [""] * num_samples
+    cut = [-1] * num_samples  # where stop was found, per sample
+    block: list[Tensor] = []
+
+    def flush() -> bool:
+        """Decode the ids gathered so far; True once every sample has stopped."""
+        rows = torch.stack(block, 1).tolist()  # (B, n)
+        block.clear()
+        for b, row in enumerate(rows):
+            if cut[b] >= 0:
+                continue
+            start = max(0, len(texts[b]) - len(stop) + 1) if stop else 0
+            texts[b] += "".join([vocab[i] for i in row])
+            if stop:
+                cut[b] = texts[b].find(stop, start)
+        return bool(stop) and min(cut) >= 0
+
+    for nxt in sampler.ids(start_ids(tokenizer, prime), length, seeds):
+        block.append(nxt)
+        if len(block) == NOISE_BLOCK and flush():
+            break
+    if block:
+        flush()
+    return [Sample(prime + (t[:c] if c >= 0 else t), prime, s) for t, c, s in zip(texts, cut, seeds)]
 
 
 def sample_text(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500, **kwargs) -> str:

@@ -1,0 +1,127 @@
+"""Generation speed: charnn's sampler against the loop most char-rnn ports run.
+
+Measures, in ONE process, characters per second of
+
+- baseline: a loop that calls ``nn.Embedding -> nn.LSTM -> nn.Linear`` one step
+  at a time, then ``softmax`` + ``torch.multinomial`` (what most char-rnn
+  ports do), on the same weights;
+- charnn: ``charnn.sample.generate`` (one streaming sample, the path
+  ``charnn sample`` prints from) and ``generate_samples`` (a batch),
+
+for LSTMs of 2x512 and 2x256, one stream and 64 streams. Each measurement is
+repeated ``--repeats`` times, baseline and charnn interleaved so that load
+from other processes hits both alike; the median is reported. It prints the
+figures and the two ratios the project aims for:
+
+- single stream: charnn / baseline >= 3
+- 64 streams: charnn 64-stream chars/s / charnn single-stream chars/s >= 8
+
+Run it alone (the machine's cores are shared):
+
+    flock /tmp/charnn-bench.lock python benchmarks/bench_sample.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from charnn.config import ModelConfig
+from charnn.model import CharRNN
+from charnn.sample import generate, generate_samples
+from charnn.tokenizer import CharTokenizer
+
+VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like source code or prose
+
+
+@torch.inference_mode()
+def baseline_loop(model: CharRNN, streams: int, steps: int, temperature: float = 1.0) -> float:
+    """Seconds for ``steps`` characters in each of ``streams`` streams, one
+    ``nn.LSTM`` call per character."""
+    emb, lstm, head = model.embedding, model.rnn, model.head
+    x = torch.zeros(streams, 1, dtype=torch.long)  # (B, 1)
+    state = None
+    out = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        h, state = lstm(emb(x), state)  # (B, 1, H)
+        probs = torch.softmax(head(h[:, -1]) / temperature, dim=-1)  # (B, V)
+        x = torch.multinomial(probs, 1)  # (B, 1)
+        out.append(x.view(-1).tolist())  # decode as it goes, as a streaming port would
+    return time.perf_counter() - start
+
+
+def charnn_stream(model: CharRNN, tok: CharTokenizer, steps: int, precision: str) -> float:
+    start = time.perf_counter()
+    n = sum(1 for _ in generate(model, tok, "", steps, temperature=1.0, seed=1, precision=precision))
+    assert n == steps
+    return time.perf_counter() - start
+
+
+def charnn_batch(model: CharRNN, tok: CharTokenizer, streams: int, steps: int, precision: str) -> float:
+    start = time.perf_counter()
+    samples = generate_samples(model, tok, "", steps, num_samples=streams, temperature=1.0, seed=1,
+                               precision=precision)
+    assert len(samples) == streams and all(len(s.text) == steps for s in samples)
+    return time.perf_counter() - start
+
+
+def rate(chars: int, seconds: list[float]) -> float:
+    return chars / statistics.median(seconds)
+
+
+def bench_size(hidden: int, args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    tok = CharTokenizer(sorted(VOCAB))
+    model = CharRNN(ModelConfig(cell="lstm", vocab_size=tok.vocab_size, hidden_size=hidden,
+                                num_layers=2, embedding_dim=64, dropout=0.0)).eval()
+    s1, sb, B = args.steps_single, args.steps_batch, args.streams
+    # Warm up every path once (allocator, oneDNN primitives, caches).
+    baseline_loop(model, 1, 20), baseline_loop(model, B, 5)
+    charnn_stream(model, tok, 50, args.precision), charnn_batch(model, tok, B, 20, args.precision)
+    t = {k: [] for k in ("base1", "baseB", "ch1", "chB", "ch1_fp32", "chB_fp32")}
+    for _ in range(args.repeats):
+        t["base1"].append(baseline_loop(model, 1, s1))
+        t["ch1"].append(charnn_stream(model, tok, s1, args.precision))
+        t["baseB"].append(baseline_loop(model, B, sb))
+        t["chB"].append(charnn_batch(model, tok, B, sb, args.precision))
+    return {
+        "base1": rate(s1, t["base1"]), "baseB": rate(B * sb, t["baseB"]),
+        "ch1": rate(s1, t["ch1"]), "chB": rate(B * sb, t["chB"]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="512,256", help="hidden sizes of the 2-layer LSTMs")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--steps-single", type=int, default=400, help="characters per single-stream run")
+    p.add_argument("--steps-batch", type=int, default=100, help="characters per stream, batched runs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch's default)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="charnn's weight precision (auto: what charnn sample uses)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, charnn precision {args.precision}")
+    print(f"{'model':<10}{'streams':>8}{'baseline ch/s':>15}{'charnn ch/s':>13}{'charnn/base':>13}")
+    ok = True
+    for hidden in (int(s) for s in args.sizes.split(",")):
+        r = bench_size(hidden, args)
+        name = f"2x{hidden}"
+        print(f"{name:<10}{1:>8}{r['base1']:>15,.0f}{r['ch1']:>13,.0f}{r['ch1'] / r['base1']:>12.1f}x")
+        print(f"{name:<10}{args.streams:>8}{r['baseB']:>15,.0f}{r['chB']:>13,.0f}{r['chB'] / r['baseB']:>12.1f}x")
+        single, batch = r["ch1"] / r["base1"], r["chB"] / r["ch1"]
+        ok &= single >= 3 and batch >= 8
+        print(f"  {name}: single stream charnn/baseline = {single:.1f}x (goal >= 3x); "
+              f"{args.streams} streams / single stream (charnn) = {batch:.1f}x (goal >= 8x)")
+    print("goals met" if ok else "goals NOT met")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""A fast single-step path for generation: the cell equations written out.
+
+``nn.LSTM`` is built for long sequences. Called once per character it pays
+for a general-purpose step every time: module dispatch, argument checks, and
+on CPUs a oneDNN primitive set up (weights reordered) on every call. Here the
+weights of a trained :class:`~charnn.model.CharRNN` are re-laid out *once* and
+each step is a handful of tensor operations:
+
+- layer 0 never multiplies by the embedding: ``W_ih @ embedding + biases`` is
+  folded into one table of shape (V, G*H) (G = 4 gates for an LSTM, 3 for a
+  GRU, 1 for a plain RNN), so the input half of the first layer is a row
+  lookup;
+- every later layer does one fused matrix product of ``[x; h]`` with
+  ``[W_ih | W_hh]``, bias added by the same ``addmm``;
+- LSTM gate rows are reordered from torch's ``i, f, g, o`` to ``i, f, o, g`` so
+  one ``sigmoid`` covers the three sigmoid gates and one ``tanh`` the fourth.
+
+The arithmetic is the same as torch's cells (in fp32 the same numbers up to
+rounding), so greedy output matches the plain ``nn.LSTM`` loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import CharRNN
+
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class PackedRNN:
+    """A CharRNN's weights packed for one-character-at-a-time inference.
+
+    Build it once (``PackedRNN(model)``), then ``state = init_state(B)`` and
+    ``logits, state = step(ids, state)`` per character. ``forward_prime``
+    consumes a whole prime with the model's own sequence forward.
+    """
+
+    def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32):
+        cfg = model.config
+        self.model = model
+        self.cell = cfg.cell
+        self.num_layers = cfg.num_layers
+        self.hidden_size = H = cfg.hidden_size
+        self.dtype = dtype
+        G = _GATES[self.cell]
+        with torch.no_grad():
+            rnn = model.rnn
+            emb = model.embedding.weight.detach().float()  # (V, E)
+            self.tables: Tensor  # (V, G*H): layer 0's input contribution per character
+            self.w_cat: list[Tensor] = []  # per layer >= 1: ([W_ih | W_hh])^T, (2H, G*H)
+            self.w_hh: list[Tensor] = []  # per layer: W_hh^T, (H, G*H) (layer 0, GRU: all)
+            self.w_ih: list[Tensor] = []  # GRU layers >= 1: W_ih^T, (H, 3H)
+            self.b_ih: list[Tensor] = []
+            self.b_hh: list[Tensor] = []
+            self.bias: list[Tensor] = []  # fused b_ih + b_hh (LSTM, RNN)
+            for layer in range(self.num_layers):
+                w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().float()  # (G*H, in)
+                w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().float()  # (G*H, H)
+                b_ih = getattr(rnn, f"bias_ih_l{layer}").detach().float()
+                b_hh = getattr(rnn, f"bias_hh_l{layer}").detach().float()
+                if self.cell == "lstm":
+                    order = _lstm_row_order(H, w_ih.device)
+                    w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+                if layer == 0:
+                    table = emb @ w_ih.t() + b_ih  # (V, G*H)
+                    if self.cell != "gru":  # GRU keeps b_hh with h: n = tanh(.. + r*(W_hn h + b_hn))
+                        table = table + b_hh
+                    self.tables = table.contiguous()
+                    self.w_hh.append(self._w(w_hh.t()))
+                    self.w_cat.append(torch.empty(0))
+                    self.w_ih.append(torch.empty(0))
+                elif self.cell == "gru":
+                    self.w_ih.append(self._w(w_ih.t()))
+                    self.w_hh.append(self._w(w_hh.t()))
+                    self.w_cat.append(torch.empty(0))
+                else:
+                    self.w_cat.append(self._w(torch.cat([w_ih, w_hh], dim=1).t()))  # (2H, G*H)
+                    self.w_hh.append(torch.empty(0))
+                    self.w_ih.append(torch.empty(0))
+                self.b_ih.append(b_ih.contiguous())
+                self.b_hh.append(b_hh.contiguous())
+                self.bias.append((b_ih + b_hh).contiguous())
+            self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V), small: kept fp32
+            self.head_b = model.head.bias.detach().float().contiguous()
+        self.G = G
+
+    def _w(self, t: Tensor) -> Tensor:
+        """A weight matrix given as (K, N) -- ``x @ t`` is the product -- laid out
+        as the step's matmuls run fastest: fp32 ``addmm`` reads (K, N); the bf16
+        kernels (``F.linear``) want torch's own (N, K) layout."""
+        if self.dtype == torch.float32:
+            return t.contiguous()
+        return t.t().to(self.dtype).contiguous()
+
+    # -- state -------------------------------------------------------------
+    def init_state(self, batch_size: int) -> list[Tensor]:
+        """Per layer: h (B, H), and for an LSTM c (B, H) after the h's."""
+        dev = self.head_b.device
+        n = self.num_layers * (2 if self.cell == "lstm" else 1)
+        return [torch.zeros(batch_size, self.hidden_size, device=dev) for _ in range(n)]
+
+    def state_from_model(self, state, batch_size: int) -> list[Tensor]:
+        """Convert the model's (L, 1, H) state to ours, repeated for ``batch_size`` streams."""
+        parts = state if isinstance(state, tuple) else (state,)
+        out = []
+        for part in parts:
+            for layer in range(self.num_layers):
+                out.append(part[layer].float().expand(batch_size, -1).contiguous())  # (B, H)
+        return out
+
+    @torch.inference_mode()
+    def forward_prime(self, ids: list[int], batch_size: int) -> tuple[Tensor, list[Tensor]]:
+        """Consume ``ids`` in one sequence pass of the model: logits (B, V) after
+        the last id, and the state for ``batch_size`` streams."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            x = torch.tensor([ids], dtype=torch.long, device=self.head_b.device)  # (1, P)
+            logits, state = model(x)  # (1, P, V)
+        finally:
+            model.train(was_training)
+        last = logits[:, -1].float().expand(batch_size, -1).contiguous()  # (B, V)
+        return last, self.state_from_model(state, batch_size)
+
+    # -- one step ------------------------------------------------------------
+    def step(self, ids: Tensor, state: list[Tensor]) -> Tensor:
+        """ids (B,) long -> logits (B, V). ``state`` is updated in place (the list)."""
+        if self.cell == "lstm":
+            x = self._lstm(ids, state)
+        elif self.cell == "gru":
+            x = self._gru(ids, state)
+        else:
+            x = self._rnn(ids, state)
+        return torch.addmm(self.head_b, x, self.head_w)  # (B, V)
+
+    def _mm(self, bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        if self.dtype == torch.float32:
+            return torch.addmm(bias, x, w)
+        # bf16 weights halve the bytes each step reads and use the CPU's bf16
+        # dot products; products accumulate in fp32, gates and state stay fp32.
+        return F.linear(x.to(self.dtype), w).float().add_(bias)
+
+    def _lstm(self, ids: Tensor, state: list[Tensor]) -> Tensor:
+        H, L = self.hidden_size, self.num_layers
+        x = ids
+        for layer in range(L):
+            h, c = state[layer], state[L + layer]
+            if layer == 0:
+                gates = self._mm(self.tables[ids], h, self.w_hh[0])  # (B, 4H)
+            else:
+                gates = self._mm(self.bias[layer], torch.cat((x, h), 1), self.w_cat[layer])
+            ifo = gates[:, : 3 * H].sigmoid()  # (B, 3H)
+            g = gates[:, 3 * H :].tanh()  # (B, H)
+            i, f, o = ifo.chunk(3, 1)
+            c = torch.addcmul(f * c, i, g)  # c = f*c + i*g
+            h = o * c.tanh()
+            state[layer], state[L + layer] = h, c
+            x = h
+        return x
+
+    def _gru(self, ids: Tensor, state: list[Tensor]) -> Tensor:
+        H = self.hidden_size
+        x = ids
+        for layer in range(self.num_layers):
+            h = state[layer]
+            gi = self.tables[ids] if layer == 0 else self._mm(self.b_ih[layer], x, self.w_ih[layer])  # (B, 3H)
+            gh = self._mm(self.b_hh[layer], h, self.w_hh[layer])  # (B, 3H)
+            rz = (gi[:, : 2 * H] + gh[:, : 2 * H]).sigmoid()
+            r, z = rz.chunk(2, 1)
+            n = torch.addcmul(gi[:, 2 * H :], r, gh[:, 2 * H :]).tanh()  # tanh(W_in x + b_in + r*(W_hn h + b_hn))
+            h = torch.addcmul(n, z, h - n)  # (1-z)*n + z*h
+            state[layer] = h
+            x = h
+        return x
+
+    def _rnn(self, ids: Tensor, state: list[Tensor]) -> Tensor:
+        x = ids
+        for layer in range(self.num_layers):
+            h = state[layer]
+            if layer == 0:
+                h = self._mm(self.tables[ids], h, self.w_hh[0]).tanh()
+            else:
+                h = self._mm(self.bias[layer], torch.cat((x, h), 1), self.w_cat[layer]).tanh()
+            state[layer] = h
+            x = h
+        return x
+
+
+def _lstm_row_order(H: int, device: torch.device) -> Tensor:
+    """Row permutation from torch's gate order i, f, g, o to i, f, o, g."""
+    r = torch.arange(H, device=device)
+    return torch.cat([r, r + H, r + 3 * H, r + 2 * H])

@@ -1,0 +1,145 @@
+"""Shared fixtures: small corpora in temporary folders and tiny trained checkpoints.
+
+Every test runs with ``CHARNN_DATA_DIR`` pointing at a temporary folder, so
+nothing (built-in corpus, encoding cache) is ever written into the repository.
+Training fixtures are session-scoped: a tiny model trains once (a second or
+two) and many tests read its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Tiny models gain nothing from a second thread, and with other processes on a
+# 2-core machine OpenMP's spinning threads make them many times slower.
+torch.set_num_threads(1)
+
+# A small deterministic English-like corpus: varied enough to have ~40
+# characters, regular enough that a tiny model learns something in 40 steps.
+_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A stitch in time saves nine, and a penny saved is a penny earned.",
+    "She sells sea shells by the sea shore; the shells she sells are sea shells.",
+    "How much wood would a woodchuck chuck if a woodchuck could chuck wood?",
+    "Peter Piper picked a peck of pickled peppers (or so they say).",
+    "All that glitters is not gold: 42 of 100 nuggets were brass!",
+]
+
+
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """Deterministic text of about ``n_chars`` characters, lines of sentences."""
+    import random
+
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(_SENTENCES) for _ in range(rng.randint(1, 3)))
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines) + "\n"
+
+
+TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "embedding_dim": 16, "dropout": 0.0}
+
+
+@dataclass
+class Trained:
+    """A tiny training run: its output folder, corpus and what the trainer reported."""
+
+    out: Path
+    corpus: Path
+    text: str
+    result: Any
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+
+def train_tiny(corpus: Path, out: Path, model: dict[str, Any] | None = None, **cfg: Any) -> Trained:
+    """Train a tiny model quickly with the library (no CLI, no cache, fp32)."""
+    from charnn.config import TrainConfig
+    from charnn.train import train
+
+    options = dict(corpus=[str(corpus)], max_steps=20, eval_every=10, log_every=5, batch_size=8,
+                   seq_len=32, out=str(out), precision="fp32", device="cpu", sample_every=0,
+                   warmup_steps=5, lr=1e-2)
+    options.update(cfg)
+    events: list[dict[str, Any]] = []
+    result = train(TrainConfig(**options), {**TINY_MODEL, **(model or {})}, handle_sigint=False,
+                   cache=False, callback=events.append)
+    text = corpus.read_text(encoding="utf-8") if corpus.is_file() else ""
+    return Trained(out=Path(out), corpus=corpus, text=text, result=result, events=events)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Point charnn's data folder at a temporary one for the whole session."""
+    old = os.environ.get("CHARNN_DATA_DIR")
+    os.environ["CHARNN_DATA_DIR"] = str(tmp_path_factory.mktemp("charnn-data"))
+    yield
+    if old is None:
+        os.environ.pop("CHARNN_DATA_DIR", None)
+    else:
+        os.environ["CHARNN_DATA_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, private CHARNN_DATA_DIR for one test."""
+    d = tmp_path / "data"
+    d.mkdir()
+    monkeypatch.setenv("CHARNN_DATA_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def text() -> str:
+    return make_text()
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus file shared by the session's trained checkpoints. Never modify it."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, session_corpus: Path) -> Trained:
+    """A tiny LSTM trained for 20 steps with evaluations at steps 10 and 20."""
+    return train_tiny(session_corpus, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def learned_repeat(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A tiny LSTM trained to near-zero loss on a short repeated string."""
+    root = tmp_path_factory.mktemp("repeat")
+    corpus = root / "hello.txt"
+    corpus.write_text("hello world! " * 200, encoding="utf-8")
+    return train_tiny(corpus, root / "out", max_steps=150, eval_every=75, lr=1e-2, warmup_steps=10)
