@@ -32,7 +32,7 @@ from torch import nn
 
 from charnn.config import ModelConfig
 from charnn.model import CharRNN
-from charnn.sample import generate, generate_samples
+from charnn.sample import generate, generate_samples, resolve_precision
 from charnn.tokenizer import CharTokenizer
 
 VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like source code or prose
@@ -83,7 +83,7 @@ def bench_size(hidden: int, args: argparse.Namespace) -> dict[str, float]:
     # Warm up every path once (allocator, oneDNN primitives, caches).
     baseline_loop(model, 1, 20), baseline_loop(model, B, 5)
     charnn_stream(model, tok, 50, args.precision), charnn_batch(model, tok, B, 20, args.precision)
-    t = {k: [] for k in ("base1", "baseB", "ch1", "chB", "ch1_fp32", "chB_fp32")}
+    t: dict[str, list[float]] = {k: [] for k in ("base1", "baseB", "ch1", "chB")}
     for _ in range(args.repeats):
         t["base1"].append(baseline_loop(model, 1, s1))
         t["ch1"].append(charnn_stream(model, tok, s1, args.precision))
@@ -102,13 +102,16 @@ def main() -> None:
     p.add_argument("--steps-single", type=int, default=400, help="characters per single-stream run")
     p.add_argument("--steps-batch", type=int, default=100, help="characters per stream, batched runs")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (0 = torch's default)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="charnn's weight precision (auto: what charnn sample uses)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, charnn precision {args.precision}")
+    cpu = torch.device("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) for both sides, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; charnn precision {args.precision}: single stream "
+          f"{resolve_precision(args.precision, cpu, 1, False)}, {args.streams} streams "
+          f"{resolve_precision(args.precision, cpu, args.streams, False)}; median of {args.repeats}")
     print(f"{'model':<10}{'streams':>8}{'baseline ch/s':>15}{'charnn ch/s':>13}{'charnn/base':>13}")
     ok = True
     for hidden in (int(s) for s in args.sizes.split(",")):

@@ -115,6 +115,8 @@ def _quiet_broken_pipe() -> None:
 def parse_time_limit(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
+    if not value.strip():
+        raise typer.BadParameter("is empty; write it like 30s, 5m, 2h or 1h30m")
     from .errors import ConfigError
     from .train import parse_duration
 
@@ -325,6 +327,13 @@ class TrainReporter:
 # ---------------------------------------------------------------------------
 
 SAMPLE_DIVIDER = "-" * 40  # printed after each of several samples
+SMALL_BATCH = 16  # below this many samples a step is too little work to split across threads
+
+
+class SamplePrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def _temperature(value: float) -> float:
@@ -353,6 +362,7 @@ def sample(
     stop: Annotated[Optional[str], typer.Option(callback=_stop_string, help="End each sample just before the first occurrence of this text after the prime (not printed).", show_default=False)] = None,
     unknown: Annotated[Unknown, typer.Option(help="Prime characters outside the model's vocabulary: error (name them) or skip (drop them).")] = Unknown.error,
     device: Annotated[Device, typer.Option(help="Where to run the model.")] = Device.cpu,
+    precision: Annotated[SamplePrecision, typer.Option(help="Weights in fp32 (exact) or bf16; auto: bf16 only for 16+ sampled streams on a CPU with native bf16.")] = SamplePrecision.auto,
     as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list of {"text", "prime", "seed"} objects instead of plain text.')] = False,
 ) -> None:
     """Generate text from a checkpoint. One sample streams to stdout as it is
@@ -361,6 +371,8 @@ def sample(
         raise typer.BadParameter("give --prime or --prime-file, not both", param_hint="'--prime-file'")
 
     def body() -> None:
+        import torch
+
         from .checkpoint import load_model
         from .errors import describe_char
         from .sample import check_prime, generate, generate_samples, random_seed, read_prime_file
@@ -373,7 +385,12 @@ def sample(
             err.print(f"Skipping {len(dropped)} prime character(s) not in the model's vocabulary: "
                       + ", ".join(describe_char(c) for c in dropped), markup=False)
         chosen = random_seed() if seed is None else seed
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=chosen, stop=stop)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=chosen, stop=stop,
+                       precision=precision.value)
+        if num_samples < SMALL_BATCH:
+            # One step of a few streams is microseconds of work: a second thread
+            # only adds synchronisation (and on a busy machine, waiting for a core).
+            torch.set_num_threads(1)
         out = sys.stdout
         if num_samples == 1 and not as_json:
             stream = generate(model, tokenizer, usable, length, **options)

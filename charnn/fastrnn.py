@@ -55,6 +55,9 @@ class PackedRNN:
         self.num_layers = cfg.num_layers
         self.hidden_size = H = cfg.hidden_size
         self.dtype = dtype
+        # fp32 runs torch's own functions (greedy output equals nn.LSTM's); the
+        # reduced-precision path also swaps tanh for a cheaper identity.
+        self.exact = dtype == torch.float32
         G = _GATES[self.cell]
         with torch.no_grad():
             rnn = model.rnn
@@ -138,7 +141,8 @@ class PackedRNN:
 
     # -- one step ------------------------------------------------------------
     def step(self, ids: Tensor, state: list[Tensor]) -> Tensor:
-        """ids (B,) long -> logits (B, V). ``state`` is updated in place (the list)."""
+        """ids (B,) long -> logits (B, V). ``state`` (the list and its tensors)
+        is updated in place; call under ``torch.inference_mode()``."""
         if self.cell == "lstm":
             x = self._lstm(ids, state)
         elif self.cell == "gru":
@@ -148,11 +152,12 @@ class PackedRNN:
         return torch.addmm(self.head_b, x, self.head_w)  # (B, V)
 
     def _mm(self, bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        """bias + x @ W, as fp32 (B, N)."""
         if self.dtype == torch.float32:
             return torch.addmm(bias, x, w)
         # bf16 weights halve the bytes each step reads and use the CPU's bf16
-        # dot products; products accumulate in fp32, gates and state stay fp32.
-        return F.linear(x.to(self.dtype), w).float().add_(bias)
+        # dot products (accumulated in fp32); cell state and nonlinearities stay fp32.
+        return torch.addmm(bias.to(self.dtype), x.to(self.dtype), w.t()).float()
 
     def _lstm(self, ids: Tensor, state: list[Tensor]) -> Tensor:
         H, L = self.hidden_size, self.num_layers
@@ -160,14 +165,21 @@ class PackedRNN:
         for layer in range(L):
             h, c = state[layer], state[L + layer]
             if layer == 0:
-                gates = self._mm(self.tables[ids], h, self.w_hh[0])  # (B, 4H)
+                gates = self._mm(self.tables.index_select(0, ids), h, self.w_hh[0])  # (B, 4H): i, f, o, g
             else:
                 gates = self._mm(self.bias[layer], torch.cat((x, h), 1), self.w_cat[layer])
-            ifo = gates[:, : 3 * H].sigmoid()  # (B, 3H)
-            g = gates[:, 3 * H :].tanh()  # (B, H)
-            i, f, o = ifo.chunk(3, 1)
-            c = torch.addcmul(f * c, i, g)  # c = f*c + i*g
-            h = o * c.tanh()
+            # In place: each op here would otherwise allocate a (B, H..4H) tensor per step.
+            if self.exact:
+                gates[:, : 3 * H].sigmoid_()
+                gates[:, 3 * H :].tanh_()
+            else:  # tanh(z) = 2 sigmoid(2z) - 1: CPU sigmoid is several times cheaper than tanh
+                gates[:, 3 * H :].mul_(2)
+                gates.sigmoid_()
+                gates[:, 3 * H :].mul_(2).sub_(1)
+            i, f, o, g = gates.chunk(4, 1)
+            c = c.mul_(f).addcmul_(i, g)  # c = f*c + i*g (our own state tensor, updated in place)
+            tanh_c = torch.tanh(c) if self.exact else torch.mul(c, 2).sigmoid_().mul_(2).sub_(1)
+            h = tanh_c.mul_(o)  # h = o * tanh(c)
             state[layer], state[L + layer] = h, c
             x = h
         return x
@@ -177,7 +189,7 @@ class PackedRNN:
         x = ids
         for layer in range(self.num_layers):
             h = state[layer]
-            gi = self.tables[ids] if layer == 0 else self._mm(self.b_ih[layer], x, self.w_ih[layer])  # (B, 3H)
+            gi = self.tables.index_select(0, ids) if layer == 0 else self._mm(self.b_ih[layer], x, self.w_ih[layer])  # (B, 3H)
             gh = self._mm(self.b_hh[layer], h, self.w_hh[layer])  # (B, 3H)
             rz = (gi[:, : 2 * H] + gh[:, : 2 * H]).sigmoid()
             r, z = rz.chunk(2, 1)
@@ -192,7 +204,7 @@ class PackedRNN:
         for layer in range(self.num_layers):
             h = state[layer]
             if layer == 0:
-                h = self._mm(self.tables[ids], h, self.w_hh[0]).tanh()
+                h = self._mm(self.tables.index_select(0, ids), h, self.w_hh[0]).tanh()
             else:
                 h = self._mm(self.bias[layer], torch.cat((x, h), 1), self.w_cat[layer]).tanh()
             state[layer] = h

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -254,11 +255,16 @@ class Trainer:
         if resumed is not None:
             _check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from")
             saved = TrainConfig.from_dict(resumed.train_config)
+            # A corpus named with --resume must be the run's own text (it may have
+            # moved: the content hash decides); with none, the recorded paths.
+            given_corpus = list(cfg.corpus)
             # Options that shape the data or the model stay as they were; budgets,
             # intervals and the output folder may change.
             for name in ("seq_len", "batch_size", "val_fraction", "seed", "corpus", "encoding",
                          "corpus_hash", "corpus_name"):
                 setattr(cfg, name, getattr(saved, name))
+            if given_corpus:
+                cfg.corpus = given_corpus
             if not (cfg.max_steps or cfg.epochs or cfg.time_limit):  # no new budget: the old one
                 cfg.max_steps, cfg.epochs, cfg.time_limit = saved.max_steps, saved.epochs, saved.time_limit
             if not cfg.out:
@@ -267,14 +273,20 @@ class Trainer:
 
         # -- data ------------------------------------------------------------
         if cfg.corpus:
-            corpus = read_corpus(cfg.corpus, encoding=cfg.encoding)
+            try:
+                corpus = read_corpus(cfg.corpus, encoding=cfg.encoding)
+            except DataError as e:
+                if resumed is None:
+                    raise
+                raise DataError(f"{e}. To resume, pass the run's corpus at its new location: "
+                                f"charnn train PATH --resume {resume}") from None
         else:
             corpus = read_corpus([builtin_corpus_path()])
             corpus.name = "python-stdlib"
         if resumed is not None and cfg.corpus_hash and corpus.sha256 != cfg.corpus_hash:
-            raise DataError(f"the corpus {', '.join(cfg.corpus)} changed since the checkpoint was "
-                            "written; an exact resume needs the same text (use --init-from to "
-                            "fine-tune on new text)")
+            raise DataError(f"the corpus {', '.join(cfg.corpus)} is not the text this run was trained on "
+                            "(it changed, or is another text); an exact resume needs the same text. "
+                            f"To train on this text from the checkpoint's weights, use --init-from {resume}")
         self.corpus: Corpus = corpus
         cfg.corpus_hash = corpus.sha256
         cfg.corpus_name = cfg.corpus_name or corpus.name
@@ -351,6 +363,7 @@ class Trainer:
         self.out_dir = Path(cfg.out) if cfg.out else Path("checkpoints") / cfg.corpus_name
         self._check_out_dir()
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
+        self._last_eval_step = -1
 
     # -- setup helpers ---------------------------------------------------------
     @staticmethod
@@ -551,7 +564,9 @@ class Trainer:
         self.restores += 1
         self.lr_scale *= 0.5
         self.state = None
-        self.scheduler.step()  # apply the lower learning rate now
+        with warnings.catch_warnings():  # no optimizer step since the restore: expected here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()  # apply the lower learning rate now
         self._emit("warning", message=f"non-finite loss at step {self.step}: restored the last good "
                                       f"state and halved the learning rate (x{self.lr_scale:g})")
 
@@ -698,8 +713,7 @@ class Trainer:
                 flag.__exit__()
         if stopped == "interrupted":
             last_path = self.save(improved=False)  # quickly: no evaluation after Ctrl-C
-        elif not (self.metrics and self.metrics[-1].get("step") == self.step
-                  and "val_loss" in self.metrics[-1]):
+        elif last_path is None or self._last_eval_step != self.step:
             # Final evaluation and checkpoint, unless the last step just had one.
             last_path = self._evaluate_and_save()
         self.elapsed = elapsed_base + time.perf_counter() - run_start
@@ -730,6 +744,7 @@ class Trainer:
         return 1.2 * seconds + 1.0  # margin for noise and the checkpoint write
 
     def _evaluate_and_save(self) -> Path | None:
+        self._last_eval_step = self.step
         val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan
         improved = math.isfinite(val) and val < self.best_val
         if improved:

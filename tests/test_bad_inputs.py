@@ -206,7 +206,9 @@ TRAIN_OPTION_CASES: list[Case] = [
     ("init-from-oov-corpus", lambda W: T(W, "--init-from", str(W.ckpt), corpus=str(W.f["oov.txt"])), 1,
      "--extend-vocab"),
     ("resume-changed-corpus", lambda W: T(W, "--resume", str(W.v["changed.pt"])), 1, "changed"),
-    ("resume-moved-corpus", lambda W: T(W, "--resume", str(W.v["moved.pt"])), 1, "does not exist"),
+    # The recorded corpus is gone and none is named: say so, and how to point at it.
+    ("resume-moved-corpus", lambda W: ["train", "--out", str(W.run), "--max-steps", "2",
+                                       "--resume", str(W.v["moved.pt"])], 1, "new location"),
     ("resume-exported-model", lambda W: T(W, "--resume", str(W.v["exported.pt"])), 1, "--init-from"),
     ("unknown-option", lambda W: T(W, "--hidden-sise", "16"), 2, "--hidden-sise"),
 ]
@@ -342,7 +344,7 @@ def test_resume_with_a_different_corpus_is_not_silently_ignored(world, runner, t
     assert "Traceback" not in result.output
     if result.exit_code == 0:
         assert "other.txt" in flat(result.stderr) or "corpus" in flat(result.stderr).lower(), (
-            "BUG (charnn/train.py, Trainer.__init__ resume branch): `train OTHER --resume CKPT` "
+            "`train OTHER --resume CKPT` "
             "trains on the checkpoint's own corpus and silently ignores OTHER; it should refuse "
             "(ConfigError: drop the corpus or use --init-from) or at least warn:\n"
             + result.output)

@@ -79,7 +79,7 @@ def test_packed_step_matches_torch_logits(cell, num_layers):
     model, tok = random_model(cell, num_layers)
     packed = PackedRNN(model)
     ids = tok.encode("Hello there")
-    with torch.no_grad():
+    with torch.inference_mode():
         ref_logits, ref_state = model(torch.tensor([ids[:3]]))
         logits, state = packed.forward_prime(ids[:3], 1)
         assert torch.allclose(logits, ref_logits[:, -1], atol=1e-6)
@@ -109,10 +109,11 @@ def test_greedy_matches_plain_torch_cells_2_layers(cell):
 def test_bf16_weights_run_and_stay_close():
     model, tok = random_model("lstm", 2, hidden=32)
     fp32, bf16 = PackedRNN(model), PackedRNN(model, torch.bfloat16)
-    _, s1 = fp32.forward_prime([1, 2, 3], 2)
-    _, s2 = bf16.forward_prime([1, 2, 3], 2)
-    ids = torch.tensor([4, 5])
-    a, b = fp32.step(ids, s1), bf16.step(ids, s2)
+    with torch.inference_mode():
+        _, s1 = fp32.forward_prime([1, 2, 3], 2)
+        _, s2 = bf16.forward_prime([1, 2, 3], 2)
+        ids = torch.tensor([4, 5])
+        a, b = fp32.step(ids, s1), bf16.step(ids, s2)
     assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05
     text = generate_samples(model, tok, "a", 30, num_samples=2, seed=1, precision="bf16")
     assert all(len(s.text) == 31 for s in text)

@@ -190,3 +190,24 @@ def test_precision_choices_on_cpu(corpus, tmp_path):
     result = train(cfg(corpus, tmp_path / "a", max_steps=6, precision="bf16"), TINY, handle_sigint=False)
     assert math.isfinite(result.best_val_loss)
     assert checkpoint.load(tmp_path / "a" / "last.pt").data["model_state"]["head.weight"].dtype == torch.float32
+
+
+def test_resume_accepts_the_same_text_at_a_new_path(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "a", max_steps=4), TINY, handle_sigint=False)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(TEXT, encoding="utf-8")
+    corpus.unlink()
+    t = Trainer(cfg(moved, tmp_path / "b", max_steps=6), None, resume=tmp_path / "a" / "last.pt",
+                handle_sigint=False)
+    assert t.step == 4 and t.run().step == 6
+
+
+def test_resume_refuses_other_text(corpus, tmp_path):
+    from charnn.errors import DataError
+
+    train(cfg(corpus, tmp_path / "a", max_steps=4), TINY, handle_sigint=False)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper(), encoding="utf-8")
+    with pytest.raises(DataError, match="--init-from"):
+        Trainer(cfg(other, tmp_path / "b", max_steps=6), None, resume=tmp_path / "a" / "last.pt",
+                handle_sigint=False)
