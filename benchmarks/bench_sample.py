@@ -8,7 +8,9 @@ Measures, in ONE process, characters per second of
 - charnn: ``charnn.sample.generate`` (one streaming sample, the path
   ``charnn sample`` prints from) and ``generate_samples`` (a batch),
 
-for LSTMs of 2x512 and 2x256, one stream and 64 streams. Each measurement is
+for LSTMs of 2x512 and 2x256, one stream and 64 streams, with the thread
+counts ``charnn sample`` uses (one thread for a single stream, torch's default
+for 64) given to both sides alike. Each measurement is
 repeated ``--repeats`` times, baseline and charnn interleaved so that load
 from other processes hits both alike; the median is reported. It prints the
 figures and the two ratios the project aims for:
@@ -81,12 +83,15 @@ def bench_size(hidden: int, args: argparse.Namespace) -> dict[str, float]:
                                 num_layers=2, embedding_dim=64, dropout=0.0)).eval()
     s1, sb, B = args.steps_single, args.steps_batch, args.streams
     # Warm up every path once (allocator, oneDNN primitives, caches).
+    torch.set_num_threads(args.threads)
     baseline_loop(model, 1, 20), baseline_loop(model, B, 5)
     charnn_stream(model, tok, 50, args.precision), charnn_batch(model, tok, B, 20, args.precision)
     t: dict[str, list[float]] = {k: [] for k in ("base1", "baseB", "ch1", "chB")}
     for _ in range(args.repeats):
+        torch.set_num_threads(args.threads)
         t["base1"].append(baseline_loop(model, 1, s1))
         t["ch1"].append(charnn_stream(model, tok, s1, args.precision))
+        torch.set_num_threads(args.batch_threads)
         t["baseB"].append(baseline_loop(model, B, sb))
         t["chB"].append(charnn_batch(model, tok, B, sb, args.precision))
     return {
@@ -99,16 +104,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="512,256", help="hidden sizes of the 2-layer LSTMs")
     p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--steps-single", type=int, default=400, help="characters per single-stream run")
-    p.add_argument("--steps-batch", type=int, default=100, help="characters per stream, batched runs")
+    p.add_argument("--steps-single", type=int, default=500, help="characters per single-stream run (charnn sample's default length)")
+    p.add_argument("--steps-batch", type=int, default=500, help="characters per stream, batched runs")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (0 = torch's default)")
+    # The defaults mirror `charnn sample`: one thread below 16 samples (a step
+    # of one stream is too little work to split), torch's default above.
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides, single-stream runs")
+    p.add_argument("--batch-threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads, both sides, batched runs (default: torch's default)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="charnn's weight precision (auto: what charnn sample uses)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) for both sides, CPU capability "
+    print(f"torch {torch.__version__}, threads (both sides): {args.threads} single stream, {args.batch_threads} "
+          f"batched; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; charnn precision {args.precision}: single stream "
           f"{resolve_precision(args.precision, cpu, 1, False)}, {args.streams} streams "
           f"{resolve_precision(args.precision, cpu, args.streams, False)}; median of {args.repeats}")

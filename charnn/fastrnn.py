@@ -13,21 +13,21 @@ each step is a handful of tensor operations:
 - every later layer does one fused matrix product of ``[x; h]`` with
   ``[W_ih | W_hh]``, bias added by the same ``addmm``;
 - LSTM gate rows are reordered from torch's ``i, f, g, o`` to ``i, f, o, g`` so
-  one ``sigmoid`` covers the three sigmoid gates and one ``tanh`` the fourth.
+  one ``sigmoid`` covers the three sigmoid gates and one ``tanh`` the fourth;
+  the element-wise updates run in place.
 
-The arithmetic is the same as torch's cells (in fp32 the same numbers up to
-rounding), so greedy output matches the plain ``nn.LSTM`` loop.
+In fp32 the arithmetic is torch's own (the same numbers up to rounding), so
+greedy output matches the plain ``nn.LSTM`` loop. With bf16 weights (for big
+sampled batches, see ``sample.resolve_precision``) the matrix products use the
+CPU's bf16 dot products and ``tanh`` becomes ``2 sigmoid(2z) - 1``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .model import CharRNN
-
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def cpu_has_bf16() -> bool:
@@ -58,13 +58,13 @@ class PackedRNN:
         # fp32 runs torch's own functions (greedy output equals nn.LSTM's); the
         # reduced-precision path also swaps tanh for a cheaper identity.
         self.exact = dtype == torch.float32
-        G = _GATES[self.cell]
         with torch.no_grad():
             rnn = model.rnn
             emb = model.embedding.weight.detach().float()  # (V, E)
             self.tables: Tensor  # (V, G*H): layer 0's input contribution per character
-            self.w_cat: list[Tensor] = []  # per layer >= 1: ([W_ih | W_hh])^T, (2H, G*H)
-            self.w_hh: list[Tensor] = []  # per layer: W_hh^T, (H, G*H) (layer 0, GRU: all)
+            # Weight matrices below are as ``_w`` lays them out (fp32: (K, N), x @ W).
+            self.w_cat: list[Tensor] = []  # LSTM/RNN layers >= 1: [W_ih | W_hh]^T, (2H, G*H)
+            self.w_hh: list[Tensor] = []  # layer 0 (all cells), GRU all layers: W_hh^T, (H, G*H)
             self.w_ih: list[Tensor] = []  # GRU layers >= 1: W_ih^T, (H, 3H)
             self.b_ih: list[Tensor] = []
             self.b_hh: list[Tensor] = []
@@ -98,12 +98,11 @@ class PackedRNN:
                 self.bias.append((b_ih + b_hh).contiguous())
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V), small: kept fp32
             self.head_b = model.head.bias.detach().float().contiguous()
-        self.G = G
 
     def _w(self, t: Tensor) -> Tensor:
         """A weight matrix given as (K, N) -- ``x @ t`` is the product -- laid out
         as the step's matmuls run fastest: fp32 ``addmm`` reads (K, N); the bf16
-        kernels (``F.linear``) want torch's own (N, K) layout."""
+        kernels want torch's own (N, K) layout, multiplied as ``x @ W.t()``."""
         if self.dtype == torch.float32:
             return t.contiguous()
         return t.t().to(self.dtype).contiguous()

@@ -247,6 +247,8 @@ def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: 
     (unless ``unknown="skip"``). With ``stop``, the iterator ends just before
     the first occurrence of ``stop`` in the generated text, which is never
     yielded (characters that might begin it are held back until they don't).
+    ``seed`` None draws a random one; ``precision`` "auto" is fp32 for one
+    stream (see :func:`resolve_precision`).
     """
     validate_options(temperature, top_k, top_p, length, 1, precision)
     prime, _ = check_prime(tokenizer, prime, unknown)

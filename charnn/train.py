@@ -615,6 +615,7 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (under torchrun), once training is over."""
         if self.dist.enabled and dist.is_initialized():
+            dist.barrier()  # no rank tears down gloo while another still talks to it
             dist.destroy_process_group()
 
     def state_rows_mismatch(self, rows: int) -> bool:
@@ -713,7 +714,7 @@ class Trainer:
                 flag.__exit__()
         if stopped == "interrupted":
             last_path = self.save(improved=False)  # quickly: no evaluation after Ctrl-C
-        elif last_path is None or self._last_eval_step != self.step:
+        elif self._last_eval_step != self.step:  # (-1 until this run evaluates)
             # Final evaluation and checkpoint, unless the last step just had one.
             last_path = self._evaluate_and_save()
         self.elapsed = elapsed_base + time.perf_counter() - run_start

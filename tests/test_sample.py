@@ -364,3 +364,13 @@ def test_cli_out_of_range_exits_2(ckpt, args, needle):
     r = invoke(ckpt, *args)
     assert r.exit_code == 2, r.output
     assert needle in r.stderr and "Traceback" not in r.output and r.stdout == ""
+
+
+def test_cli_batched_greedy_equals_single_greedy(ckpt):
+    single = ok(invoke(ckpt, "-p", "The ", "-n", 80, "-t", 0)).stdout[:-1]
+    batch = json.loads(ok(invoke(ckpt, "-p", "The ", "-n", 80, "-t", 0, "-m", 16, "--json")).stdout)
+    assert [d["text"] for d in batch] == [single] * 16
+    bf16 = json.loads(ok(invoke(ckpt, "-n", 40, "-m", 16, "--precision", "bf16", "--json", "--seed", 1)).stdout)
+    assert len(bf16) == 16 and all(len(d["text"]) == 40 for d in bf16)
+    r = invoke(ckpt, "--precision", "fp16")
+    assert r.exit_code == 2 and "precision" in r.stderr
