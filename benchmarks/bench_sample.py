@@ -8,9 +8,8 @@ Measures, in ONE process, characters per second of
 - charnn: ``charnn.sample.generate`` (one streaming sample, the path
   ``charnn sample`` prints from) and ``generate_samples`` (a batch),
 
-for LSTMs of 2x512 and 2x256, one stream and 64 streams, with the thread
-counts ``charnn sample`` uses (one thread for a single stream, torch's default
-for 64) given to both sides alike. Each measurement is
+for LSTMs of 2x512 and 2x256, one stream and 64 streams, both sides on the
+same number of threads (one by default; see --batch-threads). Each measurement is
 repeated ``--repeats`` times, baseline and charnn interleaved so that load
 from other processes hits both alike; the median is reported. It prints the
 figures and the two ratios the project aims for:
@@ -107,11 +106,13 @@ def main() -> None:
     p.add_argument("--steps-single", type=int, default=500, help="characters per single-stream run (charnn sample's default length)")
     p.add_argument("--steps-batch", type=int, default=500, help="characters per stream, batched runs")
     p.add_argument("--repeats", type=int, default=3)
-    # The defaults mirror `charnn sample`: one thread below 16 samples (a step
-    # of one stream is too little work to split), torch's default above.
+    # One thread by default on both sides: a step of one stream is too little
+    # work to split, and on a shared machine a second OpenMP thread that must
+    # wait for a busy core makes any step many times slower. `charnn sample`
+    # itself uses one thread below 16 samples and torch's default above; pass
+    # --batch-threads 2 (or more) to measure batches that way.
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides, single-stream runs")
-    p.add_argument("--batch-threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads, both sides, batched runs (default: torch's default)")
+    p.add_argument("--batch-threads", type=int, default=1, help="torch threads, both sides, batched runs")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="charnn's weight precision (auto: what charnn sample uses)")
     args = p.parse_args()
     cpu = torch.device("cpu")
