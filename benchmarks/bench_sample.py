@@ -29,7 +29,7 @@ import statistics
 import time
 
 import torch
-from torch import nn
+
 
 from charnn.config import ModelConfig
 from charnn.model import CharRNN

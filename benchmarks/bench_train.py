@@ -2,8 +2,9 @@
 
 Both run in this process at the same shapes, interleaved, so machine noise
 hits both alike. The bare loop is Embedding + nn.LSTM + Linear + AdamW +
-clip_grad_norm_ on random ids; charnn is the whole Trainer (corpus, batching,
-logging, callbacks) timed between two step counts via its log events.
+clip_grad_norm_ on random ids; charnn is the whole trainer as `charnn train`
+runs it (corpus, batching, the metrics log, the CLI's progress reporter),
+timed between two step counts via its log events.
 
     python benchmarks/bench_train.py [--corpus FILE] [--steps 30] [--shapes 2x512,2x256]
 """
@@ -11,7 +12,7 @@ logging, callbacks) timed between two step counts via its log events.
 from __future__ import annotations
 
 import argparse
-import math
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rich.console import Console
+
+from charnn.cli import TrainReporter
 from charnn.config import TrainConfig
 from charnn.train import Trainer
 
@@ -57,10 +61,14 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
                 warmup: int, precision: str) -> float:
     """chars/s of charnn's Trainer between step ``warmup`` and ``warmup + steps``."""
     marks: dict[int, float] = {}
+    # The CLI's own reporter renders every event (into a buffer), so progress
+    # and logging cost what they cost in `charnn train`.
+    reporter = TrainReporter(sample_every=0, console=Console(file=io.StringIO(), width=120))
 
     def on_event(event: dict) -> None:
         if event["kind"] == "log":
             marks[event["step"]] = time.perf_counter()
+        reporter(event)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=1,

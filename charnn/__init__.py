@@ -20,7 +20,7 @@ _EXPORTS = {
     "read_corpus": "data",
     "load": "checkpoint", "load_model": "checkpoint", "save": "checkpoint",
     "Trainer": "train", "train": "train",
-    "generate": "sample", "sample_text": "sample",
+    "generate": "sample", "generate_samples": "sample", "sample_text": "sample", "Sample": "sample",
     "evaluate_ids": "evaluate", "EvalResult": "evaluate",
 }
 

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 
+from .config import ModelConfig, TrainConfig
+
 app = typer.Typer(
     name="charnn",
     help="Train character-level recurrent language models on your own text, and generate from them.",
@@ -144,6 +146,10 @@ def unit_interval(value: float) -> float:
 # ---------------------------------------------------------------------------
 
 DEFAULT_TIME_LIMIT = "5m"
+# The defaults live in one place, the config dataclasses (chosen by measurement:
+# see the README); the options below show and use them.
+_TD = TrainConfig()
+_MD = ModelConfig()
 
 
 @app.command()
@@ -152,27 +158,27 @@ def train(
         help="Text files or folders to train on. None: the built-in corpus (this Python's standard library source).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: checkpoints/<corpus name>/")] = None,
-    cell: Annotated[Optional[Cell], typer.Option(help="Recurrent cell.  [default: lstm]", show_default=False)] = None,
-    hidden_size: Annotated[Optional[int], typer.Option(min=1, help="Units per recurrent layer.  [default: 512]", show_default=False)] = None,
-    num_layers: Annotated[Optional[int], typer.Option(min=1, help="Stacked recurrent layers.  [default: 2]", show_default=False)] = None,
-    embedding_dim: Annotated[Optional[int], typer.Option(min=1, help="Character embedding size.  [default: 64]", show_default=False)] = None,
-    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout between layers and before the head.  [default: 0.1]", show_default=False)] = None,
-    seq_len: Annotated[int, typer.Option(min=1, help="Characters per TBPTT chunk.")] = 128,
-    batch_size: Annotated[int, typer.Option(min=1, help="Contiguous streams trained side by side.")] = 32,
-    lr: Annotated[float, typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = 2e-3,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay on weight matrices.")] = 0.01,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this global L2 norm (0 = off).")] = 1.0,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps before cosine decay.")] = 100,
+    cell: Annotated[Optional[Cell], typer.Option(help=f"Recurrent cell.  (default: {_MD.cell})", show_default=False)] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(min=1, help=f"Units per recurrent layer.  (default: {_MD.hidden_size})", show_default=False)] = None,
+    num_layers: Annotated[Optional[int], typer.Option(min=1, help=f"Stacked recurrent layers.  (default: {_MD.num_layers})", show_default=False)] = None,
+    embedding_dim: Annotated[Optional[int], typer.Option(min=1, help=f"Character embedding size.  (default: {_MD.embedding_dim})", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help=f"Dropout between layers and before the head.  (default: {_MD.dropout})", show_default=False)] = None,
+    seq_len: Annotated[int, typer.Option(min=1, help="Characters per TBPTT chunk.")] = _TD.seq_len,
+    batch_size: Annotated[int, typer.Option(min=1, help="Contiguous streams trained side by side.")] = _TD.batch_size,
+    lr: Annotated[float, typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = _TD.lr,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay on weight matrices.")] = _TD.weight_decay,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this global L2 norm (0 = off).")] = _TD.grad_clip,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps before cosine decay.")] = _TD.warmup_steps,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after this many steps (0 = no step budget).")] = 0,
     epochs: Annotated[float, typer.Option(min=0.0, help="Stop after this many passes over the text (0 = none).")] = 0.0,
     time_limit: Annotated[Optional[str], typer.Option(callback=parse_time_limit, help=f"Wall-clock budget: 30s, 5m, 2h. Default {DEFAULT_TIME_LIMIT} when no other budget is given.", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate and save every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Progress / log row every N steps.")] = 10,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Last part of the text held out for validation.")] = 0.1,
+    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate and save every N steps.")] = _TD.eval_every,
+    log_every: Annotated[int, typer.Option(min=1, help="Progress / log row every N steps.")] = _TD.log_every,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Last part of the text held out for validation.")] = _TD.val_fraction,
     patience: Annotated[int, typer.Option(min=0, help="Stop after N evaluations without improvement (0 = off).")] = 0,
     keep: Annotated[int, typer.Option(min=0, help="Also keep the last N step-numbered checkpoints.")] = 0,
-    sample_every: Annotated[int, typer.Option(min=0, help="Show a sample preview every N evaluations (0 = off).")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
+    sample_every: Annotated[int, typer.Option(min=0, help="Show a sample preview every N evaluations (0 = off).")] = _TD.sample_every,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _TD.seed,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Numeric precision (auto picks the fastest that trains as well).")] = Precision.auto,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from its checkpoint.")] = None,
@@ -376,7 +382,7 @@ def sample(
         from .checkpoint import load_model
         from .errors import describe_char
         from .sample import check_prime, generate, generate_samples, random_seed, read_prime_file
-        from .train import resolve_device
+        from .devices import resolve_device
 
         text = read_prime_file(prime_file) if prime_file is not None else (prime or "")
         model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device.value))

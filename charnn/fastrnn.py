@@ -30,16 +30,6 @@ from torch import Tensor
 from .model import CharRNN
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class PackedRNN:
     """A CharRNN's weights packed for one-character-at-a-time inference.
 

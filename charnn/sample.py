@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, DataError, VocabError, describe_char
-from .fastrnn import PackedRNN, cpu_has_bf16
+from .devices import cpu_has_bf16
+from .fastrnn import PackedRNN
 from .model import CharRNN
 from .tokenizer import CharTokenizer
 

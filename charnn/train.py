@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from . import checkpoint as ckpt_mod
 from .config import ModelConfig, TrainConfig
 from .data import (IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, encode_corpus,
                    read_corpus, split_ids)
+from .devices import cpu_has_bf16, resolve_device
 from .errors import CharnnError, CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import evaluate_ids
 from .model import CharRNN, State, detach_state, select_streams
@@ -53,37 +53,13 @@ class TrainingInterrupted(CharnnError):
 # Devices, precision, distributed
 # ---------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps asked for, but MPS is not available; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16 for this device; ``auto`` picks the fastest that
     trains as well as fp32 (see the README's benchmark)."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu" and cpu_supports_bf16():
+        if device.type == "cpu" and cpu_has_bf16():
             return "bf16"
         return "fp32"
     if name not in ("fp32", "bf16", "fp16"):

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from charnn import __version__
 from charnn.cli import app
+from charnn.config import ModelConfig, TrainConfig
 
 from conftest import make_text, train_tiny
 
@@ -105,9 +106,10 @@ def test_train_writes_contract_checkpoint(cli_run):
     for name in ("best.pt", "last.pt"):
         data = torch.load(out / name, map_location="cpu", weights_only=True)
         assert data["format"] == "charnn-checkpoint" and data["format_version"] == 1
+        defaults = ModelConfig()  # options not given on the command line take the defaults
         assert data["model_config"] == {"cell": "lstm", "vocab_size": len(data["vocab"]),
-                                        "embedding_dim": 64, "hidden_size": 64, "num_layers": 1,
-                                        "dropout": 0.1}
+                                        "embedding_dim": defaults.embedding_dim, "hidden_size": 64,
+                                        "num_layers": 1, "dropout": defaults.dropout}
         assert data["vocab"] == sorted(set(corpus.read_text(encoding="utf-8")))
         assert data["train_state"]["step"] == 60
         assert data["train_config"]["corpus"] == [str(corpus)]
@@ -356,9 +358,11 @@ def test_train_missing_corpus(tmp_path):
 
 def test_train_too_short_corpus(tmp_path):
     f = tmp_path / "short.txt"
-    f.write_text("hello there\n" * 25, encoding="utf-8")  # fine for validation, short for 32 x 128
+    f.write_text("hello there\n" * 25, encoding="utf-8")  # fine for validation, short for the batch
+    d = TrainConfig()
+    assert d.batch_size * d.seq_len > 300
     assert_clean_error(invoke("train", f, "--out", tmp_path / "o", "--max-steps", 1), "too short",
-                       "--batch-size 32", "--seq-len 128")
+                       f"--batch-size {d.batch_size}", f"--seq-len {d.seq_len}")
     f.write_text("hello there\n", encoding="utf-8")
     assert_clean_error(invoke("train", f, "--out", tmp_path / "o", "--max-steps", 1), "--val-fraction 0")
 
