@@ -27,11 +27,12 @@ from charnn.cli import TrainReporter
 from charnn.config import TrainConfig
 from charnn.train import Trainer
 
+EMBED = 64  # both sides use the same embedding width and vocabulary size
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "war-and-peace.txt"
 
 
 def bare_loop(layers: int, hidden: int, batch: int, seq: int, steps: int, warmup: int,
-              precision: str, vocab: int = 96, embed: int = 64) -> float:
+              precision: str, vocab: int, embed: int = 64) -> float:
     """chars/s of the plainest TBPTT loop at these shapes."""
     torch.manual_seed(0)
     emb, rnn, head = nn.Embedding(vocab, embed), nn.LSTM(embed, hidden, layers, batch_first=True), nn.Linear(hidden, vocab)
@@ -74,7 +75,8 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
         cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=1,
                           batch_size=batch, seq_len=seq, precision=precision, device="cpu",
                           sample_every=0, out=out, val_fraction=0.001)
-        trainer = Trainer(cfg, {"hidden_size": hidden, "num_layers": layers, "dropout": 0.0},
+        trainer = Trainer(cfg, {"hidden_size": hidden, "num_layers": layers, "dropout": 0.0,
+                                "embedding_dim": EMBED},
                           callback=on_event, handle_sigint=False)
         trainer.run()
     return steps * batch * seq / (marks[warmup + steps] - marks[warmup])
@@ -93,6 +95,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"seq-len {args.seq_len}, {args.steps} timed steps")
     print(f"{'shape':>6} {'prec':>5} {'bare chars/s':>13} {'charnn chars/s':>15} {'charnn/bare':>12}")
+    vocab = len(set(Path(args.corpus).read_text(encoding="utf-8-sig").replace("\r", "\n")))
     fp32_charnn: dict[str, float] = {}
     for shape in args.shapes.split(","):
         layers, hidden = (int(v) for v in shape.split("x"))
@@ -100,7 +103,7 @@ def main() -> None:
             bare, mine = 0.0, 0.0
             for _ in range(args.rounds):
                 common = (layers, hidden, args.batch_size, args.seq_len, args.steps, args.warmup, precision)
-                bare = max(bare, bare_loop(*common))
+                bare = max(bare, bare_loop(*common, vocab=vocab, embed=EMBED))
                 mine = max(mine, charnn_loop(args.corpus, *common))
             extra = ""
             if precision == "fp32":
