@@ -143,3 +143,25 @@ def learned_repeat(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     corpus = root / "hello.txt"
     corpus.write_text("hello world! " * 200, encoding="utf-8")
     return train_tiny(corpus, root / "out", max_steps=150, eval_every=75, lr=1e-2, warmup_steps=10)
+
+
+# -- CLI helpers shared by the CLI and eval tests ---------------------------------
+
+def invoke(*args):
+    """Run the CLI in-process (exceptions propagate: a traceback fails the test)."""
+    from typer.testing import CliRunner
+
+    from charnn.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_clean_error(result, *fragments: str, code: int = 1):
+    """Exit code, an ``Error: ...`` line on stderr naming ``fragments``, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert result.stderr.startswith("Error: "), result.stderr
+        assert "Error" not in result.stdout
+        for fragment in fragments:
+            assert fragment in result.stderr, (fragment, result.stderr)

@@ -14,30 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
 
 from charnn import __version__
-from charnn.cli import app
 from charnn.config import ModelConfig, TrainConfig
 
-from conftest import make_text, train_tiny
-
-runner = CliRunner()
+from conftest import assert_clean_error, invoke, make_text, train_tiny
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-
-def assert_clean_error(result, *fragments: str, code: int = 1):
-    """Exit code, an ``Error: ...`` line on stderr naming ``fragments``, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    if code == 1:
-        assert result.stderr.startswith("Error: "), result.stderr
-        assert "Error" not in result.stdout
-        for fragment in fragments:
-            assert fragment in result.stderr, (fragment, result.stderr)
 
 
 # ---------------------------------------------------------------------------

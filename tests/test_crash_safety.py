@@ -6,6 +6,7 @@ saves last.pt and exits 130."""
 from __future__ import annotations
 
 import errno
+import contextlib
 import os
 import random
 import re
@@ -26,6 +27,18 @@ from robust_helpers import TINY_TRAIN, popen, snapshot, train_tiny, write_corpus
 TMP_FILE = re.compile(r"^\.charnn-tmp-.*\.tmp$")
 KILL_SEED = 20240611
 KILLS = 4
+
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Whatever the block does or raises, the process does not outlive it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_for_progress(out: Path, proc: subprocess.Popen, since: int, timeout: float = 40.0) -> None:
@@ -73,15 +86,11 @@ def test_sigkill_loop_leaves_only_loadable_checkpoints(tmp_path):
     for kill in range(KILLS):
         since = (out / "metrics.jsonl").stat().st_size if (out / "metrics.jsonl").exists() else 0
         proc = popen(args, data_dir, tmp_path, stdout=subprocess.DEVNULL)
-        try:
+        with reaped(proc):
             _wait_for_progress(out, proc, since)
             time.sleep(rng.uniform(0.0, 0.6))
             proc.send_signal(signal.SIGKILL)
             _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.returncode == -signal.SIGKILL
         text = err.decode(errors="replace")
         assert "Traceback" not in text, text
@@ -108,15 +117,11 @@ def test_sigint_saves_last_and_exits_130(tmp_path):
     out = tmp_path / "out"
     proc = popen(["train", str(corpus), *TINY_TRAIN, "--out", str(out), "--max-steps", "1000000",
                   "--eval-every", "5", "--log-every", "1"], tmp_path / "data", tmp_path)
-    try:
+    with reaped(proc):
         _wait_for_progress(out, proc, 0)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = stderr.decode(errors="replace")
     assert proc.returncode == 130, err
     assert "Traceback" not in err
@@ -226,15 +231,11 @@ def _quiet(stderr: bytes) -> str:
 def test_ctrl_c_in_sample_exits_130_quietly(small_model):
     root, ckpt = small_model
     proc = popen(["sample", str(ckpt), "-n", "10000000", "--seed", "1"], root / "data", root)
-    try:
+    with reaped(proc):
         first = proc.stdout.read(20)  # it is generating
         assert first
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, stderr.decode(errors="replace")
     _quiet(stderr)
 
@@ -259,16 +260,12 @@ def test_ctrl_c_in_eval_exits_130_quietly(small_model):
     if not big.exists():
         big.write_text((root / "corpus.txt").read_text() * 2000)  # ~6.5 MB: many seconds to score
     proc = popen(["eval", str(ckpt), str(big)], root / "data", root)
-    try:
+    with reaped(proc):
         _wait_for_torch(proc)  # torch is imported inside the command body
         time.sleep(2.5)  # torch imported, checkpoint and text loaded: mid-evaluation
         assert proc.poll() is None, "evaluation finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # 130, or death by SIGINT: CPython re-raises SIGINT at exit when the interrupt
     # landed inside code torch runs at import (a loaded machine may still be there);
     # a shell reports both as 130.
@@ -281,15 +278,11 @@ def test_broken_pipe_in_sample_is_quiet(small_model):
     """``charnn sample CKPT -n 100000 | head -c 10``."""
     root, ckpt = small_model
     proc = popen(["sample", str(ckpt), "-n", "100000", "--seed", "1"], root / "data", root)
-    try:
+    with reaped(proc):
         head = proc.stdout.read(10)
         proc.stdout.close()  # head exits
         stderr = proc.stderr.read()
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert len(head) == 10
     _quiet(stderr)
     assert stderr.strip() == b"", stderr

@@ -14,31 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from charnn.checkpoint import load_model
-from charnn.cli import app
 from charnn.config import ModelConfig
 from charnn.evaluate import (_segments, evaluate_ids, gradient_flow, surprisal, token_losses,
                              w_hh_singular_values)
 from charnn.model import CharRNN
 
-from conftest import make_text, train_tiny
-
-runner = CliRunner()
+from conftest import assert_clean_error, invoke, make_text, train_tiny
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-
-def assert_clean_error(result, *fragments: str, code: int = 1):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    if code == 1:
-        assert result.stderr.startswith("Error: "), result.stderr
-        for fragment in fragments:
-            assert fragment in result.stderr, (fragment, result.stderr)
 
 
 def single_stream_losses(model: CharRNN, ids: np.ndarray) -> torch.Tensor:
