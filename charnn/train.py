@@ -551,8 +551,6 @@ class Trainer:
         cfg = self.cfg
         x = x[self.rows].to(self.device, non_blocking=True)
         y = y[self.rows].to(self.device, non_blocking=True)
-        if self.state is not None and self.state_rows_mismatch(x.shape[0]):
-            self.state = None
         with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision],
                             enabled=self.precision != "fp32"):
             logits, state = self.ddp_model(x, self.state)  # (b, T, V)
@@ -593,10 +591,6 @@ class Trainer:
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()  # no rank tears down gloo while another still talks to it
             dist.destroy_process_group()
-
-    def state_rows_mismatch(self, rows: int) -> bool:
-        first = self.state[0] if isinstance(self.state, tuple) else self.state
-        return first.shape[1] != rows
 
     def run(self) -> TrainResult:
         cfg = self.cfg
