@@ -70,13 +70,15 @@ def _sniff_binary(head: bytes, encoding: str) -> bool:
     return looks_binary(head)
 
 
-def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8") -> str:
+ENCODING_HINT = "pass --encoding latin-1 (or the file's real encoding) or convert it to UTF-8"
+
+
+def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8", hint: str = ENCODING_HINT) -> str:
     """Strict decoding with an error that names the file and byte offset."""
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
         bad = raw[e.start : e.start + 1].hex()
-        hint = "pass --encoding latin-1 (or the file's real encoding) or convert it to UTF-8"
         raise DataError(
             f"{source} is not {encoding} text (invalid byte 0x{bad} at offset {e.start}); {hint}"
         ) from None

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, DataError, VocabError, describe_char
+from .data import decode_bytes, normalize_newlines
 from .devices import cpu_has_bf16
 from .fastrnn import PackedRNN
 from .model import CharRNN
@@ -115,11 +116,8 @@ def read_prime_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
         raise DataError(f"prime file {path} is a folder; give a text file") from None
     except OSError as e:
         raise DataError(f"cannot read prime file {path}: {e.strerror or e}") from None
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise DataError(f"prime file {path} is not {encoding} text (invalid byte 0x{data[e.start]:02x} "
-                        f"at offset {e.start}); convert it to UTF-8") from None
+    # The same reading rules as a corpus, so the prime looks like the training text.
+    return normalize_newlines(decode_bytes(data, f"prime file {path}", encoding, hint="convert it to UTF-8"))
 
 
 def start_ids(tokenizer: CharTokenizer, prime: str) -> list[int]:
