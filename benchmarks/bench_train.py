@@ -23,7 +23,7 @@ from torch import nn
 
 from rich.console import Console
 
-from charnn.cli import TrainReporter
+from charnn.cli.progress import TrainReporter
 from charnn.config import TrainConfig
 from charnn.train import Trainer
 
