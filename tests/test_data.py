@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ def test_read_single_file(tmp_path):
     f.write_text("hello\nworld\n", encoding="utf-8")
     corpus = read_corpus([f])
     assert corpus.text == "hello\nworld\n"
-    assert corpus.files == [str(f)]
+    assert corpus.files == [(str(f), 12)]  # (path, characters)
+    assert corpus.skipped == []
     assert corpus.name == "a"
     assert corpus.warnings == []
     import hashlib
@@ -42,7 +44,8 @@ def test_read_directory_recursive_sorted(tmp_path):
     (root / ".hidden.txt").write_text("HIDDEN\n", encoding="utf-8")
     corpus = read_corpus([root])
     assert corpus.text == "AX\nB1\nB2\nZ\n"
-    rel = [Path(f).relative_to(root).as_posix() for f in corpus.files]
+    rel = [Path(f).relative_to(root).as_posix() for f, _ in corpus.files]
+    assert [n for _, n in corpus.files] == [3, 3, 3, 2]
     assert rel == ["a/x.md", "b/1.txt", "b/deep/2.txt", "z.txt"]
     assert corpus.name == "books"
 
@@ -134,7 +137,8 @@ def test_binary_file_in_directory_skipped_with_warning(tmp_path):
     (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     corpus = read_corpus([root])
     assert corpus.text == "text here\n"
-    assert corpus.files == [str(root / "a.txt")]
+    assert corpus.files == [(str(root / "a.txt"), 10)]
+    assert corpus.skipped == [(str(root / "image.png"), "looks like a binary file, not text")]
     assert len(corpus.warnings) == 1
     assert "image.png" in corpus.warnings[0] and "binary" in corpus.warnings[0]
 
@@ -222,12 +226,14 @@ def test_encode_corpus_cache_memory_mapped(tmp_path, data_dir):
     assert cached[0].stat().st_mode & 0o777 == 0o644
     assert not list((data_dir / ".cache").glob(".charnn-tmp-*"))
 
-    # Unchanged text: the same file is reused, not rewritten.
-    mtime = cached[0].stat().st_mtime_ns
+    # Unchanged text: the same file is reused, not rewritten (its mtime records the use).
+    inode = cached[0].stat().st_ino
+    os.utime(cached[0], ns=(1, 1))
     again = encode_corpus(_corpus(tmp_path, "hello world\n" * 50), tok)
     assert np.array_equal(again, ids)
     assert list((data_dir / ".cache").glob("*.npy")) == cached
-    assert cached[0].stat().st_mtime_ns == mtime
+    assert cached[0].stat().st_ino == inode
+    assert cached[0].stat().st_mtime_ns > 1
 
     # Changed text: a new key.
     changed = _corpus(tmp_path, "hello world\n" * 49 + "world hello\n")
