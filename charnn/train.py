@@ -1,16 +1,17 @@
 """The truncated-BPTT training loop.
 
 It prints nothing: it reports through a callback that receives plain event
-dicts (``kind`` = start | log | eval | checkpoint | warning | end), which the
-CLI renders with rich and tests inspect directly. It is DDP-aware: under
-``torchrun`` each rank trains its own share of the streams and rank 0 alone
-evaluates, writes and reports.
+dicts (``kind`` = status | start | note | log | eval | checkpoint | warning |
+end), which the CLI renders with rich and tests inspect directly. It is
+DDP-aware: under ``torchrun`` each rank trains its own share of the streams
+and rank 0 alone evaluates, writes and reports. The budget and schedule live
+in ``schedule``, the output folder in ``runfolder``, resume's option merging
+next to ``TrainConfig``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,119 +28,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt_mod
-from .config import ModelConfig, TrainConfig
-from .data import (IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, encode_corpus,
-                   read_corpus, split_ids)
-from .devices import cpu_has_bf16, resolve_device
-from .errors import CharnnError, CheckpointError, ConfigError, DataError, TrainingError
+from .config import ModelConfig, TrainConfig, given_options, merge_resume
+from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, cache_dir,
+                   corpus_name, encode_corpus, read_corpus, split_ids)
+from .devices import resolve_device
+from .errors import CharnnError, ConfigError, CheckpointError, DataError, TrainingError
 from .evaluate import evaluate_ids
 from .model import CharRNN, State, detach_state, select_streams
+from .runfolder import RunFolder, choose_out_dir, serialize
+from .runtime import (AUTOCAST_DTYPE, DistInfo, autocast, emulated_bf16, kernels_for,  # noqa: F401
+                      resolve_precision, setup_distributed)
+from .schedule import (SPEED_PROBE_STEPS, auto_eval_chars, auto_eval_every, lr_factor,  # noqa: F401
+                       parse_duration, patience_note, planned_steps)
 from .tokenizer import CharTokenizer
 
 Callback = Callable[[dict[str, Any]], None]
-ARCH_FIELDS = ("cell", "embedding_dim", "hidden_size", "num_layers")
+ARCH_FIELDS = ("cell", "embedding_dim", "hidden_size", "num_layers", "dropout")
 MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
+CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class TrainingInterrupted(CharnnError):
-    """Ctrl-C: the run saved ``last.pt`` and stopped. The CLI exits 130."""
+    """Ctrl-C, SIGTERM or SIGHUP: the run saved ``last.pt`` and stopped. The
+    CLI exits 128 + the signal's number (130 for Ctrl-C)."""
 
-    def __init__(self, message: str, path: Path | None):
+    def __init__(self, message: str, path: Path | None, signum: int = signal.SIGINT):
         super().__init__(message)
         self.path = path
-
-
-# ---------------------------------------------------------------------------
-# Devices, precision, distributed
-# ---------------------------------------------------------------------------
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """fp32 | bf16 | fp16 for this device; ``auto`` picks the fastest that
-    trains as well as fp32 (see the README's benchmark)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu" and cpu_has_bf16():
-            return "bf16"
-        return "fp32"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
-    return name
-
-
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+        self.signum = int(signum)
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_name: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
-
-
-# ---------------------------------------------------------------------------
-# Budgets and the learning-rate schedule
-# ---------------------------------------------------------------------------
-
-def parse_duration(text: str | float | int | None) -> float:
-    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds. 0 or empty = none."""
-    if text is None or text == "":
-        return 0.0
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        import re
-
-        s = text.strip().lower()
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", s)
-        if not s or not parts or not any(parts.groups()):
-            raise ConfigError(f"cannot read time limit {text!r}; write it like 30s, 5m, 2h or 1h30m")
-        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
-        seconds = h * 3600 + m * 60 + sec
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"time limit must be a positive duration, got {text!r}")
-    return seconds
-
-
-def lr_factor(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_ratio``
-    as ``progress`` (0..1 of whichever budget is nearest its end) goes to 1."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(max(progress, 0.0), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------
 
 @dataclass
 class TrainResult:
@@ -152,27 +74,35 @@ class TrainResult:
     train_state: dict[str, Any] = field(default_factory=dict)
 
 
-class _SigintFlag:
-    """First Ctrl-C asks the loop to save and stop at the next step boundary;
-    a second one interrupts at once."""
+class _StopSignals:
+    """The first Ctrl-C, SIGTERM (timeout, docker stop, Slurm) or SIGHUP (a
+    closed terminal) asks the loop to save and stop at the next step boundary;
+    a second one interrupts at once (the last checkpoint is intact: writes are
+    atomic)."""
 
     def __init__(self) -> None:
-        self.hit = False
-        self._old: Any = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_SigintFlag":
+    @property
+    def hit(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit:
             raise KeyboardInterrupt
-        self.hit = True
+        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
 
 
 def _make_optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -203,99 +133,97 @@ def _extend_vocab(model: CharRNN, old: CharTokenizer, new: CharTokenizer) -> Cha
     return grown
 
 
-def _check_arch(overrides: dict[str, Any], config: ModelConfig, source: Path, what: str) -> None:
+def _check_arch(overrides: dict[str, Any], config: ModelConfig, source: Path, what: str, hint: str) -> None:
     clash = [f"--{k.replace('_', '-')} {overrides[k]} (checkpoint: {getattr(config, k)})"
              for k in ARCH_FIELDS if overrides.get(k) is not None and overrides[k] != getattr(config, k)]
     if clash:
-        raise ConfigError(
-            f"{what} {source}: its architecture differs from the options given: "
-            + "; ".join(clash) + ". Drop those options or start a new run"
-        )
+        raise ConfigError(f"{what} {source}: the model options given differ from its model: "
+                          + "; ".join(clash) + f". {hint}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, *,
+    """One training run: set up in ``__init__`` (data, model, resume, output
+    folder), trained by :meth:`run`.
+
+    ``cfg`` is a :class:`TrainConfig`. With ``resume``, the run's own options
+    come from the checkpoint and ``cfg`` gives only what should change: a
+    mapping of the options the user passed (what the CLI hands over), or a
+    whole TrainConfig whose every field counts as given (see
+    :func:`charnn.config.merge_resume`: changing what defines the run is
+    refused). ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
+    ``overwrite``: a new run may replace the run in an explicit ``out`` folder.
+    """
+
+    def __init__(self, cfg: TrainConfig | Mapping[str, Any] | None = None,
+                 model_overrides: dict[str, Any] | None = None, *,
                  resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
                  extend_vocab: bool = False, callback: Callback | None = None,
-                 handle_sigint: bool = True, cache: bool = True):
+                 handle_sigint: bool = True, cache: bool = True, overwrite: bool = False):
         if resume and init_from:
             raise ConfigError("--resume and --init-from exclude each other; --resume continues a run, "
                               "--init-from starts a new one from its weights")
         self.callback = callback or (lambda event: None)
         self.handle_sigint = handle_sigint
-        self.dist = setup_distributed(cfg.device)
+        self.notes: list[str] = []  # said once at start: where it writes, what changed on resume
+        self.changed: list[str] = []
+        self.folder: RunFolder | None = None
         overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
-        self._validate(cfg, overrides)
+        ModelConfig(**{"vocab_size": 1, **{k: v for k, v in overrides.items()
+                                           if k in ModelConfig.__dataclass_fields__}}).validate()
 
+        # -- options: a new run's, or the resumed run's with the given ones on top
         resumed = ckpt_mod.load(resume) if resume else None
         if resumed is not None:
-            _check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from")
-            saved = TrainConfig.from_dict(resumed.train_config)
-            # A corpus named with --resume must be the run's own text (it may have
-            # moved: the content hash decides); with none, the recorded paths.
-            given_corpus = list(cfg.corpus)
-            # Options that shape the data or the model stay as they were; budgets,
-            # intervals and the output folder may change.
-            for name in ("seq_len", "batch_size", "val_fraction", "seed", "corpus", "encoding",
-                         "corpus_hash", "corpus_name"):
-                setattr(cfg, name, getattr(saved, name))
-            if given_corpus:
-                cfg.corpus = given_corpus
-            if not (cfg.max_steps or cfg.epochs or cfg.time_limit):  # no new budget: the old one
-                cfg.max_steps, cfg.epochs, cfg.time_limit = saved.max_steps, saved.epochs, saved.time_limit
-            if not cfg.out:
-                cfg.out = str(Path(resume).parent)
-        self.cfg = cfg
+            given = given_options(cfg) if isinstance(cfg, TrainConfig) else dict(cfg or {})
+            _check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from",
+                        "A resumed run keeps its model; drop those options, or start a new run from its "
+                        f"weights with --init-from {resume}")
+            try:
+                saved = TrainConfig.from_dict(resumed.train_config)
+            except (ConfigError, TypeError) as e:
+                raise CheckpointError(f"{resume}: its training options are invalid ({e}); it cannot be "
+                                      f"resumed. --init-from {resume} starts a new run from its weights") from None
+            cfg, self.changed = merge_resume(saved, given)
+            if "out" not in given:
+                cfg.out = str(Path(resume).parent)  # the run's folder, wherever it is now
+        elif isinstance(cfg, Mapping) or cfg is None:
+            cfg = TrainConfig(**dict(cfg or {}))
+        self.cfg = cfg.validate()
+        self.dist = setup_distributed(cfg.device)
+
+        # -- where it writes (chosen before reading, so the corpus never includes it)
+        name = cfg.corpus_name or (corpus_name(cfg.corpus) if cfg.corpus else BUILTIN_NAME)
+        self.out_dir, note = choose_out_dir(Path(cfg.out) if cfg.out else None, Path("checkpoints") / name,
+                                            resuming=resumed is not None, overwrite=overwrite)
+        if note:
+            self.notes.append(note)
+        cfg.out = str(self.out_dir)
+        self.overwrite = overwrite
 
         # -- data ------------------------------------------------------------
-        if cfg.corpus:
-            try:
-                corpus = read_corpus(cfg.corpus, encoding=cfg.encoding)
-            except DataError as e:
-                if resumed is None:
-                    raise
-                raise DataError(f"{e}. To resume, pass the run's corpus at its new location: "
-                                f"charnn train PATH --resume {resume}") from None
-        else:
-            corpus = read_corpus([builtin_corpus_path()])
-            corpus.name = "python-stdlib"
-        if resumed is not None and cfg.corpus_hash and corpus.sha256 != cfg.corpus_hash:
-            raise DataError(f"the corpus {', '.join(cfg.corpus)} is not the text this run was trained on "
-                            "(it changed, or is another text); an exact resume needs the same text. "
-                            f"To train on this text from the checkpoint's weights, use --init-from {resume}")
-        self.corpus: Corpus = corpus
-        cfg.corpus_hash = corpus.sha256
-        cfg.corpus_name = cfg.corpus_name or corpus.name
-        for w in corpus.warnings:
+        self.corpus = self._read_corpus(resume if resumed is not None else None)
+        cfg.corpus_hash = self.corpus.sha256
+        cfg.corpus_name = cfg.corpus_name or self.corpus.name
+        for w in self.corpus.warnings:
             self._emit("warning", message=w)
 
         # -- model and vocabulary -------------------------------------------
         if resumed is not None:
-            tokenizer = resumed.tokenizer
-            model = resumed.build_model("cpu")
+            tokenizer, model = resumed.tokenizer, resumed.build_model("cpu")
         elif init_from:
-            base = ckpt_mod.load(init_from)
-            _check_arch(overrides, base.model_config, Path(init_from), "cannot fine-tune from")
-            tokenizer, model = base.tokenizer, base.build_model("cpu")
-            unknown = tokenizer.unknown_chars(corpus.text)
-            if unknown and not extend_vocab:
-                tokenizer.encode_array(corpus.text)  # raises the VocabError that names them
-            if unknown:
-                new_tok = CharTokenizer(sorted(set(tokenizer.chars) | set(unknown)))
-                model = _extend_vocab(model, tokenizer, new_tok)
-                tokenizer = new_tok
-                self._emit("warning", message=f"vocabulary extended by {len(unknown)} characters")
-            if overrides.get("dropout") is not None:
-                model.config.dropout = overrides["dropout"]
-                model = self._rebuild_with_dropout(model)
+            tokenizer, model = self._fine_tune_start(init_from, overrides, extend_vocab)
         else:
-            tokenizer = CharTokenizer.from_text(corpus.text)
+            tokenizer = CharTokenizer.from_text(self.corpus.text)
             mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
             mc.vocab_size = tokenizer.vocab_size
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank
             model = CharRNN(mc.validate())
         self.tokenizer = tokenizer
-        ids = encode_corpus(corpus, tokenizer, cache=cache)
+        ids = encode_corpus(self.corpus, tokenizer, cache=cache, progress=self._status)
         self.train_ids, self.val_ids = split_ids(ids, cfg.val_fraction)
         if cfg.val_fraction > 0 and len(self.val_ids) < 2:
             raise DataError(f"the corpus has {len(ids):,} characters: too few to hold out "
@@ -312,6 +240,9 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if emulated_bf16(self.device, self.precision):
+            self.notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower "
+                              "than fp32 here")
         self.model = model.to(self.device).train()
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -336,39 +267,58 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         if resumed is not None:
             self._restore(resumed)
-        self.out_dir = Path(cfg.out) if cfg.out else Path("checkpoints") / cfg.corpus_name
-        self._check_out_dir()
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
+        self._seconds_per_char = 0.0  # evaluation speed, measured at start
+
+        # -- the output folder: locked and checked before any training --------
+        if self.dist.is_main:
+            self.folder = RunFolder(self.out_dir, resuming_at_step=self.step if resumed is not None else None,
+                                    overwrite=overwrite).open()
+            self.notes.extend(self.folder.notes)
 
     # -- setup helpers ---------------------------------------------------------
-    @staticmethod
-    def _validate(cfg: TrainConfig, overrides: dict[str, Any]) -> None:
-        for name in ("seq_len", "batch_size", "eval_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if cfg.lr <= 0 or not math.isfinite(cfg.lr):
-            raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
-        if cfg.grad_clip < 0:
-            raise ConfigError("--grad-clip must be 0 (off) or positive")
-        for name in ("max_steps", "epochs", "time_limit", "patience", "keep", "sample_every", "warmup_steps"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if not 0.0 <= cfg.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-        if cfg.patience and cfg.val_fraction == 0:
-            raise ConfigError("--patience needs a validation split; drop --val-fraction 0")
-        ModelConfig(**{**{"vocab_size": 1}, **{k: v for k, v in overrides.items()
-                                               if k in ModelConfig.__dataclass_fields__}}).validate()
+    def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:
+        cfg = self.cfg
+        exclude = [self.out_dir, cache_dir()]
+        if not cfg.corpus:
+            corpus = read_corpus([builtin_corpus_path()], exclude=exclude, progress=self._status)
+            corpus.name = BUILTIN_NAME
+        else:
+            try:
+                corpus = read_corpus(cfg.corpus, encoding=cfg.encoding, exclude=exclude, progress=self._status)
+            except DataError as e:
+                if resume is None:
+                    raise
+                raise DataError(f"{e}. To resume, pass the run's corpus at its new location: "
+                                f"charnn train PATH --resume {resume}") from None
+        if resume is not None and cfg.corpus_hash and corpus.sha256 != cfg.corpus_hash:
+            raise DataError(f"the corpus {', '.join(cfg.corpus) or '(built-in)'} is not the text this run was "
+                            "trained on (it changed, or is another text); an exact resume needs the same text. "
+                            f"To train on this text from the checkpoint's weights, use --init-from {resume}")
+        return corpus
 
-    def _rebuild_with_dropout(self, model: CharRNN) -> CharRNN:
-        rebuilt = CharRNN(model.config)
-        rebuilt.load_state_dict(model.state_dict())
-        return rebuilt
-
-    def _check_out_dir(self) -> None:
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ConfigError(f"--out {self.out_dir} is a file; give a folder for the checkpoints")
+    def _fine_tune_start(self, init_from: str | os.PathLike, overrides: dict[str, Any],
+                         extend_vocab: bool) -> tuple[CharTokenizer, CharRNN]:
+        base = ckpt_mod.load(init_from)
+        arch = {k: v for k, v in overrides.items() if k != "dropout"}  # dropout may change when fine-tuning
+        _check_arch(arch, base.model_config, Path(init_from), "cannot fine-tune from",
+                    "Drop those options or start a new run")
+        tokenizer, model = base.tokenizer, base.build_model("cpu")
+        unknown = tokenizer.unknown_chars(self.corpus.text)
+        if unknown and not extend_vocab:
+            tokenizer.encode_array(self.corpus.text)  # raises the VocabError that names them
+        if unknown:
+            new_tok = CharTokenizer(sorted(set(tokenizer.chars) | set(unknown)))
+            model = _extend_vocab(model, tokenizer, new_tok)
+            tokenizer = new_tok
+            self._emit("warning", message=f"vocabulary extended by {_plural(len(unknown), 'character')}")
+        if overrides.get("dropout") is not None:
+            model.config.dropout = overrides["dropout"]
+            rebuilt = CharRNN(model.config)
+            rebuilt.load_state_dict(model.state_dict())
+            model = rebuilt
+        return tokenizer, model
 
     def _restore(self, resumed: ckpt_mod.Checkpoint) -> None:
         ts = resumed.train_state
@@ -376,17 +326,22 @@ class Trainer:
         if "optimizer_state" not in data or "step" not in ts:
             raise CheckpointError(f"{resumed.path} has no training state to resume from (it may be an "
                                   "exported model); use --init-from to start a new run from its weights")
-        self.optimizer.load_state_dict(data["optimizer_state"])
-        if "scheduler_state" in data:
-            self.scheduler.load_state_dict(data["scheduler_state"])
-        for key in ("step", "epoch", "chunk", "chars_seen", "elapsed", "best_val",
-                    "evals_without_improvement", "nonfinite_skipped", "clipped_steps",
-                    "restores", "lr_scale"):
-            if ts.get(key) is not None:
-                setattr(self, key, type(getattr(self, key))(ts[key]))
+        try:
+            self.optimizer.load_state_dict(data["optimizer_state"])
+            if "scheduler_state" in data:
+                self.scheduler.load_state_dict(data["scheduler_state"])
+            for key in ("step", "epoch", "chunk", "chars_seen", "elapsed", "best_val",
+                        "evals_without_improvement", "nonfinite_skipped", "clipped_steps",
+                        "restores", "lr_scale"):
+                if ts.get(key) is not None:
+                    setattr(self, key, type(getattr(self, key))(ts[key]))
+            if "rng_cpu" in ts:
+                torch.set_rng_state(ts["rng_cpu"])
+        except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{resumed.path}: its training state is damaged ({type(e).__name__}); "
+                                  f"it cannot be resumed. --init-from {resumed.path} starts a new run from "
+                                  "its weights") from None
         self.metrics = list(resumed.metrics)
-        if "rng_cpu" in ts:
-            torch.set_rng_state(ts["rng_cpu"])
         if "rng_cuda" in ts and torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.set_rng_state(ts["rng_cuda"].cpu(), self.device)
         carried = ts.get("carried_state")
@@ -421,6 +376,10 @@ class Trainer:
         if self.dist.is_main:
             self.callback({"kind": kind, **payload})
 
+    def _status(self, message: str) -> None:
+        """What the run is doing now (before the first step, and while evaluating)."""
+        self._emit("status", message=message)
+
     def _log_row(self, row: dict[str, Any]) -> None:
         """Append to the checkpoint's short history and the JSONL log."""
         self.metrics.append(row)
@@ -429,12 +388,10 @@ class Trainer:
             head, tail = self.metrics[: MAX_METRIC_ROWS // 2], self.metrics[MAX_METRIC_ROWS // 2 :]
             head = [r for i, r in enumerate(head) if "val_loss" in r or i % 2 == 0]
             self.metrics = head + tail
-        if self.dist.is_main:
-            try:
-                with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                self._emit("warning", message=f"could not append to the metrics log: {e.strerror or e}")
+        if self.folder is not None:
+            problem = self.folder.log(row)
+            if problem:
+                self._emit("warning", message=problem)
 
     # -- checkpoints ------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
@@ -448,6 +405,8 @@ class Trainer:
             "precision": self.precision, "device": str(self.device),
             "rng_cpu": torch.get_rng_state(),
         }
+        if self.changed:
+            ts["changed_on_resume"] = list(self.changed)
         if self.device.type == "cuda":
             ts["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.state is not None:
@@ -477,31 +436,76 @@ class Trainer:
         """last.pt always, best.pt when validation improved, step-N.pt with --keep.
         Collective under DDP (the carried state is gathered); rank 0 writes."""
         payload = self._payload()
-        if not self.dist.is_main:
+        if self.folder is None:
             return None
-        last = ckpt_mod.save(payload, self.out_dir / "last.pt")
-        written = [last]
+        data = serialize(payload)  # once, for every file written
+        written = [self.folder.save(data, "last.pt")]
         if improved or self.cfg.val_fraction == 0:
-            written.append(ckpt_mod.save(payload, self.out_dir / "best.pt"))
+            written.append(self.folder.save(data, "best.pt"))
         if self.cfg.keep:
-            written.append(ckpt_mod.save(payload, self.out_dir / f"step-{self.step:07d}.pt"))
-            kept = sorted(self.out_dir.glob("step-*.pt"))
-            for old in kept[: -self.cfg.keep]:
-                old.unlink(missing_ok=True)
+            written.append(self.folder.save_step(data, self.step, self.cfg.keep))
         self._emit("checkpoint", step=self.step, paths=[str(p) for p in written])
-        return last
+        return written[0]
 
     # -- evaluation -----------------------------------------------------------------------
+    def _eval_slice(self) -> Any:
+        n = self.cfg.eval_chars
+        return self.val_ids if not n or n >= len(self.val_ids) else self.val_ids[:n]
+
     def evaluate(self) -> float:
-        """Validation loss over the whole split, state carried; agreed by all ranks."""
+        """Validation loss over the evaluation slice, state carried; agreed by all ranks."""
         loss = torch.tensor(math.nan)
         if self.dist.is_main and len(self.val_ids) >= 2:
-            loss = torch.tensor(evaluate_ids(self.model, self.val_ids, device=self.device,
-                                             autocast_dtype=_AUTOCAST[self.precision]).loss)
+            with kernels_for(self.device, self.precision):
+                loss = torch.tensor(evaluate_ids(self.model, self._eval_slice(), device=self.device,
+                                                 autocast_dtype=AUTOCAST_DTYPE[self.precision]).loss)
         if self.dist.enabled:
             loss = loss.to(self.device)
             dist.broadcast(loss, src=0)
         return float(loss)
+
+    def _calibrate_eval(self) -> float:
+        """Seconds per validation character, from timing a short slice; sets
+        the automatic evaluation slice. Agreed by all ranks."""
+        cfg = self.cfg
+        seconds_per_char = torch.tensor(0.0)
+        if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or cfg.eval_chars is None):
+            n = min(len(self.val_ids), CALIBRATION_CHARS)
+            t0 = time.perf_counter()
+            with kernels_for(self.device, self.precision):
+                evaluate_ids(self.model, self.val_ids[:n], device=self.device,
+                             autocast_dtype=AUTOCAST_DTYPE[self.precision])
+            seconds_per_char = torch.tensor((time.perf_counter() - t0) / n)
+        if self.dist.enabled:
+            seconds_per_char = seconds_per_char.to(self.device)
+            dist.broadcast(seconds_per_char, src=0)
+        spc = float(seconds_per_char)
+        if cfg.eval_chars is None:
+            cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
+        self._seconds_per_char = spc
+        return spc
+
+    def _evaluate_and_save(self) -> Path | None:
+        self._last_eval_step = self.step
+        if self.cfg.val_fraction > 0 and self._seconds_per_char * len(self._eval_slice()) > 1.0:
+            self._status(f"evaluating at step {self.step:,}")  # only when it takes a while
+        val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan
+        improved = math.isfinite(val) and val < self.best_val
+        if improved:
+            self.best_val = val
+            self.evals_without_improvement = 0
+        elif math.isfinite(val):
+            self.evals_without_improvement += 1
+        row = {"step": self.step, "epoch": self.epoch + self.chunk / len(self.batcher),
+               "val_loss": val, "val_bpc": val / math.log(2) if math.isfinite(val) else None,
+               "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+               "elapsed": self.elapsed}
+        self._log_row(row)
+        path = self.save(improved)
+        self._snapshot_good()
+        self._emit("eval", **row, improved=improved, model=self.model, tokenizer=self.tokenizer,
+                   device=self.device)
+        return path
 
     # -- the loop ---------------------------------------------------------------------------
     def _budget_left(self, reserve: float) -> str | None:
@@ -513,6 +517,16 @@ class Trainer:
         if cfg.time_limit and self.elapsed + reserve >= cfg.time_limit:
             return "time_limit"
         return None
+
+    def _spent_message(self, why: str) -> str:
+        cfg = self.cfg
+        spent = {"max_steps": f"--max-steps {cfg.max_steps}", "epochs": f"--epochs {cfg.epochs:g}",
+                 "time_limit": f"--time-limit {cfg.time_limit:g}s"}[why]
+        more = {"max_steps": f"--max-steps {max(2 * cfg.max_steps, self.step + 1)}",
+                "epochs": f"--epochs {2 * cfg.epochs:g}",
+                "time_limit": f"--time-limit {int(self.elapsed + max(60, cfg.time_limit))}s"}[why]
+        return (f"this run's budget is already spent ({spent}; it is at step {self.step:,}); to train "
+                f"further, give a larger budget: charnn train --resume {self.out_dir / 'last.pt'} {more}")
 
     def _agree(self, flag: bool) -> bool:
         """Every rank takes the same decision (stop, time up, Ctrl-C)."""
@@ -551,8 +565,7 @@ class Trainer:
         cfg = self.cfg
         x = x[self.rows].to(self.device, non_blocking=True)
         y = y[self.rows].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision],
-                            enabled=self.precision != "fp32"):
+        with autocast(self.device, self.precision):
             logits, state = self.ddp_model(x, self.state)  # (b, T, V)
         # Sum over this rank's characters, divided by the global count (times
         # the world size, which DDP's gradient average divides back out): the
@@ -562,7 +575,8 @@ class Trainer:
         loss = nll * (self.dist.world_size / max(1, n_valid_global))
         self.state = detach_state(state)  # TBPTT: carry the values, cut the graph
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with kernels_for(self.device, self.precision):
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         # Clip after backward and before the step: one global L2 norm over all
         # gradients, so a rare exploding step cannot wreck the weights.
@@ -587,43 +601,88 @@ class Trainer:
         return float(loss.detach()) / self.dist.world_size, norm, finite
 
     def close(self) -> None:
-        """Leave the process group (under torchrun), once training is over."""
+        """Release the output folder and leave the process group (under torchrun)."""
+        if self.folder is not None:
+            self.folder.close()
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()  # no rank tears down gloo while another still talks to it
             dist.destroy_process_group()
+
+    def _plan(self, seconds_per_char: float) -> float:
+        """Before the first step: the automatic evaluation interval where the
+        budget tells the number of steps, the reserve for the final evaluation
+        under --time-limit, and a clear error when no step can fit."""
+        cfg = self.cfg
+        total = planned_steps(cfg, len(self.batcher))
+        if cfg.eval_every is None and total is not None:
+            cfg.eval_every = auto_eval_every(total)
+        reserve = 0.0
+        if cfg.time_limit:
+            eval_chars = len(self._eval_slice()) if cfg.val_fraction > 0 else 0
+            reserve = 1.2 * seconds_per_char * eval_chars + 0.5  # + the checkpoint write
+            left = cfg.time_limit - self.elapsed
+            if self.step == 0 and reserve >= 0.5 * left:
+                raise ConfigError(
+                    f"--time-limit {cfg.time_limit:g}s is too short to train: the final evaluation and save "
+                    f"alone take about {reserve:.1f}s here; give at least {math.ceil(4 * reserve)}s")
+        if cfg.eval_every is not None:
+            note = patience_note(cfg, cfg.eval_every, total, self.step)
+            if note:
+                self.notes.append(note)
+        return reserve
+
+    def _choose_eval_every(self, seconds: float, steps: int, reserve: float) -> None:
+        """--time-limit with automatic --eval-every: after the first steps,
+        from their measured speed (the choice is recorded in the checkpoint)."""
+        cfg = self.cfg
+        per_step = seconds / max(1, steps)
+        total = self.step + max(0.0, cfg.time_limit - self.elapsed - reserve) / max(per_step, 1e-9)
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        cfg.eval_every = auto_eval_every(total)
+        self._emit("note", message=f"evaluating every {_plural(cfg.eval_every, 'step')} "
+                                   f"(about {_plural(int(total), 'step')} fit the budget at "
+                                   f"{per_step * 1000:.0f} ms/step)")
+        note = patience_note(cfg, cfg.eval_every, total, self.step)
+        if note:
+            self._emit("note", message=note)
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
             raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
-        if self.dist.is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"cannot create output folder {self.out_dir}: {e.strerror or e}") from None
+        spent = self._budget_left(0.0)
+        if spent:
+            raise TrainingError(self._spent_message(spent))
+        run_start, elapsed_base = time.perf_counter(), self.elapsed
+        seconds_per_char = self._calibrate_eval()
+        guessed_reserve = self._plan(seconds_per_char)
         self._emit("start", config=cfg.to_dict(), model_config=self.model.config.to_dict(),
                    parameters=self.model.num_parameters(), device=str(self.device),
                    precision=self.precision, train_chars=len(self.train_ids), val_chars=len(self.val_ids),
+                   eval_chars=len(self._eval_slice()) if cfg.val_fraction > 0 else 0,
+                   files=list(self.corpus.files), skipped=list(self.corpus.skipped),
                    vocab_size=self.tokenizer.vocab_size, out_dir=str(self.out_dir),
                    resumed_at=self.step, world_size=self.dist.world_size,
-                   chunks_per_epoch=len(self.batcher))
-        run_start, elapsed_base = time.perf_counter(), self.elapsed
+                   chunks_per_epoch=len(self.batcher), changed=list(self.changed), notes=list(self.notes))
+        for message in self.notes:
+            self._emit("note", message=message)
         self._snapshot_good()
-        guessed_eval_time = self._calibrate_eval()
+        start_step = self.step
         eval_time = None  # seconds one evaluation + save takes, measured
         consecutive_bad = 0
         window_loss, window_steps, window_chars = 0.0, 0, 0
-        window_start = time.perf_counter()
+        window_start = probe_start = time.perf_counter()
         last_path: Path | None = None
         stopped = None
-        flag = _SigintFlag() if self.handle_sigint else None
-        if flag:
-            flag.__enter__()
+        signals = _StopSignals() if self.handle_sigint else None
+        if signals:
+            signals.__enter__()
         try:
             while True:
-                reserve = eval_time if eval_time is not None else guessed_eval_time
+                reserve = eval_time if eval_time is not None else guessed_reserve
                 stopped = self._budget_left(reserve)
-                if self._agree(flag is not None and flag.hit):
+                if self._agree(signals is not None and signals.hit):
                     stopped = "interrupted"
                 if self._agree(stopped is not None):
                     stopped = stopped or "another rank's budget"
@@ -658,6 +717,8 @@ class Trainer:
                 window_loss += loss
                 window_steps += 1
                 window_chars += n_valid
+                if cfg.eval_every is None and self.step - start_step >= SPEED_PROBE_STEPS:
+                    self._choose_eval_every(time.perf_counter() - probe_start, self.step - start_step, reserve)
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     row = {"step": self.step, "epoch": self.epoch + self.chunk / len(self.batcher),
@@ -670,23 +731,28 @@ class Trainer:
                     self._emit("log", **row, progress=self.progress(), nonfinite=self.nonfinite_skipped)
                     window_loss, window_steps, window_chars = 0.0, 0, 0
                     window_start = now
-                if self.step % cfg.eval_every == 0:
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
                     t_eval = time.perf_counter()
                     last_path = self._evaluate_and_save()
                     eval_time = time.perf_counter() - t_eval
                     self.elapsed = elapsed_base + time.perf_counter() - run_start
                     window_start += eval_time
+                    probe_start += eval_time
                     if cfg.patience and self.evals_without_improvement >= cfg.patience:
                         stopped = "patience"
                         break
+            if self.step == start_step and stopped != "interrupted":
+                raise TrainingError(
+                    "no training step fit in the budget" + (f" (--time-limit {cfg.time_limit:g}s)" if cfg.time_limit
+                                                            else "") + "; nothing was written. Give a larger budget")
+            if stopped == "interrupted":
+                last_path = self.save(improved=False)  # quickly: no evaluation after a stop signal
+            elif self._last_eval_step != self.step:  # (-1 until this run evaluates)
+                # Final evaluation and checkpoint, unless the last step just had one.
+                last_path = self._evaluate_and_save()
         finally:
-            if flag:
-                flag.__exit__()
-        if stopped == "interrupted":
-            last_path = self.save(improved=False)  # quickly: no evaluation after Ctrl-C
-        elif self._last_eval_step != self.step:  # (-1 until this run evaluates)
-            # Final evaluation and checkpoint, unless the last step just had one.
-            last_path = self._evaluate_and_save()
+            if signals:
+                signals.__exit__()
         self.elapsed = elapsed_base + time.perf_counter() - run_start
         best = self.out_dir / "best.pt"
         result = TrainResult(out_dir=self.out_dir, best_path=best if best.exists() else None,
@@ -694,47 +760,23 @@ class Trainer:
                              stopped_because=stopped or "budget", train_state=self.train_state())
         self._emit("end", step=self.step, best_val_loss=self.best_val, stopped_because=result.stopped_because,
                    out_dir=str(self.out_dir), elapsed=self.elapsed, chars_seen=self.chars_seen,
-                   nonfinite=self.nonfinite_skipped)
-        if stopped == "interrupted":
-            raise TrainingInterrupted(f"interrupted at step {self.step}; saved {self.out_dir / 'last.pt'} "
-                                      f"(continue with --resume {self.out_dir / 'last.pt'})",
-                                      self.out_dir / "last.pt")
+                   nonfinite=self.nonfinite_skipped, steps_this_run=self.step - start_step)
+        if stopped == "interrupted" or (signals is not None and signals.hit):
+            signum = signals.signum if signals is not None and signals.signum else signal.SIGINT
+            name = signal.Signals(signum).name
+            last = self.out_dir / "last.pt"
+            raise TrainingInterrupted(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name} at step "
+                                      f"{self.step:,}; saved {last}. Continue with: charnn train --resume {last}",
+                                      last, signum)
         return result
 
-    def _calibrate_eval(self) -> float:
-        """Seconds the final evaluation + save will take, from timing the
-        evaluation of a slice of the validation text (for --time-limit)."""
-        if not self.cfg.time_limit or len(self.val_ids) < 2:
-            return 1.0
-        n = min(len(self.val_ids), 32_768)
-        t0 = time.perf_counter()
-        if self.dist.is_main:
-            evaluate_ids(self.model, self.val_ids[:n], device=self.device,
-                         autocast_dtype=_AUTOCAST[self.precision])
-        seconds = (time.perf_counter() - t0) * len(self.val_ids) / n
-        return 1.2 * seconds + 1.0  # margin for noise and the checkpoint write
 
-    def _evaluate_and_save(self) -> Path | None:
-        self._last_eval_step = self.step
-        val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan
-        improved = math.isfinite(val) and val < self.best_val
-        if improved:
-            self.best_val = val
-            self.evals_without_improvement = 0
-        elif math.isfinite(val):
-            self.evals_without_improvement += 1
-        row = {"step": self.step, "epoch": self.epoch + self.chunk / len(self.batcher),
-               "val_loss": val, "val_bpc": val / math.log(2) if math.isfinite(val) else None,
-               "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-               "elapsed": self.elapsed}
-        self._log_row(row)
-        path = self.save(improved)
-        self._snapshot_good()
-        self._emit("eval", **row, improved=improved, model=self.model, tokenizer=self.tokenizer,
-                   device=self.device)
-        return path
-
-
-def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, **kwargs: Any) -> TrainResult:
-    """Build a :class:`Trainer` and run it. See ``Trainer`` for the options."""
-    return Trainer(cfg, model_overrides, **kwargs).run()
+def train(cfg: TrainConfig | Mapping[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
+          **kwargs: Any) -> TrainResult:
+    """Build a :class:`Trainer` and run it (and release its folder). See
+    ``Trainer`` for the options."""
+    trainer = Trainer(cfg, model_overrides, **kwargs)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

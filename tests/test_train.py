@@ -34,8 +34,11 @@ def test_checkpoints_written_at_every_eval_and_end(trained):
     assert load(trained.last).train_state["step"] == 20
     assert trained.result.last_path == trained.last
     assert trained.result.best_path == trained.best
-    # No stray temp files in the output folder.
-    assert sorted(p.name for p in trained.out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    # No stray temp files in the output folder: the checkpoints, the log, and
+    # the run folder's marker and (released) lock.
+    assert sorted(p.name for p in trained.out.iterdir()) == [
+        ".charnn-run", ".charnn.lock", "best.pt", "last.pt", "metrics.jsonl"]
+    assert (trained.out / ".charnn.lock").stat().st_size == 0  # emptied: the run ended cleanly
 
 
 def test_metrics_jsonl_has_eval_rows(trained):

@@ -1,25 +1,44 @@
 """What every command shares: the Typer app, the stderr console, option
-types and checks, and ``run_command`` (charnn's errors -> ``Error: ...``)."""
+types and checks, pluralisation, safe JSON, standard output that fails
+cleanly, and ``run_command`` (charnn's errors -> ``Error: ...``).
+
+Help texts follow one set of conventions (see ``HELP CONVENTIONS`` below) so
+that every ``--help`` reads well at 80 columns.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import math
 import os
+import re
 import sys
 from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
-app = typer.Typer(
-    name="charnn",
-    help="Train character-level recurrent language models on your own text, and generate from them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# HELP CONVENTIONS (every command):
+# - Plain click help formatting (``rich_markup_mode=None``): two columns, the
+#   descriptions get ~48 of 80 columns, and square brackets in help texts are
+#   shown as written (rich markup ate ``charnn[plot]``).
+# - Every option that takes a value names it with a short upper-case
+#   ``metavar`` (N, FILE, TEXT, SECONDS...) or its choices as ``[a|b|c]``; flags
+#   show none.
+# - Defaults appear in one style only, ``[default: X]`` at the end: generated
+#   by click for fixed values; for a default that depends on something, the
+#   help text ends with the same words written out (``[default: a random seed]``)
+#   and the option says ``show_default=False``.
+# - Bounds are checked by callbacks (``at_least``, ``between``) rather than
+#   ``min=``/``max=``, whose ``x>=1`` notation would land in the help; a bound a
+#   user could not guess is stated in words.
+# - Units are stated: characters, steps, seconds; one sentence per option,
+#   ending with a full stop.
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -31,6 +50,8 @@ class Cell(str, Enum):
 
 
 class Device(str, Enum):
+    """Kept for ``train`` until it moves to ``DEVICE_OPTION`` (``--device cuda:1``)."""
+
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
@@ -47,6 +68,287 @@ class Precision(str, Enum):
 class Unknown(str, Enum):
     error = "error"
     skip = "skip"
+
+
+# -- option values -------------------------------------------------------------
+
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+DEVICE_HELP = "Where to run: auto, cpu, cuda, cuda:N (GPU number N) or mps."
+
+
+def parse_device(value: Optional[str]) -> Optional[str]:
+    """``--device``: auto | cpu | cuda | cuda:N | mps, checked here (exit 2);
+    whether that device exists is :func:`charnn.devices.resolve_device`'s job."""
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if not _DEVICE_RE.fullmatch(name):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N (such as cuda:1) or mps")
+    return name
+
+
+def at_least(low: int | float) -> Callable[[Any], Any]:
+    """A callback that refuses values below ``low`` (None passes)."""
+    def check(value: Any) -> Any:
+        if value is not None and not value >= low:
+            raise typer.BadParameter(f"must be at least {low}, got {value}")
+        return value
+    return check
+
+
+def between(low: int | float, high: int | float) -> Callable[[Any], Any]:
+    """A callback that refuses values outside ``[low, high]`` (None passes)."""
+    def check(value: Any) -> Any:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"must be between {low} and {high}, got {value}")
+        return value
+    return check
+
+
+THREADS_HELP = "CPU threads for torch.  [default: the idle cores, at most 4]"
+
+
+def plural(n: int | float, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1,000 characters``; ``many`` for irregular plurals."""
+    shown = f"{n:,}" if isinstance(n, int) else f"{n:,g}"
+    return f"{shown} {word if n == 1 else (many or word + 's')}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` (from a checkpoint or a file name) with control and other
+    unprintable characters as escapes, so none reaches the terminal raw."""
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
+
+
+# -- JSON ------------------------------------------------------------------------
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinity replaced by None (JSON has neither),
+    tuples as lists, and other non-JSON objects as their ``str``."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return json_safe(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (no NaN, no Infinity) of ``value`` after :func:`json_safe`."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+# -- standard output ------------------------------------------------------------
+
+class StdoutError(Exception):
+    """Writing to standard output failed (closed, full, or a reader that left)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+    @property
+    def broken_pipe(self) -> bool:
+        return isinstance(self.error, BrokenPipeError) or self.error.errno == errno.EPIPE
+
+
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for standard output when the process started with it closed
+    (``>&-``): every write fails with EBADF, so a command that has results to
+    print says so instead of printing nowhere."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, s: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self) -> None:
+        pass
+
+
+class StdoutWriter:
+    """What the commands write their results through: ``sys.stdout`` (looked
+    up on each call, so test runners can swap it), with characters the stream
+    cannot encode (lone surrogates) written as backslash escapes, and any
+    ``OSError`` raised as :class:`StdoutError`."""
+
+    def _stream(self) -> Any:
+        if sys.stdout is None:  # started with fd 1 closed and nothing put in its place
+            raise StdoutError(OSError(errno.EBADF, "standard output is closed"))
+        return sys.stdout
+
+    def write(self, s: str) -> int:
+        stream = self._stream()
+        try:
+            try:
+                return stream.write(s)
+            except UnicodeEncodeError:
+                enc = getattr(stream, "encoding", None) or "utf-8"
+                return stream.write(s.encode(enc, "backslashreplace").decode(enc))
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def flush(self) -> None:
+        stream = self._stream()
+        try:
+            stream.flush()
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream().isatty())
+        except (StdoutError, OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys.stdout, name)
+
+
+stdout = StdoutWriter()
+
+
+def out_console() -> Console:
+    """A rich console for results on standard output (through :data:`stdout`)."""
+    return Console(file=stdout, highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+
+
+def _point_stdout_at_devnull() -> None:
+    """Send fd 1 to /dev/null, so that what is still buffered (and the
+    interpreter's last flush) goes nowhere instead of failing again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _stdout_failure(e: StdoutError) -> int:
+    """Report a failed standard output; the exit code to use."""
+    _point_stdout_at_devnull()
+    if e.broken_pipe:  # the reader went away (`charnn sample | head`): like other Unix tools, quietly
+        return 0
+    if e.error.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif e.error.errno == errno.EBADF:
+        why = "it is closed"
+    else:
+        why = e.error.strerror or str(e.error)
+    if not _quiet_rank():
+        try:
+            err.print(f"Error: cannot write to standard output: {why}.", markup=False)
+        except OSError:
+            pass
+    return 1
+
+
+def _quiet_rank() -> bool:
+    """Under torchrun every process runs the command; only rank 0 speaks."""
+    rank = os.environ.get("RANK")
+    return rank is not None and rank.strip() not in ("", "0")
+
+
+class CharnnCommand(TyperCommand):
+    """Typer's plain help, with arguments named the click way: ``CHECKPOINT``
+    and ``[FILE]...`` in the usage line, no ``<path>`` type after the name."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument" and not getattr(param, "hidden", False):
+                name = _argument_name(param)
+                if not param.required:
+                    name = f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((_argument_name(param), record[1].replace("  [required]", "")))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param: click.Parameter) -> str:
+    return param.metavar or (param.name or "").upper()
+
+
+class CharnnTyper(typer.Typer):
+    """The app as a process runs it: standard output guarded before and after
+    click (help text, usage errors), so that a closed or full stdout or a
+    reader that left ends with one clear line (or quietly), never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import click.utils
+
+        _prepare_stdout()
+        try:
+            super().__call__(*args, **kwargs)
+            code: Any = 0
+        except SystemExit as e:
+            code = e.code
+        except OSError as e:  # click's own output (help) to a full or closed stdout
+            code = _stdout_failure(StdoutError(e))
+        try:
+            stdout.flush()
+        except StdoutError as e:
+            code = _stdout_failure(e) if code in (0, None) else code
+
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click saw the pipe break
+            code = 0 if code in (0, 1, None) else code
+        sys.exit(code)
+
+    def command(self, name: Optional[str] = None, *, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(name, cls=cls or CharnnCommand, **kwargs)
+
+
+def _prepare_stdout() -> None:
+    if sys.stdout is None:
+        # fd 1 is closed: hold it with /dev/null so no file opened later takes
+        # fd 1 (and receives whatever a library prints), and fail writes clearly.
+        _point_stdout_at_devnull()
+        sys.stdout = _ClosedStdout()
+    elif hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(errors="backslashreplace")  # lone surrogates never crash printing
+        except (OSError, ValueError):
+            pass
+
+
+app = CharnnTyper(
+    name="charnn",
+    help="Train character-level recurrent language models on your own text, and generate from them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 
 
 def version_callback(value: bool) -> None:
@@ -66,44 +368,64 @@ def main(
 
 
 def run_command(body: Callable[[], Any]) -> Any:
-    """Turn charnn's errors into ``Error: ...`` + exit 1, Ctrl-C into exit 130,
-    and a closed pipe into a quiet exit. No traceback reaches the user."""
+    """Run a command's body: charnn's errors become ``Error: ...`` + exit 1,
+    Ctrl-C exit 130, a failed standard output one clear line + exit 1 (or,
+    for a reader that went away, a quiet exit 0). No traceback reaches the
+    user. Under torchrun only rank 0 prints the error; every rank exits with
+    the code."""
     from ..errors import CharnnError
 
     try:
-        return body()
+        result = body()
+        stdout.flush()  # a full disk shows here, not in the interpreter's last flush
+        return result
     except CharnnError as e:
         from ..train import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            err.print(f"[yellow]Interrupted.[/] {e}", markup=True)
-            raise typer.Exit(130)
-        err.print(f"Error: {e}", markup=False)
+            say(interrupted_message(str(e)))
+            raise typer.Exit(e.exit_code)  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM
+        say(f"Error: {e}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        err.print("Interrupted.", markup=False)
+        say("Interrupted.")
         raise typer.Exit(130)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
-        raise typer.Exit(0)
+    except StdoutError as e:
+        raise typer.Exit(_stdout_failure(e))
+    except BrokenPipeError as e:
+        raise typer.Exit(_stdout_failure(StdoutError(e)))
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as e:  # a bug: say so plainly; CHARNN_DEBUG=1 shows the traceback
         if os.environ.get("CHARNN_DEBUG"):
             raise
-        err.print(f"Error: unexpected {type(e).__name__}: {e}. This is a bug in charnn; "
-                  "rerun with CHARNN_DEBUG=1 for the traceback and report it.", markup=False)
+        say(f"Error: unexpected {type(e).__name__}: {e}. This is a bug in charnn; "
+            "rerun with CHARNN_DEBUG=1 for the traceback and report it.")
         raise typer.Exit(1)
 
 
-def _quiet_broken_pipe() -> None:
-    # The reader went away (`charnn sample ... | head`): point stdout at
-    # /dev/null so the interpreter's final flush does not complain.
+def say(text: str) -> None:
+    """One message on stderr (no markup), from rank 0 only under torchrun."""
+    if _quiet_rank():
+        return
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
+        err.print(text, markup=False)
+    except OSError:  # stderr itself is gone: nothing left to tell
         pass
+
+
+def interrupted_message(text: str) -> str:
+    """One sentence for a stopped run: the library says "interrupted at step
+    7; saved ..." and the CLI capitalises it rather than prefixing a second
+    "Interrupted."."""
+    text = text.strip()
+    if not text:
+        return "Interrupted."
+    if text.lower().startswith("interrupted"):
+        text = text[0].upper() + text[1:]
+    else:
+        text = "Interrupted: " + text
+    return text if text.endswith(".") else text + "."
 
 
 def parse_time_limit(value: Optional[str]) -> Optional[str]:

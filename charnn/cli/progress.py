@@ -1,38 +1,92 @@
-"""Rendering the trainer's events: a rich progress bar, or plain log lines."""
+"""Rendering the trainer's events: a rich progress bar, or plain log lines.
+
+Both fit the console's width (80 columns and up): the fields that matter come
+first (the bar and its percentage and time left, the step, the training loss,
+the validation loss) and the rest (speed, learning rate, gradient norm,
+clipping) only where there is room for them.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.table import Column
+from rich.text import Text
 
-from .common import err, fmt_duration
+from .common import err, escape_text, fmt_duration, plural
+
+LABEL = "train"
+# The bar's fixed neighbours: label, percentage "100%", "ETA 0:00:00", and
+# the spaces between the five columns.
+_FIXED = len(LABEL) + 4 + 11 + 4
+_CORE_STATUS = 38  # "step 12,345 loss 1.234  val 1.234" or "... evaluating"
+
+
+class _TimeLeft(ProgressColumn):
+    """``ETA 1:23`` (``ETA -:--`` until the speed is known)."""
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        shown = "-:--" if left is None or task.completed <= 0 else fmt_duration(left)
+        return Text(f"ETA {shown}", style="progress.remaining")
+
+
+def fit(parts: list[str], optional: list[str], width: int, sep: str = "  ") -> str:
+    """``parts`` joined, then as many of ``optional`` (in order) as fit in
+    ``width`` terminal cells; cut with an ellipsis if even ``parts`` do not."""
+    text = sep.join(p for p in parts if p)
+    for extra in optional:  # in order of importance: stop at the first that does not fit
+        if not extra:
+            continue
+        if cell_len(text) + len(sep) + cell_len(extra) > width:
+            break
+        text = text + sep + extra if text else extra
+    if cell_len(text) > width:
+        text = set_cell_size(text, max(0, width - 1)).rstrip() + "…"
+    return text
+
 
 class TrainReporter:
     """Renders the trainer's events: a rich progress bar on a terminal, plain
     log lines otherwise; everything on stderr."""
 
-    def __init__(self, sample_every: int = 1, console: Console | None = None):
+    def __init__(self, sample_every: int = 1, console: Console | None = None, verbose: bool = False):
         self.console = console or err
+        self.verbose = verbose  # list every corpus file read and skipped
         self.live = self.console.is_terminal
         self.sample_every = sample_every
         self.evals = 0
         self.last_log: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
-        self.progress = None
-        self.task = None
+        self.message = "starting"  # what the trainer is doing before/between steps (status events)
+        self.progress: Any = None
+        self.task: Any = None
+
+    # -- the live bar ---------------------------------------------------------------
+    def _bar_width(self) -> int:
+        return max(10, min(40, self.console.width - _FIXED - _CORE_STATUS))
+
+    def _status_width(self) -> int:
+        return max(10, self.console.width - _FIXED - self._bar_width() - 1)
 
     def __enter__(self) -> "TrainReporter":
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self.progress = Progress(
-                TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                TextColumn(f"[bold]{LABEL}[/]", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=self._bar_width()),
+                TextColumn("{task.percentage:>3.0f}%", table_column=Column(no_wrap=True)),
+                _TimeLeft(table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[status]}", markup=False,
+                           table_column=Column(no_wrap=True, overflow="ellipsis")),
                 console=self.console, transient=False, refresh_per_second=4)
             self.progress.__enter__()
-            self.task = self.progress.add_task("train", total=1.0, status="starting")
+            self.task = self.progress.add_task(LABEL, total=1.0, status=self.message)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -40,63 +94,123 @@ class TrainReporter:
             self.progress.__exit__(*exc)
             self.progress = None
 
-    def print(self, text: str, markup: bool = False) -> None:
-        self.console.print(text, markup=markup, highlight=False)
+    def _refresh(self) -> None:
+        if self.progress is not None:
+            done = self.last_log.get("progress", 0.0) if self.last_log else 0.0
+            self.progress.update(self.task, completed=min(1.0, max(0.0, float(done))),
+                                 status=self.status(self._status_width()))
 
+    # -- text ---------------------------------------------------------------------
+    def print(self, text: str, wrap: bool = False) -> None:
+        """A line above the bar (or a log line). ``wrap``: prose, folded at
+        the console's width at spaces; otherwise printed as it is."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=not wrap)
+
+    def status(self, width: int) -> str:
+        """The fields after the bar (or after the time in a log line), the most
+        important first, cut to ``width``."""
+        lg, ev = self.last_log, self.last_eval
+        core, extras = [], []
+        if lg:
+            core.append(f"step {lg['step']:,} loss {lg['train_loss']:.3f}")
+        val = ev.get("val_loss") if ev else None
+        if isinstance(val, (int, float)) and math.isfinite(val):
+            # while a status message shows (evaluating...), the last val is less news
+            (extras if self.message else core).append(f"val {val:.3f}")
+            extras.append(f"({ev['val_bpc']:.2f} bpc)")
+        if self.message:
+            core.insert(1 if lg else 0, self.message)
+        if lg:
+            extras += [f"{lg['chars_per_sec']:,.0f} chars/s", f"lr {lg['lr']:.2e}",
+                       f"|g| {lg['grad_norm']:.2f}", f"clipped {lg['clipped_share']:.0%}"]
+        return fit(core, extras, width)
+
+    # -- events -------------------------------------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
         handler = getattr(self, "on_" + event["kind"], None)
         if handler:
             handler(event)
 
+    def on_status(self, e: dict[str, Any]) -> None:
+        """``{"kind": "status", "message": "reading corpus"}``: what the trainer
+        is doing now (reading, encoding, calibrating, evaluating); an empty
+        message clears it. Shown in the bar, or as a log line."""
+        message = str(e.get("message") or "").strip()
+        self.message = message
+        if self.progress is not None:
+            self._refresh()
+        elif message:
+            self.print(message, wrap=True)
+
     def on_start(self, e: dict[str, Any]) -> None:
         mc, cfg = e["model_config"], e["config"]
-        self.print(f"charnn: {mc['cell']} {mc['num_layers']}x{mc['hidden_size']} (embedding "
-                   f"{mc['embedding_dim']}, dropout {mc['dropout']}), {e['parameters']:,} parameters, "
-                   f"vocabulary {e['vocab_size']}")
-        budget = [f"{cfg['max_steps']} steps" if cfg["max_steps"] else "",
-                  f"{cfg['epochs']:g} epochs" if cfg["epochs"] else "",
-                  fmt_duration(cfg["time_limit"]) if cfg["time_limit"] else ""]
-        self.print(f"data: {e['train_chars']:,} training + {e['val_chars']:,} validation characters; "
-                   f"batch {cfg['batch_size']} x seq {cfg['seq_len']}; lr {cfg['lr']:g}; budget "
-                   f"{', '.join(b for b in budget if b)}")
+        self.message = ""
+        self.print(f"model: {mc['cell']} {mc['num_layers']}x{mc['hidden_size']}, embedding {mc['embedding_dim']}, "
+                   f"dropout {mc['dropout']}, {plural(e['parameters'], 'parameter')}", wrap=True)
+        files, skipped = e.get("files") or [], e.get("skipped") or []
+        if files:
+            self.print(f"read {plural(len(files), 'file')}, {plural(sum(n for _, n in files), 'character')}"
+                       + (f"; skipped {plural(len(skipped), 'file')}" if skipped else "")
+                       + (" (--verbose lists them)" if skipped and not self.verbose else ""), wrap=True)
+        if self.verbose:
+            for path, n in files:
+                self.print(f"  read {escape_text(str(path))} ({plural(n, 'character')})")
+            for path, why in skipped:
+                self.print(f"  skipped {escape_text(str(path))}: {escape_text(str(why))}")
+        self.print(f"data: {e['train_chars']:,} training + {e['val_chars']:,} validation characters, "
+                   f"vocabulary {e['vocab_size']}", wrap=True)
+        if e.get("eval_chars") and e["eval_chars"] < e["val_chars"]:
+            self.print(f"each evaluation scores the first {e['eval_chars']:,} validation characters "
+                       "(charnn eval scores them all)", wrap=True)
+        budget = [plural(cfg["max_steps"], "step") if cfg.get("max_steps") else "",
+                  plural(cfg["epochs"], "epoch") if cfg.get("epochs") else "",
+                  fmt_duration(cfg["time_limit"]) if cfg.get("time_limit") else ""]
+        self.print(f"batch {cfg['batch_size']} x {cfg['seq_len']} characters, lr {cfg['lr']:g}, budget "
+                   f"{' or '.join(b for b in budget if b) or 'none'}", wrap=True)
         self.print(f"device {e['device']}, precision {e['precision']}"
-                   + (f", {e['world_size']} processes" if e["world_size"] > 1 else "")
-                   + f"; writing to {e['out_dir']}/"
-                   + (f"; resuming at step {e['resumed_at']}" if e["resumed_at"] else ""))
+                   + (f", {e['world_size']} processes" if e.get("world_size", 1) > 1 else "")
+                   + (f"; resuming at step {e['resumed_at']:,}" if e.get("resumed_at") else ""), wrap=True)
+        self.print(f"writing to {e['out_dir']}/")
+        for line in e.get("changed") or []:
+            self.print(f"changed on resume: {line}", wrap=True)
+        self._refresh()
 
-    def _status(self) -> str:
-        lg, ev = self.last_log, self.last_eval
-        parts = []
-        if lg:
-            parts.append(f"step {lg['step']} loss {lg['train_loss']:.3f}")
-        if ev and ev.get("val_loss") is not None and math.isfinite(ev["val_loss"]):
-            parts.append(f"val {ev['val_loss']:.3f} ({ev['val_bpc']:.2f} bpc)")
-        if lg:
-            parts.append(f"{lg['chars_per_sec']:,.0f} chars/s lr {lg['lr']:.2e} "
-                         f"|g| {lg['grad_norm']:.2f} clipped {lg['clipped_share']:.0%}")
-        return "  ".join(parts)
+    def note(self, text: str) -> None:
+        """A line to read once: where the run writes, what changed, a choice made."""
+        self.print(text, wrap=True)
+
+    def on_note(self, e: dict[str, Any]) -> None:
+        self.note(e["message"])
 
     def on_log(self, e: dict[str, Any]) -> None:
         self.last_log = e
+        self.message = ""
         if self.progress is not None:
-            self.progress.update(self.task, completed=min(1.0, e["progress"]), status=self._status())
+            self._refresh()
         else:
-            self.print(f"{fmt_duration(e['elapsed'])} {e['progress']:6.1%}  " + self._status())
+            head = f"{fmt_duration(e['elapsed'])} {e['progress']:6.1%}  "
+            self.print(head + self.status(self.console.width - len(head)))
 
     def on_eval(self, e: dict[str, Any]) -> None:
         self.last_eval = e
         self.evals += 1
+        self.message = ""
         if e.get("val_loss") is not None and math.isfinite(e["val_loss"]):
             mark = " (best)" if e["improved"] else ""
-            self.print(f"step {e['step']}: validation loss {e['val_loss']:.4f} "
+            self.print(f"step {e['step']:,}: validation loss {e['val_loss']:.4f} "
                        f"({e['val_bpc']:.3f} bits/char){mark}")
-        if self.sample_every and self.evals % self.sample_every == 0:
+        self._refresh()
+        if self.sample_every and self.evals % self.sample_every == 0 and e.get("model") is not None:
             from ..sample import sample_text
 
             text = sample_text(e["model"], e["tokenizer"], "", 200, temperature=0.8, seed=e["step"])
-            self.print("  sample: " + text.replace("\n", "\n          ")[:600])
+            self.print(self.preview(text))
+
+    def preview(self, text: str, lines: int = 4) -> str:
+        """A sample as a few indented lines, each cut to the console's width."""
+        width = self.console.width - 10
+        rows = [fit([escape_text(row.replace("\t", " "))], [], width) for row in text.split("\n")[:lines]]
+        return "  sample: " + "\n          ".join(rows)
 
     def on_warning(self, e: dict[str, Any]) -> None:
-        self.print(f"warning: {e['message']}")
-
-
+        self.print(f"warning: {e['message']}", wrap=True)

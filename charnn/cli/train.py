@@ -1,97 +1,190 @@
-"""charnn train: options -> TrainConfig -> Trainer, rendered by TrainReporter."""
+"""charnn train: the options the user gave -> Trainer, rendered by TrainReporter.
+
+Every option defaults to None, meaning "not given": a new run fills it from
+TrainConfig/ModelConfig (the one place defaults live), a resumed run from the
+run's own checkpoint. So ``charnn train --resume DIR/last.pt`` continues the
+run as it was, whatever today's defaults are.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..config import ModelConfig, TrainConfig
+from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, app, at_least, between, err, fmt_loss,
+                     parse_device, parse_time_limit, plural, positive, run_command)
 from .progress import TrainReporter
-from .common import Cell, Device, Precision, app, err, fmt_loss, parse_time_limit, positive, run_command
-
-# ---------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------
 
 DEFAULT_TIME_LIMIT = "5m"
-# The defaults live in one place, the config dataclasses (chosen by measurement:
-# see the README); the options below show and use them.
 _TD = TrainConfig()
 _MD = ModelConfig()
+
+
+def _d(value: Any) -> str:
+    """The ``[default: X]`` suffix, written out because these options default
+    to None ("not given"), so click cannot show the real default itself."""
+    return f"  [default: {value}]"
+
+
+Int = Optional[int]
+Float = Optional[float]
 
 
 @app.command()
 def train(
     corpus: Annotated[Optional[list[Path]], typer.Argument(
-        help="Text files or folders to train on. None: the built-in corpus (this Python's standard library source).",
-        show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: checkpoints/<corpus name>/")] = None,
-    cell: Annotated[Optional[Cell], typer.Option(help=f"Recurrent cell.  (default: {_MD.cell})", show_default=False)] = None,
-    hidden_size: Annotated[Optional[int], typer.Option(min=1, help=f"Units per recurrent layer.  (default: {_MD.hidden_size})", show_default=False)] = None,
-    num_layers: Annotated[Optional[int], typer.Option(min=1, help=f"Stacked recurrent layers.  (default: {_MD.num_layers})", show_default=False)] = None,
-    embedding_dim: Annotated[Optional[int], typer.Option(min=1, help=f"Character embedding size.  (default: {_MD.embedding_dim})", show_default=False)] = None,
-    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help=f"Dropout between layers and before the head.  (default: {_MD.dropout})", show_default=False)] = None,
-    seq_len: Annotated[int, typer.Option(min=1, help="Characters per TBPTT chunk.")] = _TD.seq_len,
-    batch_size: Annotated[int, typer.Option(min=1, help="Contiguous streams trained side by side.")] = _TD.batch_size,
-    lr: Annotated[float, typer.Option(callback=positive, help="Peak learning rate (AdamW).")] = _TD.lr,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay on weight matrices.")] = _TD.weight_decay,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this global L2 norm (0 = off).")] = _TD.grad_clip,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps before cosine decay.")] = _TD.warmup_steps,
-    max_steps: Annotated[int, typer.Option(min=0, help="Stop after this many steps (0 = no step budget).")] = 0,
-    epochs: Annotated[float, typer.Option(min=0.0, help="Stop after this many passes over the text (0 = none).")] = 0.0,
-    time_limit: Annotated[Optional[str], typer.Option(callback=parse_time_limit, help=f"Wall-clock budget: 30s, 5m, 2h. Default {DEFAULT_TIME_LIMIT} when no other budget is given.", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate and save every N steps.")] = _TD.eval_every,
-    log_every: Annotated[int, typer.Option(min=1, help="Progress / log row every N steps.")] = _TD.log_every,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Last part of the text held out for validation.")] = _TD.val_fraction,
-    patience: Annotated[int, typer.Option(min=0, help="Stop after N evaluations without improvement (0 = off).")] = 0,
-    keep: Annotated[int, typer.Option(min=0, help="Also keep the last N step-numbered checkpoints.")] = 0,
-    sample_every: Annotated[int, typer.Option(min=0, help="Show a sample preview every N evaluations (0 = off).")] = _TD.sample_every,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = _TD.seed,
-    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="Numeric precision (auto picks the fastest that trains as well).")] = Precision.auto,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from its checkpoint.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from a checkpoint's weights and vocabulary.")] = None,
-    extend_vocab: Annotated[bool, typer.Option(help="With --init-from: grow the vocabulary for new characters.")] = False,
-    encoding: Annotated[str, typer.Option(help="Text encoding of the corpus files.")] = "utf-8",
+        metavar="[CORPUS]...", show_default=False,
+        help="Text files or folders to train on.  [default: the built-in corpus, this Python's "
+             "standard library source]")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", metavar="DIR", show_default=False,
+        help="Output folder. A new run never replaces another run's files: the default folder moves on "
+             "to NAME-2/, NAME-3/...; a folder you name that holds a run is refused unless --overwrite."
+             + _d("checkpoints/<corpus name>/"))] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start a new run in an --out folder that holds a run, replacing its "
+                            "checkpoints and metrics.")] = False,
+    time_limit: Annotated[Optional[str], typer.Option(
+        metavar="DURATION", callback=parse_time_limit, show_default=False,
+        help="Wall-clock budget for training: 90 (seconds), 30s, 5m, 2h or 1h30m."
+             + _d(f"{DEFAULT_TIME_LIMIT} when no budget is given"))] = None,
+    max_steps: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Stop after N optimizer steps; 0 is no step budget.")] = None,
+    epochs: Annotated[Float, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Stop after N passes over the text (may be fractional); 0 is none.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        metavar="CHECKPOINT", show_default=False,
+        help="Continue a run exactly from its checkpoint, with the run's own options; options given "
+             "here change budgets, intervals and output, and are listed at start.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        metavar="CHECKPOINT", show_default=False,
+        help="Start a new run from a checkpoint's weights and vocabulary.")] = None,
+    extend_vocab: Annotated[bool, typer.Option(
+        "--extend-vocab", help="With --init-from: grow the vocabulary for new characters.")] = False,
+    cell: Annotated[Optional[Cell], typer.Option(
+        metavar="[lstm|gru|rnn]", show_default=False, help="Recurrent cell." + _d(_MD.cell))] = None,
+    hidden_size: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Units per recurrent layer." + _d(_MD.hidden_size))] = None,
+    num_layers: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Stacked recurrent layers." + _d(_MD.num_layers))] = None,
+    embedding_dim: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Size of each character's embedding vector." + _d(_MD.embedding_dim))] = None,
+    dropout: Annotated[Float, typer.Option(
+        metavar="P", callback=between(0.0, 0.99), show_default=False,
+        help="Dropout between layers and before the head, 0 to 0.99." + _d(_MD.dropout))] = None,
+    seq_len: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Characters per truncated-BPTT chunk." + _d(_TD.seq_len))] = None,
+    batch_size: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Contiguous streams of text trained side by side." + _d(_TD.batch_size))] = None,
+    lr: Annotated[Float, typer.Option(
+        metavar="LR", callback=lambda v: v if v is None else positive(v), show_default=False,
+        help="Peak learning rate (AdamW)." + _d(_TD.lr))] = None,
+    weight_decay: Annotated[Float, typer.Option(
+        metavar="W", callback=at_least(0), show_default=False,
+        help="AdamW weight decay on the weight matrices." + _d(_TD.weight_decay))] = None,
+    grad_clip: Annotated[Float, typer.Option(
+        metavar="NORM", callback=at_least(0), show_default=False,
+        help="Clip the gradients' global L2 norm to NORM; 0 is off." + _d(_TD.grad_clip))] = None,
+    warmup_steps: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Steps of linear learning-rate warmup before the cosine decay."
+             + _d("100 steps or 5% of the budget, whichever is shorter"))] = None,
+    eval_every: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Evaluate and save every N steps." + _d("about 8 times per run, at most every 1000 steps"))] = None,
+    eval_chars: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Validation characters each evaluation scores (the start of the split; charnn eval scores "
+             "it all); 0 is the whole split." + _d("up to 200,000, fewer if a --time-limit is short"))] = None,
+    log_every: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="Progress update and metrics row every N steps." + _d(_TD.log_every))] = None,
+    val_fraction: Annotated[Float, typer.Option(
+        metavar="F", callback=between(0.0, 0.9), show_default=False,
+        help="Share of the text, at its end, held out for validation, 0 to 0.9." + _d(_TD.val_fraction))] = None,
+    patience: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Stop after N evaluations without improvement; 0 is off.")] = None,
+    keep: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Also keep the last N step-numbered checkpoints; 0 is none.")] = None,
+    sample_every: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(0), show_default=False,
+        help="Show a sample preview every N evaluations (not steps); 0 is off." + _d(_TD.sample_every))] = None,
+    seed: Annotated[Int, typer.Option(
+        metavar="N", callback=between(0, 2 ** 64 - 1), show_default=False,
+        help="Random seed (weights, dropout), 0 to 2^64-1." + _d(_TD.seed))] = None,
+    device: Annotated[Optional[str], typer.Option(
+        metavar="DEVICE", callback=parse_device, show_default=False, help=DEVICE_HELP + _d("auto"))] = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        metavar="[auto|fp32|bf16|fp16]", show_default=False,
+        help="Numeric precision; auto picks the fastest that trains as well as fp32 on this device."
+             + _d("auto"))] = None,
+    threads: Annotated[Int, typer.Option(
+        metavar="N", callback=at_least(1), show_default=False, help=THREADS_HELP)] = None,
+    encoding: Annotated[Optional[str], typer.Option(
+        metavar="CODEC", show_default=False,
+        help="Text encoding of the corpus files; files in folders that do not decode are skipped."
+             + _d("utf-8"))] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List every file read and skipped.")] = False,
 ) -> None:
-    """Train a model on your text (or on the built-in corpus) and write best.pt and last.pt."""
+    """Train a model on your text (or on the built-in corpus); writes best.pt
+    and last.pt."""
 
     def body() -> None:
-        from ..config import TrainConfig
+        from ..devices import set_threads
         from ..train import Trainer, parse_duration
 
-        budget_given = max_steps or epochs or time_limit
-        limit = time_limit if budget_given else (None if resume else DEFAULT_TIME_LIMIT)
-        cfg = TrainConfig(
-            corpus=[os.path.abspath(p) for p in (corpus or [])], val_fraction=val_fraction, seq_len=seq_len,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs,
-            time_limit=parse_duration(limit), eval_every=eval_every, log_every=log_every,
-            patience=patience, keep=keep, sample_every=sample_every, seed=seed, device=device.value,
-            precision=precision.value, encoding=encoding, out=str(out) if out else "",
-        )
+        given: dict[str, Any] = {
+            "corpus": [os.path.abspath(p) for p in corpus] if corpus else None,
+            "out": str(out) if out is not None else None,
+            "max_steps": max_steps, "epochs": epochs,
+            "time_limit": parse_duration(time_limit) if time_limit is not None else None,
+            "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+            "grad_clip": grad_clip, "warmup_steps": warmup_steps, "eval_every": eval_every,
+            "eval_chars": eval_chars, "log_every": log_every, "val_fraction": val_fraction,
+            "patience": patience, "keep": keep, "sample_every": sample_every, "seed": seed,
+            "device": device, "precision": precision.value if precision else None, "encoding": encoding,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))
+        default_budget = not budget_given and resume is None
+        if default_budget:
+            given["time_limit"] = parse_duration(DEFAULT_TIME_LIMIT)
         overrides = {"cell": cell.value if cell else None, "hidden_size": hidden_size,
                      "num_layers": num_layers, "embedding_dim": embedding_dim, "dropout": dropout}
-        reporter = TrainReporter(sample_every=sample_every)
-        trainer = Trainer(cfg, overrides, resume=resume, init_from=init_from, extend_vocab=extend_vocab,
-                          callback=reporter)
-        if not budget_given and not resume and trainer.dist.is_main:
-            err.print(f"No budget given: training for {DEFAULT_TIME_LIMIT} (set --time-limit, "
-                      "--max-steps or --epochs).", markup=False)
-        try:
-            with reporter:
+        set_threads(threads)
+        reporter = TrainReporter(sample_every=sample_every if sample_every is not None else _TD.sample_every,
+                                 verbose=verbose)
+        with reporter:
+            if default_budget:
+                reporter.note(f"No budget given: training for {DEFAULT_TIME_LIMIT} (set --time-limit, "
+                              "--max-steps or --epochs).")
+            trainer = Trainer(given if resume is not None else TrainConfig(**given), overrides, resume=resume,
+                              init_from=init_from, extend_vocab=extend_vocab, callback=reporter,
+                              overwrite=overwrite)
+            if resume is not None and sample_every is None:
+                reporter.sample_every = trainer.cfg.sample_every
+            try:
                 result = trainer.run()
-        finally:
-            trainer.close()
+            finally:
+                trainer.close()
         if trainer.dist.is_main:
             best = result.best_path or result.last_path
-            err.print(f"Done: {result.step} steps, best validation loss "
+            err.print(f"Done: {plural(result.step, 'step')}, best validation loss "
                       f"{fmt_loss(result.best_val_loss)}. Checkpoints in {result.out_dir}/", markup=False)
             err.print(f"Next: charnn sample {best} -n 500", markup=False)
 
     run_command(body)
-
-

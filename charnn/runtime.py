@@ -1,0 +1,124 @@
+"""How the training loop runs: its precision and autocast, and the processes
+``torchrun`` starts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .devices import cpu_has_bf16
+from .errors import ConfigError
+
+AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """fp32 | bf16 | fp16 for this device; ``auto`` picks the fastest that
+    trains as well as fp32 (see the README's benchmark)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu" and cpu_has_bf16():
+            return "bf16"
+        return "fp32"
+    if name not in AUTOCAST_DTYPE:
+        raise ConfigError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
+    return name
+
+
+def emulated_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 asked for on a CPU without native bf16 (no AVX512-BF16/AMX)."""
+    return precision == "bf16" and device.type == "cpu" and not cpu_has_bf16()
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Mixed precision for one forward pass (nothing for fp32).
+
+    On a CPU without native bf16, oneDNN has no bf16 LSTM kernel and refuses
+    ("could not create a primitive descriptor"); torch's own kernels then run
+    the step instead. Slower than fp32 there, but a run started in bf16 on
+    another machine resumes exactly.
+    """
+    dtype = AUTOCAST_DTYPE[precision]
+    if dtype is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if emulated_bf16(device, precision):
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        yield
+
+
+@contextlib.contextmanager
+def kernels_for(device: torch.device, precision: str) -> Iterator[None]:
+    """The kernel choice of :func:`autocast` without autocast itself (for
+    code that enters autocast on its own, such as the evaluator)."""
+    if emulated_bf16(device, precision):
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    else:
+        yield
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None  # type: ignore[assignment]
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"the environment variable {name}={raw[:40]!r} is not a whole number {bound}; "
+                          "torchrun sets it: launch with torchrun or python -m torch.distributed.run, "
+                          "or unset it to train in one process")
+    return value
+
+
+def setup_distributed(device_name: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment."""
+    world = _env_int("WORLD_SIZE", 1, 1, 1 << 16)
+    if world <= 1:
+        return DistInfo()
+    rank = _env_int("RANK", 0, 0, world - 1)
+    local_rank = _env_int("LOCAL_RANK", 0, 0, world - 1)
+    use_cuda = (device_name == "auto" or device_name.startswith("cuda")) and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise ConfigError(f"WORLD_SIZE={world} is set but {name} is not: start distributed runs with "
+                                  "python -m torch.distributed.run (torchrun), which sets both")
+        try:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"could not join the torchrun process group: {str(e).splitlines()[0][:200]}") from None
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
