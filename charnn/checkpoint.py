@@ -9,11 +9,9 @@ See the README's "Checkpoint format" for the keys.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +23,11 @@ from . import __version__
 from .config import ModelConfig
 from .errors import CharnnError, CheckpointError
 from .model import CharRNN
+from .runfolder import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
 from .tokenizer import CharTokenizer
 
 FORMAT = "charnn-checkpoint"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".charnn-tmp-"  # temp files never end in .pt, so no one mistakes them
 REQUIRED_KEYS = ("format", "format_version", "model_config", "vocab", "model_state")
 
 
@@ -82,10 +80,12 @@ def build_payload(
 
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write atomically: temp file in the same folder, fsync, ``os.replace``.
+    """Write atomically: temp file in the same folder, fsync, ``os.replace``,
+    fsync of the folder (:func:`charnn.runfolder.write_atomic`).
 
-    On failure (disk full, ...) the previous file at ``path`` is untouched and a
-    :class:`CheckpointError` says so.
+    On failure (disk full, file size limit, read-only, ...) the previous file
+    at ``path`` is untouched, no temp file is left, and a
+    :class:`CheckpointError` says what happened and what to do.
     """
     path = Path(path)
     if path.is_dir():
@@ -99,31 +99,10 @@ def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         ) from None
     except OSError as e:
         raise CheckpointError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                              "choose a writable --out folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
-            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
-            if getattr(e, "errno", None) == errno.ENOSPC:
-                reason = "no space left on the device"
-            kept = " The previous checkpoint there is intact." if path.exists() else ""
-            raise CheckpointError(f"could not write checkpoint {path}: {reason}.{kept}") from None
-        raise
-    return path
+    # Serialize in memory, then write the bytes with plain file I/O: a full
+    # disk is then a real OSError (torch's zip writer would raise a vague
+    # RuntimeError from inside torch.save).
+    return write_atomic(path, serialize(payload))
 
 
 def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -31,6 +31,11 @@ class ConfigError(CharnnError):
     """Options that contradict each other or the checkpoint."""
 
 
+class RunFolderError(CharnnError):
+    """The output folder cannot be used: a file, read-only, locked by another
+    run, or holding an earlier run that a new one would replace."""
+
+
 class TrainingError(CharnnError):
     """Training cannot go on (for example, the loss keeps turning NaN)."""
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from charnn import __version__
-from charnn import checkpoint as ckpt_mod
 from charnn.checkpoint import build_payload, load, load_model, read_payload, save, validate
 from charnn.config import ModelConfig, TrainConfig
 from charnn.errors import CharnnError, CheckpointError
@@ -136,21 +135,20 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, payload):
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
 
 
-def test_failed_write_keeps_previous_file(tmp_path, payload, monkeypatch):
-    target = tmp_path / "last.pt"
-    save(payload, target)
-    before = target.read_bytes()
+def test_failed_write_keeps_previous_file(tmp_path, payload):
+    """A real full disk (a small tmpfs), not a mocked OSError."""
+    from fs_faults import fill, tmpfs
 
-    def boom(obj, f, *a, **k):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ckpt_mod.torch, "save", boom)
-    with pytest.raises(CheckpointError, match="no space left") as info:
+    with tmpfs(tmp_path / "mnt", size="1m") as mnt:
+        target = mnt / "last.pt"
         save(payload, target)
-    assert "intact" in str(info.value)
-    assert target.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+        before = target.read_bytes()
+        fill(mnt)
+        with pytest.raises(CheckpointError, match="no space left") as info:
+            save({**payload, "padding": torch.zeros(100_000)}, target)
+        assert "the disk is full" in str(info.value) and "intact" in str(info.value)
+        assert target.read_bytes() == before
+        assert sorted(os.listdir(mnt)) == ["filler.bin", "last.pt"]
 
 
 def test_save_onto_a_directory_is_error(tmp_path, payload):
@@ -307,12 +305,11 @@ def test_checkpoint_pickles_no_charnn_classes(tmp_path, payload):
     assert read_payload(p)["format"] == "charnn-checkpoint"
 
 
-def test_unwritable_folder_is_checkpoint_error(tmp_path, payload, monkeypatch):
-    import tempfile
+def test_unwritable_folder_is_checkpoint_error(tmp_path, payload):
+    """A real read-only folder (root ignores chmod, so a read-only tmpfs)."""
+    from fs_faults import tmpfs
 
-    def denied(*a, **k):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
-    with pytest.raises(CheckpointError, match="Permission denied"):
-        save(payload, tmp_path / "best.pt")
+    with tmpfs(tmp_path / "mnt", size="1m", read_only=True) as mnt:
+        with pytest.raises(CheckpointError, match="read-only file system"):
+            save(payload, mnt / "best.pt")
+        assert os.listdir(mnt) == []

@@ -1,0 +1,712 @@
+"""The run folder: one object owns a training run's output folder.
+
+Everything that touches the folder lives here, so the training loop only asks
+it to save and to log:
+
+- **choosing** it: a new run never replaces another run's files
+  (:func:`choose_out_dir`: the default folder moves on to ``NAME-2/``,
+  ``NAME-3/``...; an explicit ``--out`` that holds a run is refused unless
+  ``--overwrite``);
+- **owning** it: an exclusive ``flock`` on ``.charnn.lock`` for as long as the
+  run is open, so two live processes never write one folder; a lock left by a
+  killed process (the kernel released the ``flock``) is taken over and said so;
+- **checking** it before any training: it exists, is a folder, is writable;
+- **atomic writes** (:func:`write_atomic`, also used by
+  :func:`charnn.checkpoint.save`): a temp file in the same folder, fsync,
+  ``os.replace``, fsync of the folder. The bytes are written with plain file
+  I/O, so a full disk is a real ``OSError`` turned into a message that says so;
+- **cleaning**: temp files left by killed saves go at the next open or save;
+  ``step-N.pt`` files rotate by their step *number*;
+- **the metrics log** ``metrics.jsonl``: one strict-JSON object per line
+  (NaN and infinities become ``null``); on resume, rows after the resumed step
+  are dropped so a crash and resume never duplicate steps.
+
+The folder holds, besides checkpoints and the log, two small dotfiles:
+``.charnn-run`` (JSON: when the run was created, by which charnn; the corpus
+reader skips any folder containing it) and ``.charnn.lock`` (JSON: pid, host
+and start time of the process writing the folder). The lock file is *kept*
+when the run closes, emptied: removing it would open a race (a process that
+opened the old file before the unlink could lock it while another locks a new
+one). An empty lock file means the last run ended cleanly; a non-empty one
+whose ``flock`` is free was left by a process that died (kill -9, OOM).
+
+Files are created with mode ``0o666`` filtered by the process umask, like any
+``open()``. Locks are advisory ``flock`` locks: reliable on local file systems;
+on network file systems they are only as good as the server's lock support.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shlex
+import socket
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CharnnError, CheckpointError, RunFolderError
+
+RUN_MARKER = ".charnn-run"
+LOCK_NAME = ".charnn.lock"
+TMP_PREFIX = ".charnn-tmp-"  # temp files end in .tmp, never .pt, so no one mistakes them
+TMP_SUFFIX = ".tmp"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def step_file_name(step: int) -> str:
+    """``step-0000123.pt``: seven digits, more when the step needs them."""
+    return f"step-{step:07d}.pt"
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """The ``step-N.pt`` files in ``folder`` as (N, path), ordered by N
+    (``step-999.pt`` before ``step-1000.pt``), then by name."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = STEP_FILE.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name))
+    return [(n, folder / name) for n, name in sorted(found)]
+
+
+# ---------------------------------------------------------------------------
+# Errors written for the user
+# ---------------------------------------------------------------------------
+
+def _size(n: int) -> str:
+    if n >= 10 * 1024**2:
+        return f"{n / 1024**2:.0f} MB"
+    if n >= 1024**2 // 10:
+        return f"{n / 1024**2:.1f} MB"
+    return f"{max(1, round(n / 1024))} KB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _reason(e: OSError, folder: Path, needed: int | None = None) -> tuple[str, str]:
+    """What an OSError means for someone writing into ``folder``, and what to do."""
+    free = _free_bytes(folder)
+    sizes = []
+    if needed is not None:
+        sizes.append(f"{_size(needed)} needed")
+    if free is not None:
+        sizes.append(f"{_size(free)} free")
+    sizes_text = f"; {', '.join(sizes)}" if sizes else ""
+    if e.errno == errno.ENOSPC:
+        return (f"the disk is full (no space left on the device{sizes_text})",
+                "Free space or choose another --out")
+    if e.errno == errno.EDQUOT:
+        return (f"the disk quota is exceeded (no space left in your quota{sizes_text})",
+                "Free space or choose another --out")
+    if e.errno == errno.EFBIG:
+        limit = f" ({_size(needed)} needed)" if needed is not None else ""
+        return (f"the file is larger than the file size limit of this process{limit}",
+                "Raise the limit (ulimit -f unlimited) or train a smaller model")
+    if e.errno == errno.EROFS:
+        return (f"{folder} is on a read-only file system", "Choose another --out")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"no permission to write in {folder}",
+                "Fix the folder's permissions or choose another --out")
+    if e.errno == errno.ENOENT:
+        return (f"the folder {folder} does not exist (was it removed?)", "Choose another --out")
+    return (e.strerror or str(e), "Check the disk or choose another --out")
+
+
+def _write_error(path: Path, e: OSError, needed: int | None, existed: bool,
+                 error: type[CharnnError]) -> CharnnError:
+    reason, todo = _reason(e, path.parent, needed)
+    what = "checkpoint" if path.suffix == ".pt" else "file"
+    kept = f" The previous {what} there is intact." if existed else ""
+    return error(f"could not write {path}: {reason}.{kept} {todo}.")
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------
+
+def serialize(payload: dict[str, Any]) -> bytes:
+    """A checkpoint payload as the bytes ``torch.save`` would write."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def _create_temp(folder: Path) -> tuple[int, Path]:
+    """A new temp file in ``folder``, mode 0o666 & ~umask (like ``open()``;
+    ``mkstemp`` would make it private)."""
+    while True:
+        tmp = folder / f"{TMP_PREFIX}{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        return fd, tmp
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)  # raises ENOSPC/EFBIG/...: a short write is followed by the error
+        view = view[n:]
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable. Best effort: some file systems
+    cannot fsync a folder; the file itself is already on disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, *,
+                 error: type[CharnnError] = CheckpointError) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new
+    one, never a mixture: a temp file (``TMP_PREFIX``) in the same folder,
+    write, flush, fsync, ``os.replace``, fsync of the folder.
+
+    On any failure the temp file is removed, the previous file at ``path`` is
+    untouched, and an ``error`` (a :class:`CheckpointError` by default) says
+    what happened: disk full (with the sizes), quota, file size limit,
+    read-only, permission. The parent folder must exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"cannot write {path}: it is a folder; choose another file name or --out")
+    existed = path.exists()
+    try:
+        fd, tmp = _create_temp(path.parent)
+    except OSError as e:
+        raise _write_error(path, e, len(data), existed, error) from None
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: never leave the temp file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e, len(data), existed, error) from None
+        raise
+    fsync_folder(path.parent)
+    return path
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temp files that killed saves left in ``folder``; their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(TMP_PREFIX) and not entry.is_dir(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # read-only or not ours; harmless (never taken for a checkpoint)
+    return removed
+
+
+# ---------------------------------------------------------------------------
+# Strict JSON
+# ---------------------------------------------------------------------------
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data: NaN and ±inf become None (``null``),
+    tensors and numpy scalars become numbers, tuples lists, other objects strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):  # (bool is an int)
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    for attr in ("item", "tolist"):  # torch / numpy scalars and arrays
+        fn = getattr(value, attr, None)
+        if callable(fn):
+            try:
+                return json_safe(fn())
+            except (TypeError, ValueError, RuntimeError):
+                pass
+    return str(value)
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One strict JSON line (no NaN/Infinity tokens), newline included."""
+    return json.dumps(json_safe(row), allow_nan=False, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Choosing the folder
+# ---------------------------------------------------------------------------
+
+def folder_holds_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding (part of) a charnn run: a
+    checkpoint, a step file, the metrics log or the run marker."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    names = (*CHECKPOINT_NAMES, METRICS_NAME, RUN_MARKER)
+    if any((path / n).exists() for n in names):
+        return True
+    return bool(step_files(path))
+
+
+def _resumable(folder: Path) -> Path | None:
+    """The checkpoint a run in ``folder`` would resume from: last.pt, else
+    best.pt, else the newest step file."""
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    steps = step_files(folder)
+    return steps[-1][1] if steps else None
+
+
+def choose_out_dir(requested: Path | None, default: Path, *, resuming: bool,
+                   overwrite: bool) -> tuple[Path, str | None]:
+    """The folder a run writes to, and a note for the CLI to print (or None).
+
+    - resuming: ``requested`` (or ``default``) as is.
+    - a new run with an explicit ``--out`` holding a run: refused, naming
+      ``--resume``, ``--out`` and ``--overwrite``; with ``overwrite`` it is
+      used (its old files are removed by :meth:`RunFolder.open`).
+    - a new run into the default folder holding a run: the first free
+      ``DEFAULT-2``, ``DEFAULT-3``, ... and a note saying so.
+    """
+    if resuming:
+        if overwrite:
+            raise RunFolderError("--overwrite starts a new run and cannot be combined with --resume; "
+                                 "drop one of them")
+        return Path(requested if requested is not None else default), None
+    target = Path(requested if requested is not None else default)
+    if not folder_holds_run(target):
+        return target, None
+    if overwrite:
+        return target, f"{target} holds an earlier run; --overwrite: its checkpoints and metrics are replaced"
+    if requested is not None:
+        resumable = _resumable(target)
+        if resumable is not None:
+            cont = f"To continue it: charnn train --resume {shlex.quote(str(resumable))}; to"
+        else:
+            cont = "It has no checkpoint to resume. To"
+        raise RunFolderError(
+            f"{target} already holds a training run. {cont} start a new run elsewhere: --out OTHER; "
+            "to replace it: --overwrite")
+    if not target.name:  # "." or "/": number the folder's real name
+        target = target.resolve()
+    n = 2
+    while True:
+        candidate = target.with_name(f"{target.name}-{n}")
+        if not candidate.exists() or (candidate.is_dir() and not folder_holds_run(candidate)):
+            return candidate, f"{target} holds an earlier run; writing to {candidate}/"
+        n += 1
+
+
+# ---------------------------------------------------------------------------
+# The run folder
+# ---------------------------------------------------------------------------
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+class RunFolder:
+    """Owns one run's output folder while it is open (a context manager).
+
+    >>> with RunFolder(out, resuming_at_step=None) as folder:   # doctest: +SKIP
+    ...     folder.log({"step": 1, "train_loss": 3.2})
+    ...     folder.save(payload, "last.pt")
+
+    ``open()`` raises :class:`RunFolderError` (not a folder, read-only, locked
+    by a live process, ...) before anything is written; ``notes`` then lists
+    what it did that the user should hear about (a stale lock taken over, temp
+    files removed, metrics rows dropped on resume, an earlier run removed by
+    ``overwrite``). ``save`` raises :class:`CheckpointError`; ``log`` never
+    raises for I/O (see there).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resuming_at_step: int | None = None,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.resuming_at_step = resuming_at_step
+        self.overwrite = overwrite
+        self.notes: list[str] = []
+        self.log_failures = 0  # metrics rows that could not be written
+        self._lock_fd: int | None = None
+        self._metrics_fd: int | None = None
+        self._log_failing = False
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
+    def __enter__(self) -> "RunFolder":
+        if not self.is_open:
+            self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r}, open={self.is_open})"
+
+    # -- opening ---------------------------------------------------------------------
+    def open(self) -> "RunFolder":
+        """Create, lock, check and tidy the folder; see the class docstring."""
+        if self.is_open:
+            return self
+        if self.overwrite and self.resuming_at_step is not None:
+            raise RunFolderError("--overwrite starts a new run and cannot be combined with --resume; "
+                                 "drop one of them")
+        self._make()
+        self._lock()
+        try:
+            self._check_writable()
+            if self.overwrite:
+                self._remove_old_run()
+            stale = remove_stale_temps(self.path)
+            if stale:
+                self.notes.append(f"removed {len(stale)} unfinished temp file(s) left in {self.path} "
+                                  "by an interrupted save")
+            self._write_marker()
+            self._tidy_metrics()
+            if self.resuming_at_step is not None:
+                later = [p.name for n, p in step_files(self.path) if n > self.resuming_at_step]
+                if later:
+                    self.notes.append(
+                        f"{', '.join(later[:3])}{' ...' if len(later) > 3 else ''} in {self.path} "
+                        f"are from after step {self.resuming_at_step}, where this run resumes; they "
+                        "are kept until training reaches those steps")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _make(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"the output folder {self.path} is a file, not a folder; "
+                                 "choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunFolderError(f"cannot create the output folder {self.path}: part of that path is "
+                                 "a file, not a folder; choose another --out") from None
+        except OSError as e:
+            reason, todo = _reason(e, self._existing_parent())
+            raise RunFolderError(f"cannot create the output folder {self.path}: {reason}. {todo}.") from None
+
+    def _existing_parent(self) -> Path:
+        p = self.path
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p
+
+    def _unwritable(self, e: OSError) -> RunFolderError:
+        reason, todo = _reason(e, self.path)
+        return RunFolderError(f"cannot write to the output folder {self.path}: {reason}. {todo}.")
+
+    def _lock(self) -> None:
+        import fcntl
+
+        lock_path = self.path / LOCK_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise self._unwritable(e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_record(fd)
+            os.close(fd)
+            raise RunFolderError(
+                f"another charnn train ({_describe_holder(holder)}) is writing to {self.path}; "
+                "wait for it to finish or choose another --out") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise RunFolderError(f"cannot lock the output folder {self.path}: this file system does "
+                                     "not support locks; choose an --out on a local disk") from None
+            raise self._unwritable(e) from None
+        # The flock is ours. A record left in the file means its writer died
+        # without closing (a clean close empties it).
+        previous = _read_record(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                  "charnn_version": __version__}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
+        except OSError as e:
+            os.close(fd)
+            raise self._unwritable(e) from None
+        self._lock_fd = fd
+        if previous is not None and previous.get("pid") != os.getpid():
+            pid, host = previous.get("pid"), previous.get("host")
+            if isinstance(pid, int) and host == socket.gethostname() and _pid_alive(pid):
+                why = "no longer holds it (that pid now belongs to another process)"
+            else:
+                why = "ended without releasing it (killed?)"
+            self.notes.append(f"took over the lock of {self.path} left by {_describe_holder(previous)}, "
+                              f"which {why}")
+
+    def _check_writable(self) -> None:
+        """Found here, before training, not at the first checkpoint."""
+        try:
+            fd, tmp = _create_temp(self.path)
+        except OSError as e:
+            raise self._unwritable(e) from None
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+    def _remove_old_run(self) -> None:
+        names = [n for n in (*CHECKPOINT_NAMES, METRICS_NAME) if (self.path / n).exists()]
+        names += [p.name for _, p in step_files(self.path)]
+        for name in names:
+            try:
+                (self.path / name).unlink(missing_ok=True)
+            except OSError as e:
+                raise RunFolderError(f"--overwrite: could not remove {self.path / name}: "
+                                     f"{e.strerror or e}; remove it yourself or choose another --out") from None
+        try:
+            (self.path / RUN_MARKER).unlink(missing_ok=True)
+        except OSError:
+            pass
+        if names:
+            self.notes.append(f"--overwrite: removed the earlier run in {self.path} ({', '.join(names[:6])}"
+                              f"{' ...' if len(names) > 6 else ''})")
+
+    def _write_marker(self) -> None:
+        marker = self.path / RUN_MARKER
+        if marker.exists():
+            try:
+                if isinstance(json.loads(marker.read_text(encoding="utf-8")), dict):
+                    return
+            except (OSError, ValueError):
+                pass  # damaged: write it again
+        data = json.dumps({"created": _now(), "charnn_version": __version__}).encode() + b"\n"
+        write_atomic(marker, data, error=RunFolderError)
+
+    def _tidy_metrics(self) -> None:
+        """On resume at step k: keep the rows with step <= k (a crash after the
+        checkpoint logged steps that will now be trained again). Always: drop
+        lines a crash cut short, so the log stays one valid JSON object a line."""
+        path = self.metrics_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RunFolderError(f"cannot read {path}: {e.strerror or e}; "
+                                 "move it away or choose another --out") from None
+        k = self.resuming_at_step
+        if k is None and (not raw or raw.endswith(b"\n")):
+            return  # nothing to check: a new run's intact log (appends go after it)
+        kept, dropped_later, dropped_broken = [], 0, 0
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                dropped_broken += 1
+                continue
+            step = row.get("step") if isinstance(row, dict) else None
+            if k is not None and isinstance(step, int) and not isinstance(step, bool) and step > k:
+                dropped_later += 1
+                continue
+            new_line = json_line(row) if isinstance(row, dict) else json.dumps(json_safe(row)) + "\n"
+            kept.append(new_line.encode("utf-8"))
+        data = b"".join(kept)
+        if data == raw:
+            return
+        write_atomic(path, data, error=RunFolderError)
+        if dropped_later:
+            self.notes.append(f"{path}: removed {dropped_later} row(s) logged after step {k}, "
+                              "where this run resumes")
+        if dropped_broken:
+            self.notes.append(f"{path}: removed {dropped_broken} unreadable line(s) "
+                              "(a write cut short by a crash)")
+
+    # -- writing ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self.is_open:
+            raise RuntimeError(f"{self!r} is not open; call open() first")
+
+    def save(self, payload: dict[str, Any] | bytes, name: str) -> Path:
+        """Write a checkpoint atomically as ``name`` in the folder.
+
+        ``payload`` is a checkpoint dict, or its bytes from :func:`serialize`
+        (serialize once, save as last.pt, best.pt and a step file). Raises
+        :class:`CheckpointError` (disk full, ...); the previous file is intact.
+        Temp files left by killed saves are removed afterwards.
+        """
+        self._check_open()
+        if not name or Path(name).name != name or name.startswith(TMP_PREFIX) or name in (LOCK_NAME, RUN_MARKER):
+            raise ValueError(f"invalid checkpoint name {name!r}")
+        data = payload if isinstance(payload, (bytes, bytearray)) else serialize(payload)
+        path = write_atomic(self.path / name, bytes(data))
+        remove_stale_temps(self.path)  # we hold the lock: any temp file here is a dead save's
+        return path
+
+    def save_step(self, payload: dict[str, Any] | bytes, step: int, keep: int) -> Path:
+        """Save ``step-NNNNNNN.pt`` and keep the newest ``keep`` step files,
+        newest by the step *number* in the name. Step files numbered after
+        ``step`` (from a run that went further before an earlier checkpoint was
+        resumed) are left alone: training overwrites them when it gets there."""
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        path = self.save(payload, step_file_name(step))
+        older = [(n, p) for n, p in step_files(self.path) if n <= step]
+        for _, old in older[:-keep]:
+            if old != path:
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a file we cannot remove is only disk space
+        return path
+
+    def log(self, row: dict[str, Any]) -> str | None:
+        """Append ``row`` to ``metrics.jsonl`` as one strict JSON line
+        (NaN/±inf -> null). Never raises for I/O: returns None when written, or
+        a warning message for the trainer to report when the line could not be
+        written (disk full, ...). The file is then left as it was (a partial
+        line is cut off again), so it stays valid JSONL; training goes on. The
+        warning is returned once per spell of failures, not at every row;
+        ``log_failures`` counts the rows lost."""
+        self._check_open()
+        data = json_line(row).encode("utf-8")
+        try:
+            if self._metrics_fd is None:
+                self._metrics_fd = os.open(self.metrics_path,
+                                           os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = self._metrics_fd
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+            except OSError:
+                try:
+                    os.ftruncate(fd, size)  # no half line
+                except OSError:
+                    pass
+                raise
+        except OSError as e:
+            self.log_failures += 1
+            if self._log_failing:
+                return None
+            self._log_failing = True
+            reason, todo = _reason(e, self.path, len(data))
+            return (f"could not append to {self.metrics_path}: {reason}; metrics rows are not being "
+                    f"logged (they stay in the checkpoint's short history). {todo}.")
+        self._log_failing = False
+        return None
+
+    # -- closing ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the log and release the lock. The lock file is kept, emptied
+        (see the module docstring). Safe to call twice."""
+        if self._metrics_fd is not None:
+            try:
+                os.close(self._metrics_fd)
+            except OSError:
+                pass
+            self._metrics_fd = None
+        if self._lock_fd is not None:
+            import fcntl
+
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                os.ftruncate(fd, 0)  # "ended cleanly"
+            except OSError:
+                pass
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    try:
+        raw = os.pread(fd, 4096, 0)
+    except OSError:
+        return None
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _printable(text: str, limit: int = 100) -> str:
+    """A string from a file, safe to show on a terminal (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _describe_holder(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "pid unknown"
+    pid = record.get("pid")
+    host = record.get("host")
+    parts = [f"pid {pid}" if isinstance(pid, int) else "pid unknown"]
+    if isinstance(host, str) and host != socket.gethostname():
+        parts[0] += f" on {_printable(host)}"
+    started = record.get("started")
+    if isinstance(started, str):
+        parts.append(f"started {_printable(started, 40)}")
+    return ", ".join(parts)
