@@ -53,10 +53,7 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
     if dtype is None:
         yield
         return
-    with contextlib.ExitStack() as stack:
-        if emulated_bf16(device, precision):
-            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    with kernels_for(device, precision), torch.autocast(device.type, dtype=dtype):
         yield
 
 
@@ -64,11 +61,17 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 def kernels_for(device: torch.device, precision: str) -> Iterator[None]:
     """The kernel choice of :func:`autocast` without autocast itself (for
     code that enters autocast on its own, such as the evaluator)."""
-    if emulated_bf16(device, precision):
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    else:
+    if not emulated_bf16(device, precision):
         yield
+        return
+    # Only the on/off switch (torch.backends.mkldnn.flags() also resets TF32
+    # settings, with a warning on CPUs).
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 @dataclass

@@ -765,8 +765,8 @@ class Trainer:
             signum = signals.signum if signals is not None and signals.signum else signal.SIGINT
             name = signal.Signals(signum).name
             last = self.out_dir / "last.pt"
-            raise TrainingInterrupted(f"stopped by {'Ctrl-C' if name == 'SIGINT' else name} at step "
-                                      f"{self.step:,}; saved {last}. Continue with: charnn train --resume {last}",
+            raise TrainingInterrupted(f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step "
+                                      f"{self.step}; saved {last}. Continue with: charnn train --resume {last}",
                                       last, signum)
         return result
 

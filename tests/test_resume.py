@@ -1,0 +1,279 @@
+"""Resume restores the run (issue 10, part 1).
+
+The commands here are the ones a user types, including the one charnn prints
+when a run is stopped ("Continue with: charnn train --resume DIR/last.pt"),
+with nothing repeated. Runs are stopped by a real SIGTERM sent to the process
+itself at a chosen step (from the progress callback, so the step is exact);
+the trainer's own signal handler saves and exits 143.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+
+import pytest
+import torch
+
+from charnn import checkpoint
+from charnn.cli.progress import TrainReporter
+from charnn.config import RESUME_APPLIED, RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
+from charnn.devices import cpu_has_bf16
+
+from conftest import invoke, make_text
+
+# Non-default values for every option that shapes a run (the defaults would
+# hide a resume that silently falls back to them).
+MODEL = ["--cell", "gru", "--hidden-size", "24", "--num-layers", "2", "--embedding-dim", "12",
+         "--dropout", "0.2"]
+RUN = ["--seq-len", "24", "--batch-size", "6", "--lr", "0.005", "--weight-decay", "0.05",
+       "--grad-clip", "0.5", "--warmup-steps", "3", "--eval-every", "4", "--eval-chars", "600",
+       "--log-every", "1", "--val-fraction", "0.15", "--patience", "50", "--keep", "2",
+       "--sample-every", "0", "--seed", "7", "--device", "cpu", "--threads", "1"]
+STEPS = 12
+STOP_AT = 5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "corpus.txt"
+    path.write_text(make_text(12000, seed=3), encoding="utf-8")
+    return path
+
+
+def weights(path):
+    return checkpoint.load(path).data["model_state"]
+
+
+def assert_same_bits(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def stop_at(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Send a real signal to this process when the run logs ``step``."""
+    original = TrainReporter.on_log
+
+    def on_log(self, e):
+        original(self, e)
+        if e["step"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(TrainReporter, "on_log", on_log)
+
+
+def printed_resume(stderr: str) -> list[str]:
+    """The command charnn printed after stopping, minus the leading `charnn`."""
+    m = re.search(r"Continue with: charnn (train --resume \S+?)\)?\.?$", " ".join(stderr.split()))
+    assert m, stderr
+    return shlex.split(m.group(1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_printed_resume_command_gives_the_same_bits(corpus, tmp_path, monkeypatch, precision):
+    if precision == "bf16" and not cpu_has_bf16():
+        # Still runs: torch's own kernels stand in for oneDNN's (see runtime.autocast).
+        pass
+    args = ["train", corpus, *MODEL, *RUN, "--precision", precision, "--max-steps", STEPS]
+    straight = invoke(*args, "--out", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+
+    with monkeypatch.context() as m:
+        stop_at(m, STOP_AT)
+        stopped = invoke(*args, "--out", tmp_path / "stopped")
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    assert "SIGTERM" in stopped.stderr and "Traceback" not in stopped.output
+    assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_state["step"] == STOP_AT
+
+    resumed = invoke(*printed_resume(stopped.stderr))  # exactly what charnn printed
+    assert resumed.exit_code == 0, resumed.output
+    assert "changed on resume" not in resumed.stderr
+    assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
+    saved = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert saved.train_state["step"] == STEPS and saved.train_state["precision"] == precision
+    # The recorded options are the run's, not today's defaults.
+    straight_cfg = checkpoint.load(tmp_path / "straight" / "last.pt").train_config
+    for k, v in straight_cfg.items():
+        if k != "out":
+            assert saved.train_config[k] == v, k
+
+
+def test_resume_with_only_the_budget_repeated_is_exact(corpus, tmp_path, monkeypatch):
+    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS]
+    assert invoke(*args, "--out", tmp_path / "a").exit_code == 0
+    with monkeypatch.context() as m:
+        stop_at(m, 7, signal.SIGINT)  # Ctrl-C this time
+        stopped = invoke(*args, "--out", tmp_path / "b")
+    assert stopped.exit_code == 130, stopped.output
+    resumed = invoke("train", "--resume", tmp_path / "b" / "last.pt", "--max-steps", STEPS)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_bits(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_resume_after_kill_9_leaves_one_row_per_step(corpus, tmp_path):
+    """A real SIGKILL (nothing saved at the end): the run continues from its
+    last checkpoint, and the log keeps no rows from the steps that were lost."""
+    import json
+    import subprocess
+    import time
+
+    from robust_helpers import popen
+
+    out = tmp_path / "run"
+    proc = popen(["train", str(corpus), *MODEL, *RUN, "--precision", "fp32", "--max-steps", "100000",
+                  "--out", str(out)], tmp_path / "data", tmp_path, stderr=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL)
+    log = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # past a checkpoint (step 8), between two evaluations
+            rows = [json.loads(r) for r in log.read_text().splitlines()] if log.exists() else []
+            steps = [r["step"] for r in rows if "train_loss" in r]
+            if steps and steps[-1] >= 10 and steps[-1] % 4 in (2, 3):
+                break
+            time.sleep(0.005)
+        proc.kill()
+    finally:
+        proc.wait(30)
+    saved = checkpoint.load(out / "last.pt").train_state["step"]
+    logged = [json.loads(r)["step"] for r in log.read_text().splitlines() if r.strip()]
+    assert max(logged) > saved  # rows of lost steps are there before the resume
+    resumed = invoke("train", "--resume", out / "last.pt", "--max-steps", saved + 6)
+    assert resumed.exit_code == 0, resumed.output
+    rows = [json.loads(r) for r in log.read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train_loss" in r]
+    eval_steps = [r["step"] for r in rows if "val_loss" in r]
+    assert train_steps == list(range(1, saved + 7))
+    assert eval_steps == sorted(set(eval_steps)) and eval_steps[-1] == saved + 6
+
+
+# ---------------------------------------------------------------------------
+# One test per option: refused, changed and listed, or applied and recorded
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(corpus, tmp_path_factory):
+    """A run stopped by SIGTERM at step 5 of 12 (shared; each test copies it)."""
+    root = tmp_path_factory.mktemp("stopped")
+    mp = pytest.MonkeyPatch()
+    try:
+        stop_at(mp, STOP_AT)
+        result = invoke("train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS,
+                        "--out", root / "run")
+    finally:
+        mp.undo()
+    assert result.exit_code == 143, result.output
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(stopped_run, tmp_path):
+    import shutil
+
+    dest = tmp_path / "run"
+    shutil.copytree(stopped_run, dest)
+    return dest
+
+
+# A value different from the run's, for each option, as the user would type it.
+NEW_VALUES = {
+    "seq_len": "32", "batch_size": "8", "val_fraction": "0.2", "seed": "8", "encoding": "latin-1",
+    "lr": "0.004", "weight_decay": "0.1", "warmup_steps": "5",
+    "max_steps": "14", "epochs": "0.2", "time_limit": "4s", "eval_every": "3", "eval_chars": "400",
+    "log_every": "2", "patience": "40", "keep": "3", "sample_every": "2", "device": "cpu",
+    "precision": "bf16", "grad_clip": "0.25",
+}
+# The same value in the form train_config records.
+RECORDED = {"max_steps": 14, "epochs": 0.2, "time_limit": 4.0, "eval_every": 3, "eval_chars": 400,
+            "log_every": 2, "patience": 40, "keep": 3, "sample_every": 2, "precision": "bf16",
+            "grad_clip": 0.25}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def test_every_training_option_is_classified():
+    from dataclasses import fields
+
+    classified = set(RESUME_FIXED) | set(RESUME_CHANGEABLE) | set(RESUME_APPLIED)
+    internal = {"corpus", "corpus_hash", "corpus_name", "betas", "min_lr_ratio", "nan_tolerance", "out"}
+    assert {f.name for f in fields(TrainConfig)} - internal <= classified
+
+
+@pytest.mark.parametrize("name", [n for n in RESUME_FIXED if n in NEW_VALUES])
+def test_an_option_that_defines_the_run_is_refused(run_copy, name):
+    result = invoke("train", "--resume", run_copy / "last.pt", flag(name), NEW_VALUES[name])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.stderr.split())
+    assert text.startswith("Error: ") and flag(name) in text and "--init-from" in text, text
+    # Nothing was trained or written.
+    assert checkpoint.load(run_copy / "last.pt").train_state["step"] == STOP_AT
+
+
+@pytest.mark.parametrize("name", [n for n in RESUME_FIXED if n in NEW_VALUES and n != "encoding"])
+def test_repeating_the_runs_own_value_is_accepted(run_copy, name):
+    own = checkpoint.load(run_copy / "last.pt").train_config[name]
+    result = invoke("train", "--resume", run_copy / "last.pt", flag(name), own)
+    assert result.exit_code == 0, result.output
+    assert "changed on resume" not in result.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in (*RESUME_CHANGEABLE, *RESUME_APPLIED)
+                                  if n in RECORDED])
+def test_an_option_that_may_change_is_applied_listed_and_recorded(run_copy, name):
+    extra = [] if name in ("max_steps", "epochs", "time_limit") else ["--max-steps", STEPS]
+    result = invoke("train", "--resume", run_copy / "last.pt", flag(name), NEW_VALUES[name], *extra)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert f"changed on resume: {name} " in text, text
+    saved = checkpoint.load(run_copy / "last.pt")
+    assert saved.train_config[name] == RECORDED[name]
+    assert any(line.startswith(name) for line in saved.train_state["changed_on_resume"])
+    if name in RESUME_APPLIED:
+        assert "not bit-identical" in text
+    if name == "precision":
+        assert saved.train_state["precision"] == "bf16"  # applied for real, not only recorded
+    if name in ("max_steps", "epochs", "time_limit"):
+        others = {"max_steps", "epochs", "time_limit"} - {name}
+        assert all(not saved.train_config[o] for o in others)  # a new budget replaces the old one
+
+
+def test_a_new_output_folder_takes_the_run(run_copy, tmp_path):
+    result = invoke("train", "--resume", run_copy / "last.pt", "--out", tmp_path / "moved")
+    assert result.exit_code == 0, result.output
+    assert "changed on resume: out" in " ".join(result.stderr.split())
+    assert checkpoint.load(tmp_path / "moved" / "last.pt").train_state["step"] == STEPS
+
+
+@pytest.mark.parametrize("option,value", [("--cell", "lstm"), ("--hidden-size", "32"), ("--num-layers", "1"),
+                                          ("--embedding-dim", "8"), ("--dropout", "0.3")])
+def test_a_model_option_is_refused(run_copy, option, value):
+    result = invoke("train", "--resume", run_copy / "last.pt", option, value)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.stderr.split())
+    assert option in text and "--init-from" in text, text
+
+
+def test_resume_with_the_budget_spent_says_so(run_copy):
+    assert invoke("train", "--resume", run_copy / "last.pt").exit_code == 0  # to step 12
+    again = invoke("train", "--resume", run_copy / "last.pt")
+    assert again.exit_code == 1, again.output
+    text = " ".join(again.stderr.split())
+    assert "budget is already spent" in text and "--max-steps 24" in text, text
+
+
+def test_library_resume_with_a_mapping_of_given_options(run_copy):
+    from charnn.train import Trainer
+
+    t = Trainer({"eval_every": 2}, resume=run_copy / "last.pt", handle_sigint=False)
+    try:
+        assert t.cfg.eval_every == 2 and t.cfg.seq_len == 24 and t.cfg.lr == 0.005
+        assert t.changed == ["eval_every 4 -> 2"]
+    finally:
+        t.close()
