@@ -324,8 +324,11 @@ class Trainer:
         ts = resumed.train_state
         data = resumed.data
         if "optimizer_state" not in data or "step" not in ts:
-            raise CheckpointError(f"{resumed.path} has no training state to resume from (it may be an "
-                                  "exported model); use --init-from to start a new run from its weights")
+            last = Path(resumed.path).with_name("last.pt")
+            hint = (f"resume from {last}, which carries it" if last.exists() and last != Path(resumed.path)
+                    else f"use --init-from {resumed.path} to start a new run from its weights")
+            raise CheckpointError(f"{resumed.path} holds the model for sampling and evaluation, without the "
+                                  f"optimizer state an exact resume needs; {hint}")
         try:
             self.optimizer.load_state_dict(data["optimizer_state"])
             if "scheduler_state" in data:
@@ -438,10 +441,13 @@ class Trainer:
         payload = self._payload()
         if self.folder is None:
             return None
-        data = serialize(payload)  # once, for every file written
+        data = serialize(payload)  # once, for last.pt and the step file
         written = [self.folder.save(data, "last.pt")]
         if improved or self.cfg.val_fraction == 0:
-            written.append(self.folder.save(data, "best.pt"))
+            # best.pt is for sampling and evaluation: without the optimizer's
+            # moments it is a third of the size. Runs resume from last.pt.
+            model_only = {k: v for k, v in payload.items() if k not in ckpt_mod.TRAINING_ONLY_KEYS}
+            written.append(self.folder.save(serialize(model_only), "best.pt"))
         if self.cfg.keep:
             written.append(self.folder.save_step(data, self.step, self.cfg.keep))
         self._emit("checkpoint", step=self.step, paths=[str(p) for p in written])

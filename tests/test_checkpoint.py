@@ -47,7 +47,10 @@ def _is_plain(obj) -> bool:
 def test_trained_checkpoint_satisfies_the_contract(trained):
     for path in (trained.best, trained.last):
         data = torch.load(path, map_location="cpu", weights_only=True)
-        assert set(data) == TOP_LEVEL_KEYS
+        # last.pt resumes (optimizer and scheduler state); best.pt is for
+        # sampling and evaluation and leaves them out.
+        training = path == trained.last
+        assert set(data) == (TOP_LEVEL_KEYS if training else TOP_LEVEL_KEYS - {"optimizer_state", "scheduler_state"})
         assert _is_plain(data)
         assert data["format"] == "charnn-checkpoint"
         assert type(data["format_version"]) is int and data["format_version"] == 1
@@ -87,8 +90,9 @@ def test_trained_checkpoint_satisfies_the_contract(trained):
             assert key in ts, key
         assert ts["step"] == 20
         assert any(k.startswith("rng") for k in ts)
-        assert isinstance(data["optimizer_state"], dict) and "state" in data["optimizer_state"]
-        assert isinstance(data["scheduler_state"], dict)
+        if training:
+            assert isinstance(data["optimizer_state"], dict) and "state" in data["optimizer_state"]
+            assert isinstance(data["scheduler_state"], dict)
 
         metrics = data["metrics"]
         assert isinstance(metrics, list) and metrics
@@ -313,3 +317,13 @@ def test_unwritable_folder_is_checkpoint_error(tmp_path, payload):
         with pytest.raises(CheckpointError, match="read-only file system"):
             save(payload, mnt / "best.pt")
         assert os.listdir(mnt) == []
+
+
+def test_best_is_a_third_of_last_and_resume_points_to_last(trained, tmp_path):
+    """best.pt carries no optimizer moments (Adam keeps two per weight)."""
+    from charnn.errors import CheckpointError
+    from charnn.train import Trainer
+
+    assert trained.best.stat().st_size < 0.45 * trained.last.stat().st_size
+    with pytest.raises(CheckpointError, match=f"resume from {trained.last}"):
+        Trainer({"max_steps": 30}, resume=trained.best, handle_sigint=False)
