@@ -45,6 +45,7 @@ from .tokenizer import CharTokenizer
 Callback = Callable[[dict[str, Any]], None]
 ARCH_FIELDS = ("cell", "embedding_dim", "hidden_size", "num_layers", "dropout")
 MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
+TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state")  # in last.pt and step files, not best.pt
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -446,7 +447,7 @@ class Trainer:
         if improved or self.cfg.val_fraction == 0:
             # best.pt is for sampling and evaluation: without the optimizer's
             # moments it is a third of the size. Runs resume from last.pt.
-            model_only = {k: v for k, v in payload.items() if k not in ckpt_mod.TRAINING_ONLY_KEYS}
+            model_only = {k: v for k, v in payload.items() if k not in TRAINING_ONLY_KEYS}
             written.append(self.folder.save(serialize(model_only), "best.pt"))
         if self.cfg.keep:
             written.append(self.folder.save_step(data, self.step, self.cfg.keep))
