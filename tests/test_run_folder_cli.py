@@ -1,0 +1,128 @@
+"""One run owns its folder, as a user meets it (issue 10, parts 2-4).
+
+The commands are the ones a user types: the quick start twice, `charnn train .`
+from a project folder, two live processes on one folder, a read-only --out.
+The faults are real: real processes and locks, kill -9, a read-only tmpfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from charnn import checkpoint
+from fs_faults import tmpfs
+from robust_helpers import TINY_TRAIN, popen, write_corpus
+from test_crash_safety import _wait_for_progress, reaped
+
+from conftest import invoke
+
+FAST = [*TINY_TRAIN, "--max-steps", "4", "--eval-every", "2"]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_same_command_twice_never_replaces_the_first_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "notes.txt")
+    first = invoke("train", corpus, *FAST)
+    assert first.exit_code == 0, first.output
+    before = digest(tmp_path / "checkpoints" / "notes")
+    second = invoke("train", corpus, *FAST)
+    assert second.exit_code == 0, second.output
+    text = " ".join(second.stderr.split())
+    assert "checkpoints/notes holds an earlier run; writing to checkpoints/notes-2/" in text, text
+    assert "Next: charnn sample checkpoints/notes-2/best.pt" in text
+    assert digest(tmp_path / "checkpoints" / "notes") == before  # untouched, metrics.jsonl included
+    assert (tmp_path / "checkpoints" / "notes-2" / "best.pt").is_file()
+
+
+def test_an_explicit_out_holding_a_run_is_refused_unless_overwrite(tmp_path):
+    corpus = write_corpus(tmp_path / "notes.txt")
+    assert invoke("train", corpus, *FAST, "--out", tmp_path / "run").exit_code == 0
+    before = digest(tmp_path / "run")
+    again = invoke("train", corpus, *FAST, "--out", tmp_path / "run")
+    assert again.exit_code == 1, again.output
+    text = " ".join(again.stderr.split())
+    assert f"--resume {tmp_path / 'run' / 'last.pt'}" in text and "--overwrite" in text, text
+    assert digest(tmp_path / "run") == before
+    replaced = invoke("train", corpus, *FAST, "--seed", "5", "--out", tmp_path / "run", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert checkpoint.load(tmp_path / "run" / "last.pt").train_config["seed"] == 5
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum("\"val_loss\"" in r for r in rows) == 2  # steps 2 and 4 of the new run only
+
+
+def test_train_dot_never_reads_its_own_output(tmp_path, monkeypatch):
+    """`charnn train .` from a project folder: the run folders under
+    checkpoints/ and the encoding cache under data/ are not corpus."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_corpus(project / "notes.txt", n_words=1500)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("CHARNN_DATA_DIR", str(project / "data"))
+    first = invoke("train", ".", *FAST)
+    assert first.exit_code == 0, first.output
+    second = invoke("train", ".", *FAST)  # now checkpoints/project/ and data/.cache exist
+    assert second.exit_code == 0, second.output
+    a = checkpoint.load(project / "checkpoints" / "project" / "last.pt")
+    b = checkpoint.load(project / "checkpoints" / "project-2" / "last.pt")
+    assert a.train_config["corpus_hash"] == b.train_config["corpus_hash"]  # the same text both times
+    # ...so the runs stay usable: eval on the recorded validation split, and resume.
+    ev = invoke("eval", project / "checkpoints" / "project" / "best.pt", "--json")
+    assert ev.exit_code == 0, ev.output
+    res = invoke("train", "--resume", project / "checkpoints" / "project" / "last.pt", "--max-steps", "6")
+    assert res.exit_code == 0, res.output
+
+
+def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=1500)
+    out = tmp_path / "run"
+    proc = popen(["train", str(corpus), *TINY_TRAIN, "--out", str(out), "--max-steps", "1000000",
+                  "--eval-every", "5", "--log-every", "1"], tmp_path / "data", tmp_path,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with reaped(proc):
+        _wait_for_progress(out, proc, 0)
+        # The command charnn would print, while the first process still writes:
+        second = invoke("train", "--resume", out / "last.pt", "--max-steps", "3")
+        assert second.exit_code == 1, second.output
+        text = " ".join(second.stderr.split())
+        assert f"pid {proc.pid}" in text and "is writing to" in text, text
+        overwrite = invoke("train", corpus, *FAST, "--out", out, "--overwrite")
+        assert overwrite.exit_code == 1 and f"pid {proc.pid}" in " ".join(overwrite.stderr.split())
+        proc.kill()  # kill -9: the lock file stays behind, its flock is released
+        proc.wait()
+    step = checkpoint.load(out / "last.pt").train_state["step"]
+    after = invoke("train", "--resume", out / "last.pt", "--max-steps", step + 2)
+    assert after.exit_code == 0, after.output
+    assert f"pid {proc.pid}" in " ".join(after.stderr.split())  # the stale lock was taken over, and said so
+
+
+def test_a_read_only_out_is_found_before_training(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    with tmpfs(tmp_path / "ro", size="1m", read_only=True) as ro:
+        t0 = time.monotonic()
+        result = invoke("train", corpus, *TINY_TRAIN, "--max-steps", "100000", "--out", ro / "run")
+        elapsed = time.monotonic() - t0
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.stderr.split())
+    assert text.startswith("Error: ") and "read-only" in text, text
+    assert "step" not in text.split("Error:")[0]  # no training line before the error
+    assert elapsed < 30
+
+
+@pytest.mark.parametrize("budget", [["--time-limit", "1s"], ["--time-limit", "0.2"]])
+def test_a_budget_too_short_to_train_is_an_error_not_success(tmp_path, budget):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=3000)
+    result = invoke("train", corpus, *TINY_TRAIN, *budget, "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.stderr.split())
+    assert "too short" in text or "no training step" in text, text
+    assert "Done:" not in text
+    assert not (tmp_path / "run" / "best.pt").exists()
