@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 
@@ -22,19 +23,37 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` as a torch device,
+    with a clear error when it is not there."""
+    name = str(name).strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps asked for, but MPS is not available; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise ConfigError("--device mps asked for, but MPS is not available; use --device cpu")
+        return torch.device("mps")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N (such as cuda:1) or mps")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    if not index:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        have = "1 CUDA GPU (cuda:0)" if count == 1 else f"{count} CUDA GPUs (cuda:0 to cuda:{count - 1})"
+        raise ConfigError(f"--device {name} asked for, but this machine has {have}")
+    return torch.device("cuda", int(index))
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def available_cores() -> int:
@@ -45,21 +64,49 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores(window: float = 0.25) -> float:
+    """How many of the machine's cores other work keeps busy now: measured
+    over ``window`` seconds from /proc/stat (immediate, unlike the load
+    average, which takes a minute to follow a change); the 1-minute load
+    average where /proc/stat is missing."""
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_times()
+        if after is not None and after[1] > before[1]:
+            share = (after[0] - before[0]) / (after[1] - before[1])
+            return share * (os.cpu_count() or 1)
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def default_threads() -> int:
     """Threads for torch's CPU kernels when the user does not say.
 
-    OpenMP threads spin while they wait for each other: when another process
-    holds a core, a second thread stalls every step (4.5-23x slower measured on
-    2 shared cores). So use only the cores that are idle now, judged by the
-    1-minute load average, and never more than 4 (the small matrices of a
-    char-level model gain little beyond that).
+    OpenMP threads wait for each other at every operation: when another
+    process holds a core, a second thread stalls every step (4.5-23x slower
+    measured on 2 shared cores). So use only the cores that are idle now, and
+    never more than 4 (the small matrices of a char-level model gain little
+    beyond that). See the README's threads table.
     """
     cores = available_cores()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    idle = int(cores - load + 0.5)
+    idle = int(cores - busy_cores() + 0.5)
     return max(1, min(idle, cores, 4))
 
 
