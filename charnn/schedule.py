@@ -96,7 +96,7 @@ def auto_eval_chars(val_chars: int, time_limit: float, seconds_per_char: float |
     in EVAL_BUDGET_SHARE of it."""
     n = min(val_chars, AUTO_EVAL_CHARS)
     if time_limit and seconds_per_char:
-        n = min(n, max(MIN_EVAL_CHARS, int(EVAL_BUDGET_SHARE * time_limit / seconds_per_char)))
+        n = min(n, max(MIN_EVAL_CHARS, round(EVAL_BUDGET_SHARE * time_limit / seconds_per_char)))
     return max(2, min(n, val_chars))
 
 

@@ -1,0 +1,117 @@
+"""Short runs get a sane schedule, and odd launch settings get clear errors
+(issue 11 part 3; issue 10 part 8)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from charnn.config import TrainConfig
+from charnn.schedule import (AUTO_WARMUP_SHARE, auto_eval_chars, auto_eval_every, lr_factor, nice_interval,
+                             patience_note, warmup_factor)
+from robust_helpers import TINY_MODEL, write_corpus
+
+from conftest import invoke
+
+SMALL = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
+         "--sample-every", "0"]
+
+
+def test_automatic_warmup_ends_within_five_percent_of_any_budget():
+    # A 40-step budget: warmup is over by step 2 (5%), not at step 100.
+    assert warmup_factor(1, 2 / 40, None) == 1.0
+    assert lr_factor(1, 2 / 40, None, 0.1) > 0.99
+    # A long run: 100 steps, long before 5% of the budget.
+    assert warmup_factor(99, 0.001, None) == 1.0
+    assert warmup_factor(49, 0.001, None) == pytest.approx(0.5)
+    # Explicit warmup keeps its meaning.
+    assert warmup_factor(4, 0.9, 10) == pytest.approx(0.5)
+
+
+def test_the_learning_rate_never_jumps_when_a_budget_ends_inside_the_warmup():
+    """--warmup-steps 100 with a 20-step budget: the LR rises and falls smoothly."""
+    lrs = [lr_factor(s, s / 20, 100, 0.1) for s in range(20)]
+    jumps = [abs(b - a) for a, b in zip(lrs, lrs[1:])]
+    assert max(jumps) < 0.05
+
+
+@pytest.mark.parametrize("steps,expected", [(20, 5), (60, 10), (400, 50), (8000, 1000), (10**6, 1000)])
+def test_automatic_eval_interval_gives_about_eight_evaluations(steps, expected):
+    assert auto_eval_every(steps) == expected
+    assert nice_interval(steps / 8) >= steps / 8
+
+
+def test_automatic_eval_slice_is_bounded_by_the_budget():
+    assert auto_eval_chars(400_000, 0, None) == 200_000  # no time budget: the cap
+    assert auto_eval_chars(50_000, 0, None) == 50_000
+    # 60 s budget at 1e-4 s/char: 2% of 60 s is 12,000 characters.
+    assert auto_eval_chars(400_000, 60, 1e-4) == 12_000
+    assert auto_eval_chars(400_000, 1, 1e-2) >= 2_000  # never below the floor
+
+
+def test_patience_that_cannot_act_is_said():
+    cfg = TrainConfig(patience=3)
+    assert "cannot stop this run" in patience_note(cfg, 1000, 1200, 0)
+    assert patience_note(cfg, 100, 1200, 0) is None
+
+
+def test_readme_epochs_and_patience_example_evaluates_often_enough(tmp_path):
+    """`charnn train mytext.txt --epochs 10 --patience 3` on a small text: the
+    automatic interval gives patience room to act (about 8 evaluations)."""
+    corpus = write_corpus(tmp_path / "small.txt", n_words=1200)
+    result = invoke("train", corpus, *SMALL, "--epochs", "10", "--patience", "3", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "cannot stop" not in result.stderr
+    rows = [json.loads(r) for r in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(evals) >= 5
+    assert rows and all(r["step"] >= 1 for r in rows)
+
+
+def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n_words=3000)
+    result = invoke("train", corpus, *SMALL, "--time-limit", "6s", "--lr", "0.01", "--log-every", "1",
+                    "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(r) for r in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert max(lrs) > 0.0095  # the warmup finished inside the budget
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(evals) >= 3  # chosen from the measured speed, not every 1000 steps
+    assert "evaluating every" in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "0x2", ""])
+def test_a_malformed_world_size_is_a_clear_error(tmp_path, monkeypatch, value):
+    corpus = write_corpus(tmp_path / "c.txt")
+    monkeypatch.setenv("WORLD_SIZE", value)
+    result = invoke("train", corpus, *SMALL, "--max-steps", "2", "--out", tmp_path / "o")
+    if value == "":
+        assert result.exit_code == 0, result.output  # empty = unset
+        return
+    assert result.exit_code == 1, result.output
+    assert "WORLD_SIZE" in result.stderr and "torch.distributed.run" in " ".join(result.stderr.split())
+
+
+def test_world_size_without_a_rendezvous_is_a_clear_error(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.txt")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    result = invoke("train", corpus, *SMALL, "--max-steps", "2", "--out", tmp_path / "o")
+    assert result.exit_code == 1, result.output
+    assert "MASTER_ADDR" in result.stderr
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 64), str(10 ** 30), "-1"])
+def test_a_seed_beyond_64_bits_is_refused(tmp_path, seed):
+    corpus = write_corpus(tmp_path / "c.txt")
+    result = invoke("train", corpus, *SMALL, "--max-steps", "2", "--seed", seed, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "--seed" in result.output
+
+
+def test_the_largest_seed_trains(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    result = invoke("train", corpus, *SMALL, "--max-steps", "2", "--seed", str(2 ** 64 - 1), "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
