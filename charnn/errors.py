@@ -6,6 +6,8 @@ what to do about it. The CLI prints ``Error: <message>`` and exits 1.
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class CharnnError(Exception):
     """Base class of every error charnn raises on purpose."""
@@ -43,3 +45,36 @@ class TrainingError(CharnnError):
 def describe_char(ch: str) -> str:
     """A printable description of one character: ``'é' (U+00E9)``."""
     return f"{ch!r} (U+{ord(ch):04X})"
+
+
+class NonFiniteError(CharnnError):
+    """A model produced inf/NaN outputs from finite inputs: its weights are out of range."""
+
+
+def safe_display(s: object, limit: int | None = 200, keep: str = "") -> str:
+    """``s`` made harmless to print: every non-printable character -- control
+    characters (ESC of ANSI sequences, C1 controls such as CSI), bidi
+    overrides and other format characters, line separators, lone surrogates,
+    unassigned code points -- becomes a visible escape (``\\x1b``,
+    ``\\u202e``, ``\\ud800``), except the characters in ``keep`` (e.g.
+    ``"\\n\\t"`` for multi-line text). Spaces of every kind stay. Backslashes
+    are not doubled, so the result is for reading, not for parsing back. With
+    ``limit``, at most that many characters are kept and the cut is said.
+    For strings from checkpoints or any other untrusted file before they
+    reach a terminal or an error message."""
+    s = s if isinstance(s, str) else str(s)
+    cut = 0
+    if limit is not None and len(s) > limit:
+        s, cut = s[:limit], len(s) - limit
+    if not s.isprintable():
+        out = []
+        for ch in s:
+            if ch.isprintable() or ch in keep or unicodedata.category(ch) == "Zs":
+                out.append(ch)
+            else:
+                o = ord(ch)
+                out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        s = "".join(out)
+    if cut:
+        s += f"... ({cut:,} more characters)"
+    return s

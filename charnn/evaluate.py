@@ -19,9 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+from .errors import NonFiniteError
 from .model import CharRNN, detach_state
 
 LN2 = math.log(2.0)
+NONFINITE_MESSAGE = ("the model produced non-finite values (inf or NaN) while scoring the text; the "
+                     "checkpoint's weights are out of range -- use an earlier checkpoint")
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """One reduction per chunk: finite weights can still overflow to inf and
+    then NaN, which would otherwise come out as a NaN score."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(NONFINITE_MESSAGE)
 
 
 @dataclass
@@ -51,9 +61,12 @@ def _segments(n_targets: int, max_streams: int, burn_in: int) -> list[tuple[int,
 @torch.inference_mode()
 def token_losses(model: CharRNN, ids: np.ndarray | torch.Tensor, *, max_streams: int = 64,
                  burn_in: int = 256, chunk_len: int = 256, device: str | torch.device | None = None,
-                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 autocast_dtype: torch.dtype | None = None, check_finite: bool = True) -> torch.Tensor:
     """Per-character negative log-likelihood (nats) of ``ids[1:]`` given the
-    characters before each, as a float32 CPU tensor of length ``len(ids) - 1``."""
+    characters before each, as a float32 CPU tensor of length ``len(ids) - 1``.
+
+    Logits that overflow to inf/NaN raise :class:`NonFiniteError`; with
+    ``check_finite=False`` (a trainer with its own NaN guard) they give NaN losses."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     n_targets = len(ids) - 1
     if n_targets < 1:
@@ -81,6 +94,8 @@ def token_losses(model: CharRNN, ids: np.ndarray | torch.Tensor, *, max_streams:
             yb = y[:, lo : lo + chunk_len].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits, state = model(xb, state)  # (S, T, V)
+            if check_finite:
+                _check_finite(logits)
             nll = F.cross_entropy(logits.float().transpose(1, 2), yb, ignore_index=IGNORE_INDEX,
                                   reduction="none")  # (S, T)
             w = where[:, lo : lo + chunk_len]
@@ -244,6 +259,7 @@ def surprisal(model: CharRNN, ids: np.ndarray | torch.Tensor, top: int = 5, chun
             x = ids_t[lo : min(lo + chunk_len, n)].to(device)[None]  # (1, T)
             y = ids_t[lo + 1 : min(lo + chunk_len, n) + 1].to(device)  # (T,)
             logits, state = model(x, state)  # (1, T, V)
+            _check_finite(logits)
             logp = F.log_softmax(logits[0].float(), dim=-1)  # (T, V)
             loss[lo : lo + len(y)] = -logp.gather(1, y[:, None])[:, 0].cpu()
             tp, ti = logp.topk(top, dim=-1)  # (T, K)

@@ -29,6 +29,10 @@ from torch import Tensor
 
 from .model import CharRNN
 
+PRIME_CHUNK = 4096  # characters of a prime read per sequence pass: bounds the pass's activations
+# Magnitudes below this cannot reach fp32's (or bf16's) 3.4e38 in any step, with room to spare.
+SAFE_MAGNITUDE = 1e36
+
 
 class PackedRNN:
     """A CharRNN's weights packed for one-character-at-a-time inference.
@@ -88,6 +92,31 @@ class PackedRNN:
                 self.bias.append((b_ih + b_hh).contiguous())
             self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V), small: kept fp32
             self.head_b = model.head.bias.detach().float().contiguous()
+            self.value_bound = self._value_bound()
+
+    def _value_bound(self) -> float:
+        """An upper bound on |every gate pre-activation and logit| over any
+        number of steps. Every cell's output h lies in [-1, 1] (tanh, or a
+        convex mix of tanh values for the GRU), so a layer's pre-activations
+        are at most max|input| * row-sum|W_ih| + row-sum|W_hh| + |biases|, and
+        the logits at most row-sum|W_head| + |b_head|. Below
+        :data:`SAFE_MAGNITUDE` no step can overflow to inf (or then NaN), so
+        the sampler need not check; above it (absurd weights) it checks every step."""
+        rnn = self.model.rnn
+
+        def rowsum(w: Tensor) -> float:
+            return float(w.detach().float().abs().sum(1).max())
+
+        def amax(t: Tensor) -> float:
+            return float(t.detach().float().abs().max())
+
+        bounds = [amax(self.tables) + rowsum(rnn.weight_hh_l0) + amax(rnn.bias_hh_l0)]
+        for layer in range(1, self.num_layers):
+            bounds.append(rowsum(getattr(rnn, f"weight_ih_l{layer}")) + rowsum(getattr(rnn, f"weight_hh_l{layer}"))
+                          + amax(getattr(rnn, f"bias_ih_l{layer}")) + amax(getattr(rnn, f"bias_hh_l{layer}")))
+        bounds.append(rowsum(self.model.head.weight) + amax(self.model.head.bias))
+        bound = max(bounds)
+        return bound if bound == bound else float("inf")  # NaN weights: unbounded
 
     def _w(self, t: Tensor) -> Tensor:
         """A weight matrix given as (K, N) -- ``x @ t`` is the product -- laid out
@@ -114,18 +143,25 @@ class PackedRNN:
         return out
 
     @torch.inference_mode()
-    def forward_prime(self, ids: list[int], batch_size: int) -> tuple[Tensor, list[Tensor]]:
-        """Consume ``ids`` in one sequence pass of the model: logits (B, V) after
-        the last id, and the state for ``batch_size`` streams."""
+    def forward_prime(self, ids, batch_size: int) -> tuple[Tensor, list[Tensor]]:
+        """Consume ``ids`` (a sequence, array or tensor of ids) with the model's
+        own sequence forward, :data:`PRIME_CHUNK` ids per pass with the state
+        carried, so a long prime needs bounded memory: logits (B, V) after the
+        last id, and the state for ``batch_size`` streams."""
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            x = torch.tensor([ids], dtype=torch.long, device=self.head_b.device)  # (1, P)
-            logits, state = model(x)  # (1, P, V)
+            x = torch.as_tensor(ids, dtype=torch.long).to(self.head_b.device).reshape(1, -1)  # (1, P)
+            if x.shape[1] == 0:
+                raise ValueError("forward_prime needs at least one id (see sample.start_ids)")
+            state = None
+            for lo in range(0, x.shape[1], PRIME_CHUNK):
+                out, state = model.rnn(model.embedding(x[:, lo : lo + PRIME_CHUNK]), state)  # (1, T, H)
+            logits = model.head(out[:, -1])  # (1, V): only the last position is needed
         finally:
             model.train(was_training)
-        last = logits[:, -1].float().expand(batch_size, -1).contiguous()  # (B, V)
+        last = logits.float().expand(batch_size, -1).contiguous()  # (B, V)
         return last, self.state_from_model(state, batch_size)
 
     # -- one step ------------------------------------------------------------

@@ -8,17 +8,95 @@ Parameter names are the checkpoint contract: ``embedding.weight``,
 
 from __future__ import annotations
 
+import os
 from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import ConfigError
 
 # LSTM state is (h, c), each (num_layers, B, H); GRU/RNN state is h alone.
 State = Union[Tensor, tuple[Tensor, Tensor]]
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of W_ih / W_hh per hidden unit
+TRAIN_MEMORY_FACTOR = 4  # weights + gradients + AdamW's two moments
+
+
+# ---------------------------------------------------------------------------
+# Sizes from the config alone (nothing allocated)
+# ---------------------------------------------------------------------------
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes a config implies, computed arithmetically
+    (torch's nn.LSTM/GRU/RNN layout), so a checkpoint's declared sizes can be
+    checked before any model is built. Call only for a sane ``num_layers``."""
+    V, E, H, G = config.vocab_size, config.embedding_dim, config.hidden_size, GATES[config.cell]
+    shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (V, E)}
+    for k in range(config.num_layers):
+        shapes[f"rnn.weight_ih_l{k}"] = (G * H, E if k == 0 else H)
+        shapes[f"rnn.weight_hh_l{k}"] = (G * H, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (G * H,)
+        shapes[f"rnn.bias_hh_l{k}"] = (G * H,)
+    shapes["head.weight"] = (V, H)
+    shapes["head.bias"] = (V,)
+    return shapes
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Number of weights of a CharRNN with this config, without building it."""
+    V, E, H, G, L = (config.vocab_size, config.embedding_dim, config.hidden_size, GATES[config.cell],
+                     config.num_layers)
+    per_layer_rest = G * H * (H + H + 2)  # W_ih (input H), W_hh, two biases
+    return V * E + G * H * (E + H + 2) + (L - 1) * per_layer_rest + V * H + V
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else
+    the free physical pages), or None when the system does not say."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """1.3 TB, 23 GB, 512 kB: decimal units, two significant figures."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1000 or unit == "EB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.0f} EB"  # pragma: no cover
+
+
+def describe(config: ModelConfig) -> str:
+    """'a 2x320 LSTM'."""
+    return f"a {config.num_layers}x{config.hidden_size} {config.cell.upper()}"
+
+
+def check_memory(config: ModelConfig, factor: int = 1) -> int:
+    """The bytes a CharRNN's fp32 weights need; :class:`ConfigError` when
+    ``factor`` times that (1 to load, :data:`TRAIN_MEMORY_FACTOR` to train)
+    exceeds the memory this machine has free."""
+    need = parameter_count(config) * 4
+    free = available_memory()
+    if free is not None and need * factor > free:
+        train = f" (about {TRAIN_MEMORY_FACTOR}x that to train)" if factor == 1 else \
+            f", about {format_bytes(need * factor)} to train"
+        raise ConfigError(
+            f"{describe(config)} needs {format_bytes(need)} for its weights{train}; this machine has "
+            f"{format_bytes(free)} free. Choose a smaller --hidden-size, --num-layers or --embedding-dim"
+        )
+    return need
 
 
 def build_rnn(config: ModelConfig) -> nn.RNNBase:
@@ -40,10 +118,17 @@ class CharRNN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config.validate()
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        self.rnn = build_rnn(config)
-        self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        check_memory(config)  # before allocating: a typo'd --hidden-size must not swap the machine to death
+        try:
+            self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+            self.rnn = build_rnn(config)
+            self.drop = nn.Dropout(config.dropout)
+            self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        except RuntimeError as e:  # the allocator's "can't allocate memory" (free memory changed)
+            raise ConfigError(
+                f"cannot allocate {describe(config)} ({format_bytes(parameter_count(config) * 4)} of "
+                f"weights): {str(e).splitlines()[0][:200]}. Choose a smaller model"
+            ) from None
         self._init_weights()
 
     def _init_weights(self) -> None:

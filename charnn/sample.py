@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +32,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DataError, VocabError, describe_char
+from .errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char
 from .data import decode_bytes, normalize_newlines
 from .devices import cpu_has_bf16
-from .fastrnn import PackedRNN
-from .model import CharRNN
+from .fastrnn import SAFE_MAGNITUDE, PackedRNN
+from .model import GATES, CharRNN, available_memory, format_bytes
 from .tokenizer import CharTokenizer
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
 NOISE_BLOCK = 64  # steps of random noise drawn per call, per stream
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_BATCH = 16  # "auto" uses bf16 weights from this many samples on (see resolve_precision)
+DEFAULT_TEMPERATURE = 0.8  # the one default of the library and the CLI: livelier than greedy, fewer typos than 1.0
+
+# Bounds on what one call may ask for (each error names its limit):
+MAX_PRIME_FILE_BYTES = 4 << 20  # a prime file of at most 4 MiB ...
+MAX_PRIME_CHARS = 1 << 20  # ... and a prime of at most 1,048,576 characters (the model remembers a few hundred)
+MAX_SAMPLE_MEMORY = 2 << 30  # generate_samples: 2 GiB for all samples' texts and working tensors
+MAX_SEED = (1 << 64) - 1  # torch generators take 64-bit seeds
+NONFINITE_MESSAGE = ("the model produced non-finite values (inf or NaN) while sampling; the checkpoint's "
+                     "weights are out of range -- use an earlier checkpoint")
 
 
 @dataclass
@@ -81,6 +91,50 @@ def validate_options(temperature: float, top_k: int, top_p: float, length: int,
         raise ConfigError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
 
 
+def validate_seed(seed: int | None, num_samples: int = 1) -> None:
+    """``seed`` None (random) or an integer such that every stream's seed
+    ``seed + i`` is a 64-bit unsigned number."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be a whole number, got {type(seed).__name__}")
+    last = seed + num_samples - 1
+    if seed < 0 or last > MAX_SEED:
+        shown = f"{seed}" if abs(seed) < 10 ** 30 else f"a {seed.bit_length()}-bit number"
+        streams = f" (with {num_samples} samples, seed+{num_samples - 1} must fit too)" if num_samples > 1 else ""
+        raise ConfigError(f"seed must be between 0 and 2**64-1 = {MAX_SEED}{streams}, got {shown}")
+
+
+def sample_memory(model: CharRNN, tokenizer: CharTokenizer, prime: str, length: int, num_samples: int) -> int:
+    """Bytes :func:`generate_samples` needs, about: per stream, the text (prime
+    + generated, in Python's width for this vocabulary, plus a copy while
+    joining), a block of Gumbel noise and ids, logits and the cell state."""
+    cfg = model.config
+    top = max(map(ord, tokenizer.chars))
+    width = 1 if top < 0x100 else 2 if top < 0x10000 else 4
+    V, H, L, G = cfg.vocab_size, cfg.hidden_size, cfg.num_layers, GATES[cfg.cell]
+    work = 4 * (2 * NOISE_BLOCK * V + 4 * V + 3 * L * H + 2 * G * H) + 44 * NOISE_BLOCK
+    return num_samples * (work + 2 * width * (len(prime) + length))
+
+
+def check_sample_memory(model: CharRNN, tokenizer: CharTokenizer, prime: str, length: int,
+                        num_samples: int) -> None:
+    """:class:`ConfigError` when a batch would need more than
+    :data:`MAX_SAMPLE_MEMORY` (or more than this machine has free)."""
+    need = sample_memory(model, tokenizer, prime, length, num_samples)
+    free = available_memory()
+    if need > MAX_SAMPLE_MEMORY or (free is not None and need > free):
+        if need > MAX_SAMPLE_MEMORY:
+            limit = f"the limit is {format_bytes(MAX_SAMPLE_MEMORY)} (charnn.sample.MAX_SAMPLE_MEMORY)"
+        else:
+            limit = f"this machine has {format_bytes(free)} free"
+        raise ConfigError(
+            f"{num_samples:,} samples of {length:,} characters need about {format_bytes(need)} of memory; "
+            f"{limit}. Ask for fewer --num-samples or a shorter --length, or run several times "
+            "(--seed S, then S+N, ... gives the same samples)"
+        )
+
+
 def check_prime(tokenizer: CharTokenizer, prime: str, unknown: str = "error") -> tuple[str, list[str]]:
     """The prime as the model can read it, and the distinct characters dropped.
 
@@ -90,6 +144,12 @@ def check_prime(tokenizer: CharTokenizer, prime: str, unknown: str = "error") ->
     """
     if unknown not in ("error", "skip"):
         raise ConfigError(f"unknown must be 'error' or 'skip', not {unknown!r}")
+    if len(prime) > MAX_PRIME_CHARS:
+        raise ConfigError(
+            f"the prime has {len(prime):,} characters; at most {MAX_PRIME_CHARS:,} are read "
+            "(charnn.sample.MAX_PRIME_CHARS) -- the model's memory reaches back a few hundred, "
+            "so pass the last part of the text"
+        )
     bad = tokenizer.unknown_chars(prime)
     if not bad:
         return prime, []
@@ -106,25 +166,55 @@ def check_prime(tokenizer: CharTokenizer, prime: str, unknown: str = "error") ->
 
 
 def read_prime_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """The text of a prime file, every failure a :class:`DataError` naming it."""
+    """The text of a prime file, every failure a :class:`DataError` naming it.
+
+    Only a regular file of at most :data:`MAX_PRIME_FILE_BYTES` is read: a
+    FIFO, socket or device (``/dev/zero``, ``/dev/stdin`` of a terminal) is
+    refused at once, never waited on."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise DataError(f"prime file {path} does not exist") from None
     except IsADirectoryError:
         raise DataError(f"prime file {path} is a folder; give a text file") from None
     except OSError as e:
         raise DataError(f"cannot read prime file {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DataError(f"prime file {path} is a folder; give a text file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a device")
+            raise DataError(f"prime file {path} is {kind}, not a regular file; save the prime to a file "
+                            "or pass it with --prime")
+        if st.st_size > MAX_PRIME_FILE_BYTES:
+            raise DataError(f"prime file {path} is {format_bytes(st.st_size)}; a prime file may be at most "
+                            f"{format_bytes(MAX_PRIME_FILE_BYTES)} (charnn.sample.MAX_PRIME_FILE_BYTES) -- "
+                            "pass the last part of the text")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read(MAX_PRIME_FILE_BYTES + 1)  # the file may have grown since fstat
+    except OSError as e:
+        raise DataError(f"cannot read prime file {path}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_PRIME_FILE_BYTES:
+        raise DataError(f"prime file {path} is larger than {format_bytes(MAX_PRIME_FILE_BYTES)} "
+                        "(charnn.sample.MAX_PRIME_FILE_BYTES); pass the last part of the text")
     # The same reading rules as a corpus, so the prime looks like the training text.
     return normalize_newlines(decode_bytes(data, f"prime file {path}", encoding, hint="convert it to UTF-8"))
 
 
-def start_ids(tokenizer: CharTokenizer, prime: str) -> list[int]:
-    """Ids the model reads before generating: the prime, or for an empty prime
-    a newline (or space) so the first character starts a line."""
+def start_ids(tokenizer: CharTokenizer, prime: str):
+    """Ids the model reads before generating (an array for a prime, a list
+    otherwise): the prime, or for an empty prime a newline (or space) so the
+    first character starts a line."""
     if prime:
-        return tokenizer.encode(prime)
+        return tokenizer.encode_array(prime)  # 1-4 bytes per character, not a list of Python ints
     for ch in START_CANDIDATES:
         if ch in tokenizer:
             return [tokenizer.stoi[ch]]
@@ -177,7 +267,7 @@ class Sampler:
     Packing costs a few matrix products; reuse one Sampler for many calls.
     """
 
-    def __init__(self, model: CharRNN, tokenizer: CharTokenizer, temperature: float = 1.0,
+    def __init__(self, model: CharRNN, tokenizer: CharTokenizer, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: int = 0, top_p: float = 1.0, precision: str = "fp32"):
         validate_options(temperature, top_k, top_p, 0, 1, precision)
         if precision == "auto":
@@ -190,6 +280,14 @@ class Sampler:
         self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
         self.packed = PackedRNN(model, PRECISIONS[precision])
         self.device = model.head.weight.device
+        # Overflow is impossible for sane weights (see PackedRNN._value_bound):
+        # only a model whose bound is absurd pays for a check of every step.
+        bound = self.packed.value_bound
+        if self.filtered:
+            bound /= self.temperature  # filter_logits divides the logits by T
+        elif not self.greedy:
+            bound += 20.0 * self.temperature  # T * Gumbel noise (at most ~17 in fp32)
+        self.check_every_step = not bound < SAFE_MAGNITUDE
 
     def _noise(self, generators: list[torch.Generator]) -> Tensor:
         """Gumbel noise for the next NOISE_BLOCK steps: (NOISE_BLOCK, B, V)."""
@@ -211,18 +309,24 @@ class Sampler:
         ``len(seeds)`` streams that all start from ``prime_ids``."""
         if length <= 0:
             return
+        for s in seeds:
+            validate_seed(s)
         packed, pick = self.packed, self._pick
-        logits, state = packed.forward_prime(list(prime_ids), len(seeds))  # the whole prime in one pass
+        logits, state = packed.forward_prime(prime_ids, len(seeds))  # the whole prime, in chunks
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(NONFINITE_MESSAGE)
         generators = None
         if not self.greedy:
             generators = [torch.Generator(device=self.device) for _ in seeds]
             for g, s in zip(generators, seeds):
                 g.manual_seed(int(s))
-        step = packed.step
+        step, check = packed.step, self.check_every_step
         t = 0
         while True:
             noise = self._noise(generators) if generators is not None else None
             for k in range(NOISE_BLOCK):
+                if check and not bool(torch.isfinite(logits).all()):
+                    raise NonFiniteError(NONFINITE_MESSAGE)
                 nxt = pick(logits, None if noise is None else noise[k])  # (B,)
                 yield nxt
                 t += 1
@@ -236,7 +340,7 @@ class Sampler:
 # ---------------------------------------------------------------------------
 
 def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stop: str | None = None, unknown: str = "error", precision: str = "auto") -> Iterator[str]:
     """An iterator over up to ``length`` generated characters after ``prime``
     (the prime itself is not yielded).
@@ -250,6 +354,7 @@ def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: 
     stream (see :func:`resolve_precision`).
     """
     validate_options(temperature, top_k, top_p, length, 1, precision)
+    validate_seed(seed)
     prime, _ = check_prime(tokenizer, prime, unknown)
     sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
     seed = random_seed() if seed is None else seed
@@ -281,7 +386,7 @@ def _until(chars: Iterator[str], stop: str) -> Iterator[str]:
 
 
 def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
-                     num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     num_samples: int = 1, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0,
                      seed: int | None = None, stop: str | None = None, unknown: str = "error",
                      precision: str = "auto") -> list[Sample]:
     """``num_samples`` samples generated together as one batch.
@@ -292,7 +397,9 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
     sample has met ``stop``.
     """
     validate_options(temperature, top_k, top_p, length, num_samples, precision)
+    validate_seed(seed, num_samples)
     prime, _ = check_prime(tokenizer, prime, unknown)
+    check_sample_memory(model, tokenizer, prime, length, num_samples)
     greedy = temperature == 0 or top_k == 1
     precision = resolve_precision(precision, model.head.weight.device, num_samples, greedy)
     sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
@@ -326,5 +433,6 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
 
 
 def sample_text(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500, **kwargs) -> str:
-    """The prime followed by ``length`` generated characters."""
+    """The prime followed by ``length`` generated characters (temperature
+    :data:`DEFAULT_TEMPERATURE` unless given, as for :func:`generate`)."""
     return prime + "".join(generate(model, tokenizer, prime, length, **kwargs))
