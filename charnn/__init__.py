@@ -22,6 +22,7 @@ _EXPORTS = {
     "Trainer": "train", "train": "train",
     "generate": "sample", "generate_samples": "sample", "sample_text": "sample", "Sample": "sample",
     "evaluate_ids": "evaluate", "EvalResult": "evaluate",
+    "inspect": "inspect",
 }
 
 __all__ = ["__version__", *_EXPORTS]
