@@ -30,6 +30,12 @@ BANDS: list[tuple[float, str, str]] = [
 ]
 
 
+# The same bands on a 16-colour terminal, where the colours above would be
+# rounded to the nearest of the 16 and two bands would share one: names of the
+# standard ANSI colours, in the same green -> yellow -> red order.
+BANDS_16: list[str] = ["green", "bright_green", "bright_yellow", "yellow", "bright_red", "red"]
+
+
 def band(bits: float) -> int:
     """Index into :data:`BANDS` of a surprisal in bits."""
     for i, (upper, _, _) in enumerate(BANDS):
@@ -53,8 +59,9 @@ def show_char(ch: str) -> str:
 
 def escape_vocab(chars: Sequence[str]) -> str:
     """The vocabulary as one line: control characters and backslash escaped."""
-    return "".join(json.dumps(c, ensure_ascii=False)[1:-1] if not c.isprintable() or c == "\\" else c
-                   for c in chars)
+    # ensure_ascii: an unprintable non-ASCII character (a lone surrogate, a
+    # zero-width space) becomes \uXXXX rather than reaching the terminal raw.
+    return "".join(json.dumps(c)[1:-1] if not c.isprintable() or c == "\\" else c for c in chars)
 
 
 # ---------------------------------------------------------------------------

@@ -461,6 +461,16 @@ def fmt_loss(loss: float) -> str:
     return f"{loss:.4f} nats/char ({loss / math.log(2):.3f} bits/char)"
 
 
+def fmt_span(seconds: float) -> str:
+    """A length of time in words: ``40 seconds``, ``5 minutes``, ``1 hour 30 minutes``."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    parts = [plural(h, "hour") if h else "", plural(m, "minute") if m else "",
+             plural(s, "second") if s or not (h or m) else ""]
+    return " ".join(p for p in parts if p)
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from .common import app, err, fmt_duration, fmt_loss, run_command
+from .common import app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command, stdout
 
 # ---------------------------------------------------------------------------
 # info
@@ -19,11 +16,18 @@ from .common import app, err, fmt_duration, fmt_loss, run_command
 
 @app.command()
 def info(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by charnn train.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
+                                               help="A checkpoint written by charnn train.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the train/validation loss curves as a PNG (needs matplotlib: pip install 'charnn[plot]').", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", metavar="FILE", show_default=False,
+        help="Write the train and validation loss curves as a PNG image (needs matplotlib: "
+             "pip install 'charnn[plot]').")] = None,
 ) -> None:
-    """What a checkpoint holds: model, vocabulary, training state and options, and the loss curve."""
+    """Show what a checkpoint holds.
+
+    The model, its vocabulary, the training state and options, and the loss
+    curve."""
 
     def body() -> None:
         from ..checkpoint import load
@@ -48,23 +52,28 @@ def info(
                 "metrics": {"train": [{"step": s, "train_loss": v} for s, v in train_curve],
                             "val": [{"step": s, "val_loss": v} for s, v in val_curve]}}
         if as_json:
-            sys.stdout.write(json.dumps(data, default=str) + "\n")
+            stdout.write(dumps(data) + "\n")
             return
-        out = Console(highlight=False, soft_wrap=True)
-        lines = [f"checkpoint  {checkpoint} (format {data['format_version']}, charnn {data['charnn_version']}, {data['created']})",
-                 f"model       {mc.cell} {mc.num_layers}x{mc.hidden_size}, embedding {mc.embedding_dim}, dropout {mc.dropout}, {params:,} parameters",
-                 f"vocabulary  {mc.vocab_size} characters: {escape_vocab(ckpt.tokenizer.chars)}"]
+        out = out_console()
+        lines = [f"checkpoint  {escape_text(str(checkpoint))}",
+                 f"            format {data['format_version']}, charnn {escape_text(str(data['charnn_version']))}, "
+                 f"created {escape_text(str(data['created']))}",
+                 f"model       {mc.cell} {mc.num_layers}x{mc.hidden_size}, embedding {mc.embedding_dim}, "
+                 f"dropout {mc.dropout}, {plural(params, 'parameter')}",
+                 f"vocabulary  {plural(mc.vocab_size, 'character')}: {escape_vocab(ckpt.tokenizer.chars)}"]
         if ts:
             # The metrics rows carry the fractional epoch; train_state counts whole ones.
             epoch = next((r["epoch"] for r in reversed(ckpt.metrics) if isinstance(r.get("epoch"), (int, float))),
                          ts.get("epoch") or 0)
             lines.append(f"training    step {ts.get('step', 0):,}, epoch {float(epoch):.2f}, "
-                         f"{ts.get('chars_seen', 0):,} characters seen, {fmt_duration(ts.get('elapsed') or 0)}, "
-                         f"best val loss {fmt_loss(best) if isinstance(best, (int, float)) else 'n/a'}")
-            extra = [f"{k} {ts[k]}" for k in ("device", "precision") if ts.get(k)]
-            extra += [f"{ts[k]:,} {label}" for k, label in (("clipped_steps", "clipped steps"),
-                                                            ("nonfinite_skipped", "non-finite steps skipped"),
-                                                            ("restores", "restores")) if ts.get(k)]
+                         f"{plural(ts.get('chars_seen', 0), 'character')} seen in "
+                         f"{fmt_duration(ts.get('elapsed') or 0)}")
+            lines.append(f"            best val loss {fmt_loss(best) if isinstance(best, (int, float)) else 'n/a'}")
+            extra = [f"{k} {escape_text(str(ts[k]))}" for k in ("device", "precision") if ts.get(k)]
+            extra += [plural(ts[k], word, many) + rest
+                      for k, word, many, rest in (("clipped_steps", "clipped step", None, ""),
+                                                  ("nonfinite_skipped", "non-finite step", None, " skipped"),
+                                                  ("restores", "restore", None, "")) if ts.get(k)]
             if extra:
                 lines.append("            " + ", ".join(extra))
         else:
@@ -76,7 +85,9 @@ def info(
                 shown = ", ".join(map(str, v)) if isinstance(v, list) and k == "corpus" else v
                 if k == "corpus" and not v:
                     shown = "(built-in corpus)"
-                out.print(f"  {k:<16} {shown}", markup=False)
+                if k.endswith("_hash") and isinstance(v, str) and len(v) > 16:
+                    shown = v[:16] + "…"  # enough to compare by eye; --json has it whole
+                out.print(f"  {escape_text(str(k)):<16} {escape_text(str(shown))}", markup=False)
         chart = text_chart(train_curve, val_curve)
         if chart:
             out.print("loss curve", markup=False)

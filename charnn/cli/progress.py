@@ -9,6 +9,7 @@ clipping) only where there is room for them.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -17,7 +18,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
 
-from .common import err, escape_text, fmt_duration, plural
+from .common import err, escape_text, fmt_duration, fmt_span, plural
 
 LABEL = "train"
 # The bar's fixed neighbours: label, percentage "100%", "ETA 0:00:00", and
@@ -30,7 +31,7 @@ class _TimeLeft(ProgressColumn):
     """``ETA 1:23`` (``ETA -:--`` until the speed is known)."""
 
     def render(self, task: Task) -> Text:
-        left = task.time_remaining
+        left = 0.0 if task.finished else task.time_remaining
         shown = "-:--" if left is None or task.completed <= 0 else fmt_duration(left)
         return Text(f"ETA {shown}", style="progress.remaining")
 
@@ -112,17 +113,23 @@ class TrainReporter:
         lg, ev = self.last_log, self.last_eval
         core, extras = [], []
         if lg:
-            core.append(f"step {lg['step']:,} loss {lg['train_loss']:.3f}")
+            loss = lg.get("train_loss")
+            finite = isinstance(loss, (int, float)) and math.isfinite(loss)
+            core.append(f"step {lg.get('step', 0):,}" + (f" loss {loss:.3f}" if finite else ""))
         val = ev.get("val_loss") if ev else None
         if isinstance(val, (int, float)) and math.isfinite(val):
             # while a status message shows (evaluating...), the last val is less news
             (extras if self.message else core).append(f"val {val:.3f}")
-            extras.append(f"({ev['val_bpc']:.2f} bpc)")
+            if isinstance(ev.get("val_bpc"), (int, float)):
+                extras.append(f"({ev['val_bpc']:.2f} bpc)")
         if self.message:
-            core.insert(1 if lg else 0, self.message)
-        if lg:
-            extras += [f"{lg['chars_per_sec']:,.0f} chars/s", f"lr {lg['lr']:.2e}",
-                       f"|g| {lg['grad_norm']:.2f}", f"clipped {lg['clipped_share']:.0%}"]
+            # the bar shows the step already: "evaluating at step 1,000" -> "evaluating"
+            message = re.sub(r" at step [\d,]+$", "", self.message) if lg else self.message
+            core.insert(1 if lg else 0, message)
+        for key, shown in (("chars_per_sec", "{:,.0f} chars/s"), ("lr", "lr {:.2e}"), ("grad_norm", "|g| {:.2f}"),
+                           ("clipped_share", "clipped {:.0%}")):
+            if isinstance(lg.get(key), (int, float)):
+                extras.append(shown.format(lg[key]))
         return fit(core, extras, width)
 
     # -- events -------------------------------------------------------------------
@@ -164,7 +171,7 @@ class TrainReporter:
                        "(charnn eval scores them all)", wrap=True)
         budget = [plural(cfg["max_steps"], "step") if cfg.get("max_steps") else "",
                   plural(cfg["epochs"], "epoch") if cfg.get("epochs") else "",
-                  fmt_duration(cfg["time_limit"]) if cfg.get("time_limit") else ""]
+                  fmt_span(cfg["time_limit"]) if cfg.get("time_limit") else ""]
         self.print(f"batch {cfg['batch_size']} x {cfg['seq_len']} characters, lr {cfg['lr']:g}, budget "
                    f"{' or '.join(b for b in budget if b) or 'none'}", wrap=True)
         self.print(f"device {e['device']}, precision {e['precision']}"
@@ -181,6 +188,17 @@ class TrainReporter:
 
     def on_note(self, e: dict[str, Any]) -> None:
         self.note(e["message"])
+
+    def on_end(self, e: dict[str, Any]) -> None:
+        """The run stopped: the bar shows the last step (and 100% unless it was
+        interrupted)."""
+        self.message = ""
+        if self.last_log or e.get("step"):
+            done = 1.0 if e.get("stopped_because") != "interrupted" else self.last_log.get("progress", 0.0)
+            self.last_log = {**self.last_log, "step": e.get("step", 0), "progress": done}
+            self.last_log.setdefault("train_loss", math.nan)
+            if self.progress is not None:
+                self._refresh()
 
     def on_log(self, e: dict[str, Any]) -> None:
         self.last_log = e

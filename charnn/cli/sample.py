@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import Device, Unknown, app, err, run_command, unit_interval
+from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, parse_device, plural, run_command,
+                     stdout, unit_interval)
 
 # ---------------------------------------------------------------------------
 # sample
@@ -41,20 +40,52 @@ def _stop_string(value: Optional[str]) -> Optional[str]:
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by charnn train.", show_default=False)],
-    prime: Annotated[Optional[str], typer.Option("--prime", "-p", help="Text to start from (printed first).", show_default=False)] = None,
-    prime_file: Annotated[Optional[Path], typer.Option(help="Read the prime from this UTF-8 file instead.", show_default=False)] = None,
-    length: Annotated[int, typer.Option("--length", "-n", min=0, help="Characters to generate after the prime (at most, with --stop).")] = 500,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", callback=_temperature, help="Sampling temperature; 0 = greedy (always the most likely character).")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample only from the K most likely characters (0 = off, 1 = greedy).")] = 0,
-    top_p: Annotated[float, typer.Option(callback=unit_interval, help="Nucleus sampling: smallest set of characters with this much probability, in (0, 1].")] = 1.0,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-m", min=1, help="Samples to generate, together as one batch.")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed, checkpoint and options give the same text. Sample i uses seed+i. Default: a random seed, shown on stderr.", show_default=False)] = None,
-    stop: Annotated[Optional[str], typer.Option(callback=_stop_string, help="End each sample just before the first occurrence of this text after the prime (not printed).", show_default=False)] = None,
-    unknown: Annotated[Unknown, typer.Option(help="Prime characters outside the model's vocabulary: error (name them) or skip (drop them).")] = Unknown.error,
-    device: Annotated[Device, typer.Option(help="Where to run the model.")] = Device.cpu,
-    precision: Annotated[SamplePrecision, typer.Option(help="Weights in fp32 (exact) or bf16; auto: bf16 only for 16+ sampled streams on a CPU with native bf16.")] = SamplePrecision.auto,
-    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list of {"text", "prime", "seed"} objects instead of plain text.')] = False,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
+                                               help="A checkpoint written by charnn train.")],
+    prime: Annotated[Optional[str], typer.Option(
+        "--prime", "-p", metavar="TEXT", show_default=False,
+        help="Text to start from (printed first).")] = None,
+    prime_file: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", show_default=False, help="Read the prime from this UTF-8 file instead.")] = None,
+    length: Annotated[int, typer.Option(
+        "--length", "-n", metavar="N", callback=at_least(0),
+        help="Characters to generate after the prime (at most, with --stop).")] = 500,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", metavar="T", callback=_temperature,
+        help="Sampling temperature; 0 is greedy (always the most likely character).")] = 0.8,
+    top_k: Annotated[int, typer.Option(
+        metavar="K", callback=at_least(0),
+        help="Sample only from the K most likely characters; 0 is off, 1 is greedy.")] = 0,
+    top_p: Annotated[float, typer.Option(
+        metavar="P", callback=unit_interval,
+        help="Nucleus sampling: only the most likely characters that together have "
+             "probability P, between 0 (exclusive) and 1.")] = 1.0,
+    num_samples: Annotated[int, typer.Option(
+        "--num-samples", "-m", metavar="N", callback=at_least(1),
+        help="Samples to generate, together as one batch.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(
+        metavar="N", show_default=False,
+        help="Random seed: the same seed, checkpoint and options give the same text; sample i "
+             "uses seed+i.  [default: a random seed, shown on stderr]")] = None,
+    stop: Annotated[Optional[str], typer.Option(
+        metavar="TEXT", callback=_stop_string, show_default=False,
+        help="End each sample just before the first occurrence of this text after the prime "
+             "(not printed).")] = None,
+    unknown: Annotated[Unknown, typer.Option(
+        metavar="[error|skip]",
+        help="Prime characters outside the model's vocabulary: error (name them) or skip "
+             "(drop them).")] = Unknown.error,
+    device: Annotated[str, typer.Option(metavar="DEVICE", callback=parse_device, help=DEVICE_HELP)] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(
+        metavar="N", callback=at_least(1), show_default=False,
+        help="CPU threads for torch.  [default: 1 for fewer than 16 samples, else the idle "
+             "cores, at most 4]")] = None,
+    precision: Annotated[SamplePrecision, typer.Option(
+        metavar="[auto|fp32|bf16]",
+        help="Weights in fp32 (exact) or bf16; auto picks bf16 only for 16 or more samples on "
+             "a CPU with native bf16.")] = SamplePrecision.auto,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='Print a JSON list of {"text", "prime", "seed"} objects instead of plain text.')] = False,
 ) -> None:
     """Generate text from a checkpoint. One sample streams to stdout as it is
     generated; several print one after another, each followed by a divider line."""
@@ -67,22 +98,24 @@ def sample(
         from ..checkpoint import load_model
         from ..errors import describe_char
         from ..sample import check_prime, generate, generate_samples, random_seed, read_prime_file
-        from ..devices import resolve_device
+        from ..devices import resolve_device, set_threads
 
         text = read_prime_file(prime_file) if prime_file is not None else (prime or "")
-        model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device.value))
+        model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device))
         usable, dropped = check_prime(tokenizer, text, unknown.value)
         if dropped:
-            err.print(f"Skipping {len(dropped)} prime character(s) not in the model's vocabulary: "
+            err.print(f"Skipping {plural(len(dropped), 'prime character')} not in the model's vocabulary: "
                       + ", ".join(describe_char(c) for c in dropped), markup=False)
         chosen = random_seed() if seed is None else seed
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=chosen, stop=stop,
                        precision=precision.value)
-        if num_samples < SMALL_BATCH:
+        if threads is None and num_samples < SMALL_BATCH:
             # One step of a few streams is microseconds of work: a second thread
             # only adds synchronisation (and on a busy machine, waiting for a core).
             torch.set_num_threads(1)
-        out = sys.stdout
+        else:
+            set_threads(threads)
+        out = stdout
         if num_samples == 1 and not as_json:
             stream = generate(model, tokenizer, usable, length, **options)
             out.write(usable)
@@ -94,7 +127,7 @@ def sample(
         else:
             samples = generate_samples(model, tokenizer, usable, length, num_samples=num_samples, **options)
             if as_json:
-                out.write(json.dumps([s.to_dict() for s in samples], ensure_ascii=False) + "\n")
+                out.write(dumps([s.to_dict() for s in samples], ensure_ascii=False) + "\n")
             else:
                 for s in samples:
                     out.write(s.text + "\n" + SAMPLE_DIVIDER + "\n")
