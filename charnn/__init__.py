@@ -7,7 +7,15 @@ The public API is re-exported here lazily, so ``import charnn`` (and the
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Matrix products whose last bits do not depend on where the tensors happen to
+# lie in memory: without this, MKL picks kernels by alignment, so a resumed run
+# (its weights loaded into new tensors) drifts from an uninterrupted one by an
+# ulp within a step. It must be set before MKL's first product, so here, before
+# charnn imports torch; a value the user set is kept. Costs a few % of speed.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 

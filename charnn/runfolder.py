@@ -410,6 +410,8 @@ class RunFolder:
         if self.overwrite and self.resuming_at_step is not None:
             raise RunFolderError("--overwrite starts a new run and cannot be combined with --resume; "
                                  "drop one of them")
+        self._created = {"folder": not self.path.exists(), "lock": not (self.path / LOCK_NAME).exists(),
+                         "marker": not (self.path / RUN_MARKER).exists()}
         self._make()
         self._lock()
         try:
@@ -655,6 +657,27 @@ class RunFolder:
         return None
 
     # -- closing ------------------------------------------------------------------------
+    def abandon(self) -> None:
+        """Close a run that wrote nothing (it was refused after open(): no
+        budget, a budget too short, ...) and take back what open() added:
+        the marker and lock it created, and the folder if it made it and it is
+        empty, so the folder does not look like it holds a run."""
+        created = getattr(self, "_created", None)
+        self.close()
+        if not created:
+            return
+        for key, name in (("marker", RUN_MARKER), ("lock", LOCK_NAME)):
+            if created[key]:
+                try:
+                    (self.path / name).unlink(missing_ok=True)
+                except OSError:
+                    pass
+        if created["folder"]:
+            try:
+                self.path.rmdir()  # only if empty
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Close the log and release the lock. The lock file is kept, emptied
         (see the module docstring). Safe to call twice."""

@@ -34,7 +34,7 @@ from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_co
 from .devices import resolve_device
 from .errors import CharnnError, ConfigError, CheckpointError, DataError, TrainingError
 from .evaluate import evaluate_ids
-from .model import CharRNN, State, detach_state, select_streams
+from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
 from .runfolder import RunFolder, choose_out_dir, serialize
 from .runtime import (AUTOCAST_DTYPE, DistInfo, autocast, emulated_bf16, kernels_for,  # noqa: F401
                       resolve_precision, setup_distributed)
@@ -138,7 +138,7 @@ def _check_arch(overrides: dict[str, Any], config: ModelConfig, source: Path, wh
     clash = [f"--{k.replace('_', '-')} {overrides[k]} (checkpoint: {getattr(config, k)})"
              for k in ARCH_FIELDS if overrides.get(k) is not None and overrides[k] != getattr(config, k)]
     if clash:
-        raise ConfigError(f"{what} {source}: the model options given differ from its model: "
+        raise ConfigError(f"{what} {source}: its architecture differs from the model options given: "
                           + "; ".join(clash) + f". {hint}")
 
 
@@ -221,8 +221,9 @@ class Trainer:
             tokenizer = CharTokenizer.from_text(self.corpus.text)
             mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
             mc.vocab_size = tokenizer.vocab_size
+            check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-            model = CharRNN(mc.validate())
+            model = CharRNN(mc)
         self.tokenizer = tokenizer
         ids = encode_corpus(self.corpus, tokenizer, cache=cache, progress=self._status)
         self.train_ids, self.val_ids = split_ids(ids, cfg.val_fraction)
@@ -271,6 +272,10 @@ class Trainer:
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
         self._seconds_per_char = 0.0  # evaluation speed, measured at start
+        self._resumed = resumed is not None
+        self._saved = False  # a checkpoint was written by this run
+        if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
+            raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
 
         # -- the output folder: locked and checked before any training --------
         if self.dist.is_main:
@@ -442,6 +447,7 @@ class Trainer:
         payload = self._payload()
         if self.folder is None:
             return None
+        self._saved = True
         data = serialize(payload)  # once, for last.pt and the step file
         written = [self.folder.save(data, "last.pt")]
         if improved or self.cfg.val_fraction == 0:
@@ -464,8 +470,10 @@ class Trainer:
         loss = torch.tensor(math.nan)
         if self.dist.is_main and len(self.val_ids) >= 2:
             with kernels_for(self.device, self.precision):
+                # A NaN here is the divergence guard's to handle, not an error.
                 loss = torch.tensor(evaluate_ids(self.model, self._eval_slice(), device=self.device,
-                                                 autocast_dtype=AUTOCAST_DTYPE[self.precision]).loss)
+                                                 autocast_dtype=AUTOCAST_DTYPE[self.precision],
+                                                 check_finite=False).loss)
         if self.dist.enabled:
             loss = loss.to(self.device)
             dist.broadcast(loss, src=0)
@@ -481,7 +489,7 @@ class Trainer:
             t0 = time.perf_counter()
             with kernels_for(self.device, self.precision):
                 evaluate_ids(self.model, self.val_ids[:n], device=self.device,
-                             autocast_dtype=AUTOCAST_DTYPE[self.precision])
+                             autocast_dtype=AUTOCAST_DTYPE[self.precision], check_finite=False)
             seconds_per_char = torch.tensor((time.perf_counter() - t0) / n)
         if self.dist.enabled:
             seconds_per_char = seconds_per_char.to(self.device)
@@ -608,9 +616,13 @@ class Trainer:
         return float(loss.detach()) / self.dist.world_size, norm, finite
 
     def close(self) -> None:
-        """Release the output folder and leave the process group (under torchrun)."""
+        """Release the output folder and leave the process group (under torchrun).
+        A new run that wrote no checkpoint leaves no trace in the folder."""
         if self.folder is not None:
-            self.folder.close()
+            if self._saved or self._resumed:
+                self.folder.close()
+            else:
+                self.folder.abandon()
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()  # no rank tears down gloo while another still talks to it
             dist.destroy_process_group()

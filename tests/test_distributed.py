@@ -50,7 +50,8 @@ def test_two_ranks_match_one_process(tmp_path):
     assert ddp.train_state["best_val"] == pytest.approx(one.train_state["best_val"], rel=1e-5)
     # The carried state of all 16 streams is saved, not one rank's share.
     assert ddp.train_state["carried_state"][0].shape == (2, 16, 32)
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        ".charnn-run", ".charnn.lock", "best.pt", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
 
 
 def test_batch_size_must_split_evenly(tmp_path, monkeypatch):

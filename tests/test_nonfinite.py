@@ -154,13 +154,15 @@ def test_nan_guard_leaves_earlier_checkpoints_untouched(corpus, tmp_path):
     out = tmp_path / "out"
     trainer, _ = _trainer(corpus, out, max_steps=4, eval_every=2, keep=5)
     trainer.run()
+    trainer.close()
     before = snapshot(out)
-    trainer2, _ = _trainer(corpus, out, max_steps=50, eval_every=2, nan_tolerance=1)
-    trainer2.cfg.keep = 5
-    # A fresh run into the same folder that diverges at once writes nothing.
+    # The run resumed with a larger budget diverges at once: it writes nothing.
+    trainer2 = Trainer({"max_steps": 50, "nan_tolerance": 1}, resume=out / "last.pt", handle_sigint=False,
+                       cache=False)
     _poison(trainer2, lambda n: True)
     with pytest.raises(TrainingError):
         trainer2.run()
+    trainer2.close()
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k.endswith(".pt")} == {
         k: v for k, v in before.items() if k.endswith(".pt")}
