@@ -37,7 +37,7 @@ Float = Optional[float]
 @app.command()
 def train(
     corpus: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="[CORPUS]...", show_default=False,
+        metavar="CORPUS", show_default=False,
         help="Text files or folders to train on.  [default: the built-in corpus, this Python's "
              "standard library source]")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -140,8 +140,11 @@ def train(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="List every file read and skipped.")] = False,
 ) -> None:
-    """Train a model on your text (or on the built-in corpus); writes best.pt
-    and last.pt."""
+    """Train a model on your text or the built-in corpus.
+
+    Writes best.pt (for sampling and evaluation) and last.pt (to resume) to
+    the output folder, and prints the command that continues the run if it is
+    stopped."""
 
     def body() -> None:
         from ..devices import set_threads
@@ -184,7 +187,8 @@ def train(
         if trainer.dist.is_main:
             best = result.best_path or result.last_path
             err.print(f"Done: {plural(result.step, 'step')}, best validation loss "
-                      f"{fmt_loss(result.best_val_loss)}. Checkpoints in {result.out_dir}/", markup=False)
+                      f"{fmt_loss(result.best_val_loss)}.", markup=False)
+            err.print(f"Checkpoints in {result.out_dir}/", markup=False)
             err.print(f"Next: charnn sample {best} -n 500", markup=False)
 
     run_command(body)
