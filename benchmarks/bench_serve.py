@@ -1,0 +1,161 @@
+"""Serving under load: a real ``charnn serve`` process on 127.0.0.1 and real
+HTTP clients (httpx, one thread and connection per client), streaming generation.
+
+For 1, 8 and 32 concurrent streaming clients it sends the same set of
+requests (``--requests`` of them, ``--length`` characters each, prime "The ",
+temperature 0.8, seeds 0..R-1) and measures
+
+- aggregate characters per second: generated characters / wall time;
+- time to first character (TTFC), request sent -> first ``text`` event,
+  p50 and p95 over the requests;
+
+and compares each with serving the same requests one at a time (the 1-client
+run). The model is a randomly initialised default-size model (2x320 LSTM,
+embedding 128, 97 characters): for throughput its weights do not matter.
+Goal (issue 14): 32 clients >= 5x the one-at-a-time throughput, p95 TTFC <
+250 ms, on a 2-core machine. The machine's load average is printed with the
+figures (other processes on the same cores slow both sides).
+
+    python benchmarks/bench_serve.py            # needs: pip install 'charnn[serve]' httpx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from charnn import checkpoint
+from charnn.config import ModelConfig
+from charnn.model import CharRNN
+from charnn.tokenizer import CharTokenizer
+
+VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like bench_sample
+
+
+def make_checkpoint(folder: Path) -> Path:
+    torch.manual_seed(0)
+    tok = CharTokenizer(sorted(VOCAB))
+    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size))  # the defaults: 2x320 LSTM, embedding 128
+    return checkpoint.save(checkpoint.build_payload(model, tok), folder / "default-size.pt")
+
+
+def start_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "charnn", "serve", str(ckpt), "--port", "0",
+                             "--threads", str(threads), "--max-queue", "256"],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = proc.stderr.readline()
+    m = re.search(r"(http://\S+/) ", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
+    return proc, m.group(1)
+
+
+def one_request(http: httpx.Client, seed: int, length: int) -> tuple[float, int, float]:
+    """(seconds to first character, characters, seconds in all) of one streamed request."""
+    body = {"prime": "The ", "n": length, "seed": seed, "temperature": 0.8, "stream": True}
+    start = time.perf_counter()
+    first = None
+    chars = 0
+    with http.stream("POST", "v1/generate", json=body) as r:
+        r.raise_for_status()
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "text":
+                if first is None:
+                    first = time.perf_counter() - start
+                chars += len(json.loads(line[6:])["text"])
+            elif event == "error":
+                raise RuntimeError(line)
+    return first if first is not None else float("nan"), chars, time.perf_counter() - start
+
+
+def run_level(url: str, clients: int, requests: int, length: int, budget: float) -> dict:
+    """``requests`` requests, at most ``clients`` in flight at once: each client
+    is a thread with its own keep-alive connection, taking the next request
+    when its last one is done."""
+    seeds = list(range(requests))
+    lock = threading.Lock()
+    results: list[tuple[float, int, float]] = []
+    deadline = time.monotonic() + budget
+
+    def client() -> None:
+        # TCP_NODELAY as browsers and curl set it: without it the request body
+        # waits for the server's delayed ACK of the headers (40 ms on Linux).
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        with httpx.Client(base_url=url, timeout=budget, transport=transport) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    if not seeds:
+                        return
+                    seed = seeds.pop(0)
+                result = one_request(http, seed, length)
+                with lock:
+                    results.append(result)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    wall = time.perf_counter() - start
+    ttfc = sorted(r[0] for r in results)
+    chars = sum(r[1] for r in results)
+    if chars != requests * length:
+        raise SystemExit(f"only {chars} of {requests * length} characters came back within {budget} s")
+    return {"clients": clients, "requests": requests, "chars": chars, "wall": wall, "chars_per_s": chars / wall,
+            "ttfc_p50": statistics.median(ttfc), "ttfc_p95": ttfc[min(len(ttfc) - 1, int(0.95 * len(ttfc)))]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=64, help="requests per level (the same set at every level)")
+    p.add_argument("--length", type=int, default=200, help="characters generated per request")
+    p.add_argument("--levels", default="1,8,32", help="concurrent clients per level; 1 = one at a time")
+    p.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--budget", type=float, default=300.0, help="seconds allowed per level")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(Path(tmp))
+        proc, url = start_server(ckpt, args.threads)
+        try:
+            run_level(url, 4, 8, 50, args.budget)  # warm up both sides
+            load_before = os.getloadavg()
+            rows = [run_level(url, c, args.requests, args.length, args.budget) for c in levels]
+            load_after = os.getloadavg()
+        finally:
+            proc.terminate()
+            code = proc.wait(timeout=60)
+    base = next((r for r in rows if r["clients"] == 1), rows[0])
+    print(f"charnn serve, default-size model (2x320 LSTM, 97 chars), server --threads {args.threads}, "
+          f"{os.cpu_count()} CPUs; {args.requests} streamed requests x {args.length} chars per level")
+    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"{'clients':>7}  {'chars/s':>8}  {'vs one at a time':>16}  {'TTFC p50':>9}  {'TTFC p95':>9}  {'wall':>6}")
+    for r in rows:
+        print(f"{r['clients']:>7}  {r['chars_per_s']:>8.0f}  {r['chars_per_s'] / base['chars_per_s']:>15.2f}x  "
+              f"{r['ttfc_p50'] * 1e3:>7.0f}ms  {r['ttfc_p95'] * 1e3:>7.0f}ms  {r['wall']:>5.1f}s")
+    top = rows[-1]
+    print(f"goal: {top['clients']} clients >= 5x one at a time: {top['chars_per_s'] / base['chars_per_s']:.2f}x "
+          f"({'met' if top['chars_per_s'] >= 5 * base['chars_per_s'] else 'NOT met'}); p95 TTFC < 250 ms: "
+          f"{top['ttfc_p95'] * 1e3:.0f} ms ({'met' if top['ttfc_p95'] < 0.25 else 'NOT met'}); server exit code {code}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""charnn serve: a page and an HTTP API over one or more checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import app, at_least, between, run_command, say
+
+
+@app.command()
+def serve(
+    checkpoints: Annotated[list[Path], typer.Argument(
+        metavar="CHECKPOINT", show_default=False, help="Checkpoints to serve (loaded once, at start).")],
+    host: Annotated[str, typer.Option(
+        metavar="HOST", help="Address to listen on; 127.0.0.1 keeps the server to this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        metavar="PORT", callback=between(0, 65535), help="Port to listen on; 0 picks a free one (shown at start).")] = 8000,
+    max_queue: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1),
+        help="Requests per model waiting for a place in the batch; more get 503 with Retry-After.")] = 64,
+    max_batch: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1), help="Streams per model generated together in one batched step.")] = 64,
+    max_n: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1), help="Most characters a request may generate per sample.")] = 2000,
+    max_prime: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1), help="Longest prime (and stop string) a request may send, in characters.")] = 4000,
+    max_samples: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1), help="Most samples (num_samples) per request.")] = 8,
+    max_text: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(2), help="Longest text /v1/score reads, in characters.")] = 100_000,
+    threads: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1),
+        help="CPU threads for torch. 1 leaves a core for HTTP, and rounds the batched numbers as charnn "
+             "sample does (see the README).")] = 1,
+    grace: Annotated[float, typer.Option(
+        metavar="SECONDS", callback=at_least(0),
+        help="On Ctrl-C or SIGTERM: how long in-flight streams may take to finish before they are ended.")] = 10.0,
+) -> None:
+    """Serve models over HTTP: a page to play with them at /, and a JSON API
+    (GET /v1/models, POST /v1/generate with optional streaming, POST /v1/score).
+    Concurrent requests are generated together in one batch."""
+
+    def body() -> None:
+        from ..serve import require_extra
+
+        require_extra()  # before loading anything: say how to install the extra
+        from ..devices import set_threads
+        from ..serve import Limits, bind, create_app, load_models, run, url_of
+
+        limits = Limits(max_queue=max_queue, max_batch=max_batch, max_n=max_n, max_prime=max_prime,
+                        max_samples=max_samples, max_text=max_text)
+        set_threads(threads)
+        models = load_models(checkpoints)
+        application = create_app(models, limits)
+        sock = bind(host, port)
+        url = url_of(sock)
+        say(f"Serving {', '.join(m.name for m in models)} at {url} (API under {url}v1/; Ctrl-C to stop)")
+        stopped_by = run(application, sock, grace=grace)
+        say(f"Stopped{f' ({stopped_by})' if stopped_by else ''}.")
+
+    run_command(body)

@@ -1,0 +1,611 @@
+"""charnn serve: the API through Starlette's test client (same text as
+``charnn sample``, same loss as ``charnn eval``, 4xx errors that say what to
+change, batching, queue limits, disconnects), a real server process stopped by
+real signals, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+
+with warnings.catch_warnings():  # starlette asks for httpx2 in its test client; httpx works the same
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient  # noqa: E402
+
+from charnn import checkpoint as ckpt_mod  # noqa: E402
+from charnn.config import ModelConfig  # noqa: E402
+from charnn.model import CharRNN  # noqa: E402
+from charnn.serve import Limits, create_app, load_models  # noqa: E402
+from charnn.tokenizer import CharTokenizer  # noqa: E402
+from conftest import invoke  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gru_ckpt(tmp_path_factory) -> Path:
+    """A second model (random GRU, another vocabulary) to pick by name."""
+    torch.manual_seed(1)
+    tok = CharTokenizer(list("abc \n"))
+    model = CharRNN(ModelConfig(cell="gru", vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=16,
+                                num_layers=2, dropout=0.0))
+    path = tmp_path_factory.mktemp("gru") / "tiny-gru.pt"
+    ckpt_mod.save(ckpt_mod.build_payload(model, tok), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(trained, gru_ckpt):
+    return load_models([trained.best, gru_ckpt])
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    app = create_app(models, Limits(max_n=5000, max_prime=200, max_samples=8))
+    with TestClient(app) as c:
+        c.app_state = app.state.server
+        yield c
+
+
+def sample_cli(ckpt: Path, prime: str, n: int, *, seed: int, temperature: float = 0.8, top_k: int = 0,
+               top_p: float = 1.0, stop: str | None = None, num_samples: int = 1) -> list[str]:
+    """Texts from ``charnn sample --json`` (the reference)."""
+    args = ["sample", ckpt, "--prime", prime, "-n", n, "--seed", seed, "--temperature", temperature,
+            "--top-k", top_k, "--top-p", top_p, "--num-samples", num_samples, "--json"]
+    if stop is not None:
+        args += ["--stop", stop]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return [s["text"] for s in json.loads(result.stdout)]
+
+
+def generate(client, **body) -> dict:
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        kind = re.search(r"^event: (.*)$", block, re.M).group(1)
+        data = json.loads(re.search(r"^data: (.*)$", block, re.M).group(1))
+        out.append((kind, data))
+    return out
+
+
+def streamed_texts(events: list[tuple[str, dict]], k: int) -> list[str]:
+    start = events[0][1]
+    texts = [start["prime"]] * k
+    for kind, data in events:
+        if kind == "text":
+            texts[data["sample"]] += data["text"]
+    return texts
+
+
+# ---------------------------------------------------------------------------
+# The API
+# ---------------------------------------------------------------------------
+
+def test_models_lists_checkpoints_with_config_and_training(client, trained, gru_ckpt):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    data = r.json()
+    by_name = {m["name"]: m for m in data["models"]}
+    assert set(by_name) == {"best", "tiny-gru"}
+    best = by_name["best"]
+    loaded = ckpt_mod.load(trained.best)
+    assert best["file"] == str(trained.best)
+    assert best["model_config"] == loaded.model_config.to_dict()
+    assert best["vocab_size"] == loaded.tokenizer.vocab_size == len(best["vocab"])
+    assert best["training"]["step"] == loaded.train_state["step"]
+    assert best["training"]["best_val_loss"] == pytest.approx(loaded.train_state["best_val"])
+    assert by_name["tiny-gru"]["model_config"]["cell"] == "gru"
+    assert data["limits"]["max_n"] == 5000
+
+
+SETTINGS = [
+    dict(prime="The ", n=120, seed=11),
+    dict(prime="A st", n=150, seed=3, temperature=1.3, top_k=5),
+    dict(prime="", n=100, seed=5, temperature=0.9, top_p=0.7),
+    dict(prime="She ", n=80, seed=0, temperature=0),
+    dict(prime="How ", n=300, seed=21, temperature=1.0, stop="e "),
+    dict(prime="Pe", n=90, seed=7, num_samples=3, temperature=1.1),
+    dict(prime="All ", n=200, seed=40, num_samples=5, top_k=4, top_p=0.9, temperature=1.2, stop="e"),
+    dict(prime="T", n=70, seed=2**40, num_samples=8, temperature=0.5),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_generate_equals_charnn_sample(client, trained, settings):
+    body = dict(settings)
+    cli = sample_cli(trained.best, body.pop("prime"), body.pop("n"), seed=body.pop("seed"), **body)
+    got = generate(client, model="best", **settings)
+    assert [s["text"] for s in got["samples"]] == cli
+    assert [s["seed"] for s in got["samples"]] == [settings["seed"] + i for i in range(len(cli))]
+    if "stop" in settings:  # the stop string ended at least one sample early, and is never included
+        assert any(s["finish_reason"] == "stop" for s in got["samples"])
+        assert all(settings["stop"] not in s["text"][len(settings["prime"]):] for s in got["samples"])
+
+
+@pytest.mark.parametrize("settings", [SETTINGS[0], SETTINGS[4], SETTINGS[6]], ids=["plain", "stop", "batch-stop"])
+def test_stream_gives_the_same_text_as_json(client, settings):
+    whole = generate(client, **settings)
+    r = client.post("/v1/generate", json={**settings, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0][0] == "start" and events[0][1]["seed"] == settings["seed"]
+    assert events[-1][0] == "done"
+    k = settings.get("num_samples", 1)
+    assert streamed_texts(events, k) == [s["text"] for s in whole["samples"]]
+    assert events[-1][1]["samples"] == whole["samples"]
+    assert sum(kind == "text" for kind, _ in events) > 1  # sent as made, not in one piece
+
+
+def test_stream_with_probabilities(client, trained):
+    r = client.post("/v1/generate", json={"prime": "The ", "n": 60, "seed": 9, "stream": True, "top": 3})
+    events = sse_events(r.text)
+    text, probs, tops = "", [], []
+    for kind, data in events:
+        if kind == "text":
+            assert len(data["probs"]) == len(data["top"]) == len(data["text"])
+            text += data["text"]
+            probs += data["probs"]
+            tops += data["top"]
+    assert len(text) == 60
+    # The probabilities are the model's own: the chosen character's, and the 3 best, sorted.
+    tok = ckpt_mod.load(trained.best).tokenizer
+    model, _, _ = ckpt_mod.load_model(trained.best)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tok.encode("The " + text)]))
+    expected = torch.softmax(logits[0, 3:-1], -1)  # the distribution each generated character was drawn from
+    for j, ch in enumerate(text):
+        assert probs[j] == pytest.approx(float(expected[j, tok.stoi[ch]]), abs=1e-5)
+        assert [c for c, _ in tops[j]] == [tok.chars[int(i)] for i in expected[j].topk(3).indices]
+        assert tops[j][0][1] >= tops[j][1][1] >= tops[j][2][1]
+
+
+def test_no_seed_reports_one_that_repeats(client):
+    first = generate(client, prime="The ", n=40)
+    assert isinstance(first["seed"], int)
+    again = generate(client, prime="The ", n=40, seed=first["seed"])
+    assert again["samples"] == first["samples"]
+
+
+def test_second_model_by_name_and_zero_length(client, gru_ckpt):
+    got = generate(client, model="tiny-gru", prime="ab", n=30, seed=1)
+    assert got["model"] == "tiny-gru"
+    assert got["samples"][0]["text"] == sample_cli(gru_ckpt, "ab", 30, seed=1)[0]
+    assert set(got["samples"][0]["text"]) <= set("abc \n")
+    assert generate(client, prime="The ", n=0, seed=1)["samples"][0]["text"] == "The "
+
+
+def test_unknown_skip_drops_characters_like_the_cli(client, trained):
+    got = generate(client, prime="The \u00e9\u00e9x", n=50, seed=4, unknown="skip")
+    result = invoke("sample", trained.best, "--prime", "The \u00e9\u00e9x", "-n", 50, "--seed", 4,
+                    "--unknown", "skip", "--json")
+    assert got["samples"][0]["text"] == json.loads(result.stdout)[0]["text"]
+    assert got["samples"][0]["prime"] == "The x"
+
+
+def test_concurrent_streams_are_batched_and_give_the_same_texts_as_alone(client):
+    requests = [dict(prime=p, n=n, seed=s, temperature=t, num_samples=k, stream=True)
+                for p, n, s, t, k in [("The ", 400, 1, 0.8, 1), ("A ", 300, 2, 1.2, 2), ("", 500, 3, 0.6, 1),
+                                      ("She ", 250, 4, 1.0, 4), ("How ", 450, 5, 0, 1), ("P", 350, 6, 0.9, 1),
+                                      ("All ", 400, 7, 1.5, 3), ("The q", 300, 8, 0.7, 1)]]
+    alone = [streamed_texts(sse_events(client.post("/v1/generate", json=r).text), r["num_samples"])
+             for r in requests]
+    engine = client.app_state.engines["best"]
+    engine.max_rows = 0
+    barrier = threading.Barrier(len(requests))
+
+    def run(r):
+        barrier.wait()
+        return streamed_texts(sse_events(client.post("/v1/generate", json=r).text), r["num_samples"])
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(run, requests))
+    assert together == alone
+    assert engine.max_rows > 4  # they really shared batched steps
+
+
+def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(client, trained):
+    """One-stream requests with the same temperature share one batched pick
+    (serve._pick_plain); each must still be exactly its own ``charnn sample``."""
+    from charnn.sample import generate as sample_generate  # what charnn sample runs for one sample
+
+    model, tok, _ = ckpt_mod.load_model(trained.best)
+    primes = ["The ", "A ", "She ", "How ", "P", "All ", "T", ""] * 2
+    requests = [dict(prime=p, n=300, seed=100 + i, temperature=0.9) for i, p in enumerate(primes)]
+    expected = [r["prime"] + "".join(sample_generate(model, tok, r["prime"], r["n"], temperature=0.9,
+                                                     seed=r["seed"])) for r in requests]
+    engine = client.app_state.engines["best"]
+    engine.max_rows = 0
+    barrier = threading.Barrier(len(requests))
+
+    def run(r):
+        barrier.wait()
+        return generate(client, **r)["samples"][0]["text"]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(run, requests))
+    assert got == expected
+    assert engine.max_rows >= 8
+
+
+def test_stop_hold_back_matches_the_sampler():
+    """Streamed pieces with a stop string: what ``sample._until`` yields, in order."""
+    import random
+
+    from charnn.sample import _until
+    from charnn.serve import _StreamText
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("aab") for _ in range(rng.randint(0, 30)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 4)))
+        s, sent = _StreamText(stop), ""
+        for ch in text:
+            sent += s.piece(*s.add(ch))
+            assert stop not in sent
+        sent += s.piece(*s.flush())
+        assert sent == "".join(_until(iter(text), stop)) == s.final
+
+
+def test_score_equals_charnn_eval(client, trained, tmp_path):
+    text = trained.text[:3000]
+    path = tmp_path / "score.txt"
+    path.write_text(text, encoding="utf-8")
+    result = invoke("eval", trained.best, path, "--json")
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.stdout)
+    r = client.post("/v1/score", json={"model": "best", "text": text, "top": 3})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["chars"] == expected["chars"] == len(text) - 1
+    for key in ("loss", "bpc", "perplexity"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-5)
+    chars = got["characters"]
+    assert "".join(c["char"] for c in chars) == text[1:] and got["context"] == text[0]
+    # Per character: probability = exp(-loss), and they average to the figure.
+    assert sum(c["loss"] for c in chars) / len(chars) == pytest.approx(expected["loss"], abs=1e-5)
+    assert all(abs(c["prob"] - torch.tensor(-c["loss"]).exp().item()) < 1e-5 for c in chars[:200])
+    assert all(len(c["top"]) == 3 and c["top"][0][1] >= c["prob"] - 1e-6 for c in chars[:200])
+
+
+def test_score_normalises_newlines_like_reading_a_file(client, trained, tmp_path):
+    text = "The quick brown fox.\r\nA stitch in time.\r\n"
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(text.encode())
+    expected = json.loads(invoke("eval", trained.best, path, "--json").stdout)
+    got = client.post("/v1/score", json={"text": text}).json()
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert got["chars"] == expected["chars"]
+
+
+BAD = [
+    ("/v1/generate", {"prime": "The \u00e9"}, 400, "prime", "'é' (U+00E9)"),
+    ("/v1/generate", {"prime": "The \u00e9"}, 400, "prime", "\"unknown\": \"skip\""),
+    ("/v1/generate", {"temperature": -1}, 400, "temperature", "0 (greedy) or a positive"),
+    ("/v1/generate", {"temperature": "hot"}, 400, "temperature", "must be a number"),
+    ("/v1/generate", {"top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("/v1/generate", {"top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ("/v1/generate", {"top_k": -2}, 400, "top_k", "at least 0"),
+    ("/v1/generate", {"n": 5001}, 400, "n", "from 0 to 5000"),
+    ("/v1/generate", {"n": 2.5}, 400, "n", "whole number"),
+    ("/v1/generate", {"n": True}, 400, "n", "whole number"),
+    ("/v1/generate", {"num_samples": 9}, 400, "num_samples", "from 1 to 8"),
+    ("/v1/generate", {"num_samples": 0}, 400, "num_samples", "from 1 to 8"),
+    ("/v1/generate", {"seed": -1}, 400, "seed", "from 0"),
+    ("/v1/generate", {"prime": "x" * 201}, 413, "prime", "at most 200"),
+    ("/v1/generate", {"stop": ""}, 400, "stop", "must not be empty"),
+    ("/v1/generate", {"stream": "yes"}, 400, "stream", "true or false"),
+    ("/v1/generate", {"top": 11}, 400, "top", "from 0 to 10"),
+    ("/v1/generate", {"unknown": "ignore"}, 400, "unknown", "\"error\" or \"skip\""),
+    ("/v1/generate", {"model": "nope"}, 404, "model", "this server has: best, tiny-gru"),
+    ("/v1/generate", {"length": 10}, 400, "length", "unknown field 'length'"),
+    ("/v1/generate", {"model": "../../etc/passwd"}, 404, "model", "no model named"),
+    ("/v1/generate", [1, 2], 400, None, "JSON object"),
+    ("/v1/score", {}, 400, "text", "text is missing"),
+    ("/v1/score", {"text": "T"}, 400, "text", "at least 2"),
+    ("/v1/score", {"text": "Th\u00e9"}, 400, "text", "'é' (U+00E9)"),
+    ("/v1/score", {"text": "The", "top": 50}, 400, "top", "from 0 to 10"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field,fragment", BAD, ids=[f"{p}-{f}-{i}" for i, (p, _, _, f, _) in enumerate(BAD)])
+def test_bad_requests_get_a_4xx_json_error_naming_what_to_change(client, path, body, status, field, fragment):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err["message"]
+    assert err.get("field") == field
+    assert err["status"] == status
+
+
+def test_malformed_bodies_and_unknown_routes(client):
+    r = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/generate", content=b"prime=x", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/generate", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "/v1/generate" in r.json()["error"]["message"]
+    r = client.get("/v1/generate")
+    assert r.status_code == 405 and "POST /v1/generate" in r.json()["error"]["message"]
+    r = client.post("/v1/score", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    # ...and the server still works.
+    assert generate(client, prime="The ", n=5, seed=1)["samples"][0]["text"].startswith("The ")
+
+
+def test_page_is_one_self_contained_file(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert not re.search(r"https?://", page)  # no external requests: no absolute URL anywhere
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)
+    for control in ('id="prime"', 'id="temperature"', 'id="top_p"', 'id="top_k"', 'id="n"', 'id="seed"',
+                    'id="model"', 'id="copy"'):
+        assert control in page
+
+
+# ---------------------------------------------------------------------------
+# Limits: the queue, disconnects
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# A real server process, real signals
+# ---------------------------------------------------------------------------
+
+def start_server(ckpt: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "charnn", "serve", str(ckpt), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stderr.readline()
+    if "Serving" not in line:
+        proc.kill()
+        raise AssertionError(line + proc.stderr.read())
+    return proc, re.search(r"(http://\S+/) ", line).group(1)
+
+
+@pytest.fixture
+def reap():
+    procs = []
+    yield procs.append
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_accepting_ends_streams_cleanly_and_exits_0(trained, reap, sig):
+    proc, url = start_server(trained.best, "--max-n", "10000000", "--grace", "1")
+    reap(proc)
+    with httpx.Client(base_url=url, timeout=20) as http:
+        assert http.get("v1/models").status_code == 200
+        short = http.post("v1/generate", json={"prime": "The ", "n": 20, "seed": 3}).json()
+        with http.stream("POST", "v1/generate", json={"prime": "The ", "n": 10**7, "seed": 1,
+                                                      "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: start"
+            proc.send_signal(sig)
+            time.sleep(0.3)
+            # Not accepting any more, while the in-flight stream goes on...
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url + "v1/models", timeout=2)
+            # ...until the grace period ends it with an error event, not a cut connection.
+            rest = "\n".join(lines)
+        assert "event: error" in rest and "shutting down" in rest
+    assert proc.wait(timeout=20) == 0
+    err = proc.stderr.read()
+    assert f"Stopped ({sig.name})" in err and "Traceback" not in err
+    assert short["samples"][0]["text"] == sample_cli(trained.best, "The ", 20, seed=3)[0]
+
+
+def test_serve_without_the_extra_says_how_to_install(trained, tmp_path):
+    # A shadow package that fails to import stands in for the missing extra.
+    (tmp_path / "starlette").mkdir()
+    (tmp_path / "starlette" / "__init__.py").write_text("raise ImportError('no starlette here')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + str(REPO))
+    r = subprocess.run([sys.executable, "-m", "charnn", "serve", str(trained.best)], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: ") and "pip install 'charnn[serve]'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def wait_until(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+    return value
+
+
+def test_full_queue_gets_503_with_retry_after_and_a_disconnect_frees_the_slot(trained, reap):
+    proc, url = start_server(trained.best, "--max-queue", "1", "--max-batch", "1", "--max-n", "10000000")
+    reap(proc)
+    with httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(1) as pool:
+        load = lambda: http.get("v1/models").json()["models"][0]  # noqa: E731
+        # One endless stream takes the only place in the batch...
+        with http.stream("POST", "v1/generate", json={"prime": "The ", "n": 10**7, "seed": 1,
+                                                      "stream": True}) as first:
+            lines = first.iter_lines()
+            assert next(lines) == "event: start"
+            wait_until(lambda: load()["streams"] == 1)
+            # ...a second request waits in the queue (--max-queue 1)...
+            second = pool.submit(httpx.post, url + "v1/generate", json={"prime": "A ", "n": 50, "seed": 2},
+                                 timeout=30)
+            wait_until(lambda: load()["queued"] == 1)
+            # ...and a third is turned away at once.
+            r = http.post("v1/generate", json={"prime": "A ", "n": 5})
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            assert "--max-queue" in r.json()["error"]["message"]
+            time.sleep(0.3)
+            assert not second.done()  # still waiting behind the endless stream
+        # The first client went away: its place is free at the next step.
+        got = second.result(timeout=20)
+        assert got.status_code == 200 and len(got.json()["samples"][0]["text"]) == 52
+        assert load()["queued"] == 0 and load()["streams"] == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def test_address_in_use_is_a_clear_error(trained, reap):
+    proc, url = start_server(trained.best)
+    reap(proc)
+    port = url.rsplit(":", 1)[1].strip("/")
+    result = invoke("serve", trained.best, "--port", port)
+    assert result.exit_code == 1
+    assert "cannot listen on 127.0.0.1:" + port in result.stderr and "--port" in result.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+# ---------------------------------------------------------------------------
+# The page in a real browser (Chromium over the DevTools protocol on a pipe)
+# ---------------------------------------------------------------------------
+
+class Chromium:
+    """Headless Chromium driven through --remote-debugging-pipe (fd 3 in, fd 4 out)."""
+
+    def __init__(self, exe: str, profile: Path):
+        to_r, self._to_w = os.pipe()
+        self._from_r, from_w = os.pipe()
+
+        def fds():
+            a, b = os.dup(to_r), os.dup(from_w)  # move out of the way of 3 and 4 first
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                                      "--no-first-run", f"--user-data-dir={profile}", "--window-size=1200,800"],
+                                     preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(to_r)
+        os.close(from_w)
+        self._buf = b""
+        self._id = 0
+        self.session = None
+
+    def send(self, method: str, params: dict | None = None, session: bool = True, timeout: float = 30.0) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buf:
+                assert time.monotonic() < end, f"no answer to {method}"
+                chunk = os.read(self._from_r, 1 << 16)
+                assert chunk, "chromium closed the pipe"
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def eval(self, expr: str):
+        r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True})
+        assert "exceptionDetails" not in r, r["exceptionDetails"]
+        return r["result"].get("value")
+
+    def wait_for(self, expr: str, timeout: float = 30.0):
+        end = time.monotonic() + timeout
+        while not (value := self.eval(expr)):
+            assert time.monotonic() < end, f"timed out waiting for {expr}"
+            time.sleep(0.05)
+        return value
+
+    def close(self):
+        try:
+            self.send("Browser.close", session=False, timeout=5)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_w)
+        os.close(self._from_r)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_page_in_headless_chromium(trained, reap, tmp_path):
+    proc, url = start_server(trained.best, "--max-n", "3000")
+    reap(proc)
+    browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        browser.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                       session=False)["sessionId"]
+        browser.send("Page.enable")
+        browser.send("Page.navigate", {"url": url})
+        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length > 0")
+        browser.eval("window.__mutations = 0; new MutationObserver((r) => { window.__mutations += r.length; })"
+                     ".observe(document.getElementById('out'), {childList: true});")
+        # Type a prime and a seed with the keyboard, set the length slider, press Ctrl+Enter.
+        browser.eval("document.getElementById('prime').focus()")
+        browser.send("Input.insertText", {"text": "The "})
+        browser.eval("document.getElementById('seed').focus()")
+        browser.send("Input.insertText", {"text": "42"})
+        browser.eval("const n = document.getElementById('n'); n.value = 2000; n.dispatchEvent(new Event('input'));"
+                     "document.getElementById('prime').focus()")
+        for kind in ("keyDown", "keyUp"):
+            browser.send("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                    "windowsVirtualKeyCode": 13, "modifiers": 2})
+        status = browser.wait_for("(s => s.startsWith('done') && s)(document.getElementById('status').textContent)")
+        assert "2000 characters" in status and "seed 42" in status
+        out = browser.eval("document.getElementById('out').textContent")
+        shaded = browser.eval("[...document.querySelectorAll('#out span.c')].filter(s => s.style.background"
+                              " && s.dataset.tip.includes('p(')).length")
+        mutations = browser.eval("window.__mutations")
+        command = browser.eval("document.getElementById('command').value")
+        png = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"})["data"])
+    finally:
+        browser.close()
+    shot = tmp_path / "serve-page.png"
+    shot.write_bytes(png)
+    if os.environ.get("CHARNN_SCREENSHOT"):
+        shutil.copy(shot, os.environ["CHARNN_SCREENSHOT"])
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert out.startswith("The ") and len(out) == 2004
+    assert shaded == 2000  # every generated character shaded, with its alternatives
+    assert mutations > 2  # the text arrived in pieces (streamed), not at once
+    # "Copy as command" gives the charnn sample line that makes the same text.
+    assert command.startswith("charnn sample ") and "--seed 42" in command and "-n 2000" in command
+    result = invoke(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == out + "\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
