@@ -1,12 +1,14 @@
-"""How the training loop runs: its precision and autocast, and the processes
-``torchrun`` starts."""
+"""How the training loop runs: its precision and autocast, the processes
+``torchrun`` starts, and the signals that stop it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from .devices import cpu_has_bf16
 from .errors import ConfigError
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,3 +128,34 @@ def setup_distributed(device_name: str) -> DistInfo:
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"could not join the torchrun process group: {str(e).splitlines()[0][:200]}") from None
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+class StopSignals:
+    """The first Ctrl-C, SIGTERM (timeout, docker stop, Slurm) or SIGHUP (a
+    closed terminal) asks the loop to save and stop at the next step boundary;
+    a second one interrupts at once (the last checkpoint is intact: writes are
+    atomic)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def hit(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}

@@ -100,6 +100,53 @@ def auto_eval_chars(val_chars: int, time_limit: float, seconds_per_char: float |
     return max(2, min(n, val_chars))
 
 
+class Budget:
+    """Which budget ends the run and how far along it is. Reads the config
+    live (a resume may change it) and the run's position as given."""
+
+    def __init__(self, cfg: TrainConfig, chunks_per_epoch: int):
+        self.cfg = cfg
+        self.chunks_per_epoch = max(1, chunks_per_epoch)
+
+    def progress(self, step: int, epochs_done: float, elapsed: float) -> float:
+        """0..1 of whichever budget is nearest its end."""
+        cfg = self.cfg
+        fractions = [0.0]
+        if cfg.max_steps:
+            fractions.append(step / cfg.max_steps)
+        if cfg.epochs:
+            fractions.append(epochs_done / cfg.epochs)
+        if cfg.time_limit:
+            fractions.append(elapsed / cfg.time_limit)
+        return max(fractions)
+
+    def ended(self, step: int, epochs_done: float, elapsed: float, reserve: float = 0.0) -> str | None:
+        """The budget that is used up (``reserve`` seconds kept for the final
+        evaluation under --time-limit), or None."""
+        cfg = self.cfg
+        if cfg.max_steps and step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.epochs and epochs_done >= cfg.epochs - 1e-9:
+            return "epochs"
+        if cfg.time_limit and elapsed + reserve >= cfg.time_limit:
+            return "time_limit"
+        return None
+
+    def planned_steps(self) -> int | None:
+        return planned_steps(self.cfg, self.chunks_per_epoch)
+
+    def spent_message(self, why: str, step: int, elapsed: float, last: str) -> str:
+        """What to type when a resumed run's budget is already used up."""
+        cfg = self.cfg
+        spent = {"max_steps": f"--max-steps {cfg.max_steps}", "epochs": f"--epochs {cfg.epochs:g}",
+                 "time_limit": f"--time-limit {cfg.time_limit:g}s"}[why]
+        more = {"max_steps": f"--max-steps {max(2 * cfg.max_steps, step + 1)}",
+                "epochs": f"--epochs {2 * cfg.epochs:g}",
+                "time_limit": f"--time-limit {int(elapsed + max(60, cfg.time_limit))}s"}[why]
+        return (f"this run's budget is already spent ({spent}; it is at step {step:,}); to train "
+                f"further, give a larger budget: charnn train --resume {last} {more}")
+
+
 def patience_note(cfg: TrainConfig, eval_every: int, total_steps: float | None, done_steps: int) -> str | None:
     """A warning when --patience cannot act in the evaluations this run has left."""
     if not cfg.patience or total_steps is None:

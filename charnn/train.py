@@ -15,7 +15,6 @@ import copy
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,20 +33,20 @@ from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_co
 from .devices import resolve_device
 from .errors import CharnnError, ConfigError, CheckpointError, DataError, TrainingError
 from .evaluate import evaluate_ids
+from .finetune import check_arch, fine_tune_start
 from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
 from .runfolder import RunFolder, choose_out_dir, serialize
-from .runtime import (AUTOCAST_DTYPE, DistInfo, autocast, emulated_bf16, kernels_for,  # noqa: F401
-                      resolve_precision, setup_distributed)
-from .schedule import (SPEED_PROBE_STEPS, auto_eval_chars, auto_eval_every, lr_factor,  # noqa: F401
-                       parse_duration, patience_note, planned_steps)
+# DistInfo, resolve_precision, parse_duration and lr_factor are re-exported for the API and the tests.
+from .runtime import (AUTOCAST_DTYPE, DistInfo, StopSignals, autocast, emulated_bf16,  # noqa: F401
+                      kernels_for, resolve_precision, setup_distributed)
+from .schedule import (SPEED_PROBE_STEPS, Budget, auto_eval_chars, auto_eval_every, lr_factor,  # noqa: F401
+                       parse_duration, patience_note)
 from .tokenizer import CharTokenizer
 
 Callback = Callable[[dict[str, Any]], None]
-ARCH_FIELDS = ("cell", "embedding_dim", "hidden_size", "num_layers", "dropout")
 MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
 TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state")  # in last.pt and step files, not best.pt
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class TrainingInterrupted(CharnnError):
@@ -75,37 +74,6 @@ class TrainResult:
     train_state: dict[str, Any] = field(default_factory=dict)
 
 
-class _StopSignals:
-    """The first Ctrl-C, SIGTERM (timeout, docker stop, Slurm) or SIGHUP (a
-    closed terminal) asks the loop to save and stop at the next step boundary;
-    a second one interrupts at once (the last checkpoint is intact: writes are
-    atomic)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    @property
-    def hit(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old = {}
-
-
 def _make_optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.AdamW:
     # Decay the weight matrices; leave biases and the embedding alone.
     decay, no_decay = [], []
@@ -114,32 +82,6 @@ def _make_optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def _extend_vocab(model: CharRNN, old: CharTokenizer, new: CharTokenizer) -> CharRNN:
-    """A copy of ``model`` whose embedding and head rows follow ``new`` (a
-    superset of ``old``); rows for new characters start fresh."""
-    config = copy.deepcopy(model.config)
-    config.vocab_size = new.vocab_size
-    grown = CharRNN(config)
-    grown.rnn.load_state_dict(model.rnn.state_dict())
-    with torch.no_grad():
-        grown.head.weight.mul_(0.0)
-        grown.head.bias.fill_(float(model.head.bias.min()))
-        for ch, old_id in old.stoi.items():
-            new_id = new.stoi[ch]
-            grown.embedding.weight[new_id] = model.embedding.weight[old_id]
-            grown.head.weight[new_id] = model.head.weight[old_id]
-            grown.head.bias[new_id] = model.head.bias[old_id]
-    return grown
-
-
-def _check_arch(overrides: dict[str, Any], config: ModelConfig, source: Path, what: str, hint: str) -> None:
-    clash = [f"--{k.replace('_', '-')} {overrides[k]} (checkpoint: {getattr(config, k)})"
-             for k in ARCH_FIELDS if overrides.get(k) is not None and overrides[k] != getattr(config, k)]
-    if clash:
-        raise ConfigError(f"{what} {source}: its architecture differs from the model options given: "
-                          + "; ".join(clash) + f". {hint}")
 
 
 def _plural(n: int, word: str) -> str:
@@ -180,7 +122,7 @@ class Trainer:
         resumed = ckpt_mod.load(resume) if resume else None
         if resumed is not None:
             given = given_options(cfg) if isinstance(cfg, TrainConfig) else dict(cfg or {})
-            _check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from",
+            check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from",
                         "A resumed run keeps its model; drop those options, or start a new run from its "
                         f"weights with --init-from {resume}")
             try:
@@ -216,7 +158,9 @@ class Trainer:
         if resumed is not None:
             tokenizer, model = resumed.tokenizer, resumed.build_model("cpu")
         elif init_from:
-            tokenizer, model = self._fine_tune_start(init_from, overrides, extend_vocab)
+            tokenizer, model, notes = fine_tune_start(init_from, self.corpus.text, overrides, extend_vocab)
+            for message in notes:
+                self._emit("warning", message=message)
         else:
             tokenizer = CharTokenizer.from_text(self.corpus.text)
             mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
@@ -234,6 +178,7 @@ class Trainer:
             raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                               f"processes ({self.dist.world_size}); each takes an equal share of streams")
         self.batcher = StreamBatcher(self.train_ids, cfg.batch_size, cfg.seq_len)
+        self.budget = Budget(cfg, len(self.batcher))
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
@@ -304,28 +249,6 @@ class Trainer:
                             f"To train on this text from the checkpoint's weights, use --init-from {resume}")
         return corpus
 
-    def _fine_tune_start(self, init_from: str | os.PathLike, overrides: dict[str, Any],
-                         extend_vocab: bool) -> tuple[CharTokenizer, CharRNN]:
-        base = ckpt_mod.load(init_from)
-        arch = {k: v for k, v in overrides.items() if k != "dropout"}  # dropout may change when fine-tuning
-        _check_arch(arch, base.model_config, Path(init_from), "cannot fine-tune from",
-                    "Drop those options or start a new run")
-        tokenizer, model = base.tokenizer, base.build_model("cpu")
-        unknown = tokenizer.unknown_chars(self.corpus.text)
-        if unknown and not extend_vocab:
-            tokenizer.encode_array(self.corpus.text)  # raises the VocabError that names them
-        if unknown:
-            new_tok = CharTokenizer(sorted(set(tokenizer.chars) | set(unknown)))
-            model = _extend_vocab(model, tokenizer, new_tok)
-            tokenizer = new_tok
-            self._emit("warning", message=f"vocabulary extended by {_plural(len(unknown), 'character')}")
-        if overrides.get("dropout") is not None:
-            model.config.dropout = overrides["dropout"]
-            rebuilt = CharRNN(model.config)
-            rebuilt.load_state_dict(model.state_dict())
-            model = rebuilt
-        return tokenizer, model
-
     def _restore(self, resumed: ckpt_mod.Checkpoint) -> None:
         ts = resumed.train_state
         data = resumed.data
@@ -362,16 +285,13 @@ class Trainer:
             self.state = select_streams(full, self.rows)
 
     # -- schedule ------------------------------------------------------------------
+    def epochs_done(self) -> float:
+        """Passes over the training text so far, fractional."""
+        return self.epoch + self.chunk / len(self.batcher)
+
     def progress(self) -> float:
-        cfg = self.cfg
-        fractions = [0.0]
-        if cfg.max_steps:
-            fractions.append(self.step / cfg.max_steps)
-        if cfg.epochs:
-            fractions.append((self.epoch + self.chunk / len(self.batcher)) / cfg.epochs)
-        if cfg.time_limit:
-            fractions.append(self.elapsed / cfg.time_limit)
-        return max(fractions)
+        """0..1 of whichever budget is nearest its end."""
+        return self.budget.progress(self.step, self.epochs_done(), self.elapsed)
 
     def _lr_lambda(self, _: int) -> float:
         # LambdaLR calls this after every optimizer step; the factor depends on
@@ -511,7 +431,7 @@ class Trainer:
             self.evals_without_improvement = 0
         elif math.isfinite(val):
             self.evals_without_improvement += 1
-        row = {"step": self.step, "epoch": self.epoch + self.chunk / len(self.batcher),
+        row = {"step": self.step, "epoch": self.epochs_done(),
                "val_loss": val, "val_bpc": val / math.log(2) if math.isfinite(val) else None,
                "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
                "elapsed": self.elapsed}
@@ -524,24 +444,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _budget_left(self, reserve: float) -> str | None:
-        cfg = self.cfg
-        if cfg.max_steps and self.step >= cfg.max_steps:
-            return "max_steps"
-        if cfg.epochs and self.epoch + self.chunk / len(self.batcher) >= cfg.epochs - 1e-9:
-            return "epochs"
-        if cfg.time_limit and self.elapsed + reserve >= cfg.time_limit:
-            return "time_limit"
-        return None
-
-    def _spent_message(self, why: str) -> str:
-        cfg = self.cfg
-        spent = {"max_steps": f"--max-steps {cfg.max_steps}", "epochs": f"--epochs {cfg.epochs:g}",
-                 "time_limit": f"--time-limit {cfg.time_limit:g}s"}[why]
-        more = {"max_steps": f"--max-steps {max(2 * cfg.max_steps, self.step + 1)}",
-                "epochs": f"--epochs {2 * cfg.epochs:g}",
-                "time_limit": f"--time-limit {int(self.elapsed + max(60, cfg.time_limit))}s"}[why]
-        return (f"this run's budget is already spent ({spent}; it is at step {self.step:,}); to train "
-                f"further, give a larger budget: charnn train --resume {self.out_dir / 'last.pt'} {more}")
+        return self.budget.ended(self.step, self.epochs_done(), self.elapsed, reserve)
 
     def _agree(self, flag: bool) -> bool:
         """Every rank takes the same decision (stop, time up, Ctrl-C)."""
@@ -632,7 +535,7 @@ class Trainer:
         budget tells the number of steps, the reserve for the final evaluation
         under --time-limit, and a clear error when no step can fit."""
         cfg = self.cfg
-        total = planned_steps(cfg, len(self.batcher))
+        total = self.budget.planned_steps()
         if cfg.eval_every is None and total is not None:
             cfg.eval_every = auto_eval_every(total)
         reserve = 0.0
@@ -672,7 +575,8 @@ class Trainer:
             raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
         spent = self._budget_left(0.0)
         if spent:
-            raise TrainingError(self._spent_message(spent))
+            raise TrainingError(self.budget.spent_message(spent, self.step, self.elapsed,
+                                                          str(self.out_dir / "last.pt")))
         run_start, elapsed_base = time.perf_counter(), self.elapsed
         seconds_per_char = self._calibrate_eval()
         guessed_reserve = self._plan(seconds_per_char)
@@ -694,7 +598,7 @@ class Trainer:
         window_start = probe_start = time.perf_counter()
         last_path: Path | None = None
         stopped = None
-        signals = _StopSignals() if self.handle_sigint else None
+        signals = StopSignals() if self.handle_sigint else None
         if signals:
             signals.__enter__()
         try:
@@ -740,7 +644,7 @@ class Trainer:
                     self._choose_eval_every(time.perf_counter() - probe_start, self.step - start_step, reserve)
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
-                    row = {"step": self.step, "epoch": self.epoch + self.chunk / len(self.batcher),
+                    row = {"step": self.step, "epoch": self.epochs_done(),
                            "train_loss": window_loss / window_steps,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                            "clipped_share": self.clipped_steps / max(1, self.step),
