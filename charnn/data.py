@@ -524,12 +524,15 @@ def builtin_corpus_files() -> list[Path]:
     return chosen
 
 
-def builtin_corpus_path() -> Path:
-    """Assemble (once) and return the built-in corpus file under ``data/``."""
+def builtin_corpus_path(progress: Progress | None = None) -> Path:
+    """Assemble (once) and return the built-in corpus file under ``data/``.
+    ``progress`` hears about the assembly (a few seconds, the first time)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     target = data_dir() / f"{BUILTIN_NAME}-{version}.txt"
     if target.is_file() and target.stat().st_size > 0:
         return target
+    if progress is not None:
+        progress("assembling the built-in corpus from this Python's standard library (once)")
     root = Path(sysconfig.get_paths()["stdlib"])
     parts = []
     for f in builtin_corpus_files():

@@ -233,7 +233,7 @@ class Trainer:
         cfg = self.cfg
         exclude = [self.out_dir, cache_dir()]
         if not cfg.corpus:
-            corpus = read_corpus([builtin_corpus_path()], exclude=exclude, progress=self._status)
+            corpus = read_corpus([builtin_corpus_path(self._status)], exclude=exclude, progress=self._status)
             corpus.name = BUILTIN_NAME
         else:
             try:
