@@ -39,9 +39,11 @@ def serve(
         metavar="SECONDS", callback=at_least(0),
         help="On Ctrl-C or SIGTERM: how long in-flight streams may take to finish before they are ended.")] = 10.0,
 ) -> None:
-    """Serve models over HTTP: a page to play with them at /, and a JSON API
-    (GET /v1/models, POST /v1/generate with optional streaming, POST /v1/score).
-    Concurrent requests are generated together in one batch."""
+    """Serve models over HTTP: a page and a JSON API.
+
+    The page at / plays with the models; the API is GET /v1/models, POST
+    /v1/generate (optionally streamed as server-sent events) and POST
+    /v1/score. Concurrent requests are generated together in one batch."""
 
     def body() -> None:
         from ..serve import require_extra
