@@ -516,7 +516,11 @@ class Trainer:
             else:
                 finite = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
         self.scaler.update()
-        return float(loss.detach()) / self.dist.world_size, norm, finite
+        # The mean loss over the whole batch: each rank holds its share of it.
+        reported = loss.detach() / self.dist.world_size
+        if self.dist.enabled:
+            dist.all_reduce(reported)
+        return float(reported), norm, finite
 
     def close(self) -> None:
         """Release the output folder and leave the process group (under torchrun).
@@ -561,6 +565,10 @@ class Trainer:
         total = self.step + max(0.0, cfg.time_limit - self.elapsed - reserve) / max(per_step, 1e-9)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
+        if self.dist.enabled:  # rank 0's measurement decides: evaluations are collective
+            shared = torch.tensor([total], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, src=0)
+            total = float(shared.item())
         cfg.eval_every = auto_eval_every(total)
         self._emit("note", message=f"evaluating every {_plural(cfg.eval_every, 'step')} "
                                    f"(about {_plural(int(total), 'step')} fit the budget at "

@@ -50,6 +50,14 @@ def test_two_ranks_match_one_process(tmp_path):
     assert ddp.train_state["best_val"] == pytest.approx(one.train_state["best_val"], rel=1e-5)
     # The carried state of all 16 streams is saved, not one rank's share.
     assert ddp.train_state["carried_state"][0].shape == (2, 16, 32)
+    # The logged training loss is the whole batch's, not rank 0's share of it.
+    import json
+
+    def train_losses(folder):
+        rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in rows if "train_loss" in r]
+
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         ".charnn-run", ".charnn.lock", "best.pt", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
 
