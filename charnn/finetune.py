@@ -13,7 +13,7 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, VocabError, describe_char
 from .model import CharRNN
 from .tokenizer import CharTokenizer
 
@@ -60,7 +60,12 @@ def fine_tune_start(init_from: str | os.PathLike, text: str, overrides: dict[str
     warnings = []
     unknown = tokenizer.unknown_chars(text)
     if unknown and not grow_vocab:
-        tokenizer.encode_array(text)  # raises the VocabError that names them
+        shown = ", ".join(describe_char(c) for c in unknown[:20]) + (
+            f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else "")
+        raise VocabError(f"the text has {len(unknown):,} character{'' if len(unknown) == 1 else 's'} that "
+                         f"{init_from}'s vocabulary lacks: {shown}. Pass --extend-vocab to grow the "
+                         "vocabulary (their rows start fresh), or remove them from the text",
+                         characters=unknown)
     if unknown:
         new_tok = CharTokenizer(sorted(set(tokenizer.chars) | set(unknown)))
         model = extend_vocab(model, tokenizer, new_tok)

@@ -95,9 +95,11 @@ def test_init_from_new_characters_needs_extend_vocab(corpus, tmp_path):
     train(cfg(corpus, tmp_path / "a", max_steps=3), TINY, handle_sigint=False)
     other = tmp_path / "other.txt"
     other.write_text("Zebra quartz € jumps! " * 30, encoding="utf-8")
-    with pytest.raises(VocabError, match=r"'€' \(U\+20AC\)"):
+    with pytest.raises(VocabError, match=r"'€' \(U\+20AC\)") as refused:
         Trainer(cfg(other, tmp_path / "b", max_steps=3), None, init_from=tmp_path / "a" / "last.pt",
                 handle_sigint=False)
+    # Only options `train` has are suggested (it has no --unknown).
+    assert "--extend-vocab" in str(refused.value) and "--unknown" not in str(refused.value)
     t = Trainer(cfg(other, tmp_path / "b", max_steps=3), None, init_from=tmp_path / "a" / "last.pt",
                 extend_vocab=True, handle_sigint=False)
     old = checkpoint.load(tmp_path / "a" / "last.pt")
