@@ -226,14 +226,16 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
                 note = " (the learning-rate schedule follows the new budget)"
             elif k in RESUME_APPLIED:
                 note = " (applied from here on; not bit-identical to an uninterrupted run)"
-            changed.append(f"{k} {_show(getattr(saved, k))} -> {_show(values[k])}{note}")
+            changed.append(f"{k} {_show(getattr(saved, k), k)} -> {_show(values[k], k)}{note}")
             setattr(merged, k, values[k])
     if "corpus" in values:
         merged.corpus = list(values["corpus"])
     return merged, changed
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, name: str = "") -> str:
     if value in (0, 0.0, "", None):
         return "off" if value in (0, 0.0) else "auto"
+    if name == "time_limit":
+        return f"{value:g}s"
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -697,7 +697,7 @@ class Trainer:
             name = signal.Signals(signum).name
             last = self.out_dir / "last.pt"
             raise TrainingInterrupted(f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step "
-                                      f"{self.step}; saved {last}. Continue with: charnn train --resume {last}",
+                                      f"{self.step}; saved {last}.\nContinue with: charnn train --resume {last}",
                                       last, signum)
         return result
 

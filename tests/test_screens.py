@@ -383,6 +383,11 @@ def test_interrupted_is_one_sentence():
     msg = interrupted_message("interrupted at step 7; saved run/last.pt (continue with --resume run/last.pt)")
     assert msg.startswith("Interrupted at step 7;") and msg.lower().count("interrupted") == 1
     assert interrupted_message("") == "Interrupted."
+    # The trainer's own message: the command to type last, on its own line, without a full stop.
+    msg = interrupted_message("interrupted by SIGTERM at step 7; saved run/last.pt.\n"
+                              "Continue with: charnn train --resume run/last.pt")
+    assert msg.startswith("Interrupted by SIGTERM at step 7;") and msg.lower().count("interrupted") == 1
+    assert msg.splitlines()[-1] == "Continue with: charnn train --resume run/last.pt"
 
 
 def test_eval_without_files_says_what_it_scored(trained):

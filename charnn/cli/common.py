@@ -425,7 +425,10 @@ def interrupted_message(text: str) -> str:
         text = text[0].upper() + text[1:]
     else:
         text = "Interrupted: " + text
-    return text if text.endswith(".") else text + "."
+    # A last line that is a command to type stays as it is (no full stop to copy).
+    if text.endswith(".") or text.splitlines()[-1].startswith("Continue with: "):
+        return text
+    return text + "."
 
 
 def parse_time_limit(value: Optional[str]) -> Optional[str]:
