@@ -30,7 +30,7 @@ _EXPORTS = {
     "Trainer": "train", "train": "train",
     "generate": "sample", "generate_samples": "sample", "sample_text": "sample", "Sample": "sample",
     "evaluate_ids": "evaluate", "EvalResult": "evaluate",
-    "inspect": "inspect",
+    "inspect": "inspection",
 }
 
 __all__ = ["__version__", *_EXPORTS]

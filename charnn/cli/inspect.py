@@ -23,7 +23,7 @@ def _check_features(values: Optional[list[str]]) -> Optional[list[str]]:
     if not values:
         return values
     from ..errors import ConfigError
-    from ..inspect import parse_feature
+    from ..features import parse_feature
 
     seen: set[str] = set()
     for v in values:
@@ -63,7 +63,8 @@ def inspect_command(
         from ..devices import set_threads
         from ..evaluate import load_eval_texts
         from ..errors import CharnnError
-        from ..inspect import inspect, inspect_page, pyplot, saturation_png
+        from ..inspect_page import inspect_page, pyplot, saturation_png
+        from ..inspection import inspect
         from ..report import write_text
 
         n_threads = set_threads(threads)
@@ -122,7 +123,7 @@ def _progress() -> Iterator[Callable[[int, int], None]]:
 
 
 def _builtins() -> list[str]:
-    from ..inspect import BUILTIN_FEATURES
+    from ..features import BUILTIN_FEATURES
 
     return list(BUILTIN_FEATURES)
 
