@@ -1,5 +1,7 @@
 """Serving under load: a real ``charnn serve`` process on 127.0.0.1 and real
-HTTP clients (httpx, one thread and connection per client), streaming generation.
+HTTP clients (one keep-alive connection each, all on one asyncio thread of this
+process, parsing the chunked SSE body by hand so the client side is cheap: it
+shares the machine's cores with the server), streaming generation.
 
 For 1, 8 and 32 concurrent streaming clients it sends the same set of
 requests (``--requests`` of them, ``--length`` characters each, prime "The ",
@@ -10,18 +12,20 @@ temperature 0.8, seeds 0..R-1) and measures
   p50 and p95 over the requests;
 
 and compares each with serving the same requests one at a time (the 1-client
-run). The model is a randomly initialised default-size model (2x320 LSTM,
+run). It also prints the CPU seconds the server process and this client used
+per level. The model is a randomly initialised default-size model (2x320 LSTM,
 embedding 128, 97 characters): for throughput its weights do not matter.
 Goal (issue 14): 32 clients >= 5x the one-at-a-time throughput, p95 TTFC <
 250 ms, on a 2-core machine. The machine's load average is printed with the
 figures (other processes on the same cores slow both sides).
 
-    python benchmarks/bench_serve.py            # needs: pip install 'charnn[serve]' httpx
+    python benchmarks/bench_serve.py            # needs: pip install 'charnn[serve]'
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -30,12 +34,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import torch
 
 from charnn import checkpoint
@@ -65,61 +66,87 @@ def start_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
     return proc, m.group(1)
 
 
-def one_request(http: httpx.Client, seed: int, length: int) -> tuple[float, int, float]:
-    """(seconds to first character, characters, seconds in all) of one streamed request."""
-    body = {"prime": "The ", "n": length, "seed": seed, "temperature": 0.8, "stream": True}
+async def one_request(host: str, port: int, conn: list, seed: int, length: int) -> tuple[float, int, float]:
+    """(seconds to first character, characters, seconds in all) of one streamed
+    request on the keep-alive connection ``conn`` ([reader, writer], opened on
+    first use): plain HTTP/1.1 with a chunked SSE body read by hand, so the
+    client side costs little CPU (it shares the machine with the server)."""
+    body = json.dumps({"prime": "The ", "n": length, "seed": seed, "temperature": 0.8, "stream": True}).encode()
     start = time.perf_counter()
+    if not conn:
+        reader, writer = await asyncio.open_connection(host, port)
+        # TCP_NODELAY as browsers and curl set it: without it the request body
+        # waits for the server's delayed ACK of the headers (40 ms on Linux).
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn[:] = [reader, writer]
+    reader, writer = conn
+    writer.write(b"POST /v1/generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200") or b"chunked" not in head.lower():
+        raise RuntimeError(f"unexpected response: {head[:200]!r}")
     first = None
     chars = 0
-    with http.stream("POST", "v1/generate", json=body) as r:
-        r.raise_for_status()
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "text":
+    buf = b""
+    while True:  # chunked transfer encoding: size line, data, CRLF; size 0 ends the body
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            break
+        buf += data[:-2]
+        *events, buf = buf.split(b"\n\n")
+        for ev in events:
+            if ev.startswith(b"event: text\n"):
                 if first is None:
                     first = time.perf_counter() - start
-                chars += len(json.loads(line[6:])["text"])
-            elif event == "error":
-                raise RuntimeError(line)
+                chars += len(json.loads(ev[ev.index(b"data: ") + 6:])["text"])
+            elif ev.startswith(b"event: error"):
+                raise RuntimeError(ev.decode())
     return first if first is not None else float("nan"), chars, time.perf_counter() - start
 
 
 def run_level(url: str, clients: int, requests: int, length: int, budget: float) -> dict:
     """``requests`` requests, at most ``clients`` in flight at once: each client
-    is a thread with its own keep-alive connection, taking the next request
-    when its last one is done."""
+    is a coroutine (all in this one thread) with its own keep-alive
+    connection, taking the next request when its last one is done."""
+    m = re.match(r"http://([^/:]+):(\d+)/", url)
+    host, port = m.group(1), int(m.group(2))
     seeds = list(range(requests))
-    lock = threading.Lock()
     results: list[tuple[float, int, float]] = []
-    deadline = time.monotonic() + budget
 
-    def client() -> None:
-        # TCP_NODELAY as browsers and curl set it: without it the request body
-        # waits for the server's delayed ACK of the headers (40 ms on Linux).
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        with httpx.Client(base_url=url, timeout=budget, transport=transport) as http:
-            while time.monotonic() < deadline:
-                with lock:
-                    if not seeds:
-                        return
-                    seed = seeds.pop(0)
-                result = one_request(http, seed, length)
-                with lock:
-                    results.append(result)
+    async def client() -> None:
+        conn: list = []
+        try:
+            while seeds:
+                results.append(await one_request(host, port, conn, seeds.pop(0), length))
+        finally:
+            if conn:
+                conn[1].close()
 
+    async def level() -> None:
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), budget)
+
+    cpu = time.process_time()
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client) for _ in range(clients)]:
-            f.result()
+    asyncio.run(level())
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     ttfc = sorted(r[0] for r in results)
     chars = sum(r[1] for r in results)
     if chars != requests * length:
         raise SystemExit(f"only {chars} of {requests * length} characters came back within {budget} s")
     return {"clients": clients, "requests": requests, "chars": chars, "wall": wall, "chars_per_s": chars / wall,
-            "ttfc_p50": statistics.median(ttfc), "ttfc_p95": ttfc[min(len(ttfc) - 1, int(0.95 * len(ttfc)))]}
+            "ttfc_p50": statistics.median(ttfc), "ttfc_p95": ttfc[min(len(ttfc) - 1, int(0.95 * len(ttfc)))],
+            "client_cpu": cpu}
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def main() -> None:
@@ -137,7 +164,11 @@ def main() -> None:
         try:
             run_level(url, 4, 8, 50, args.budget)  # warm up both sides
             load_before = os.getloadavg()
-            rows = [run_level(url, c, args.requests, args.length, args.budget) for c in levels]
+            rows = []
+            for c in levels:
+                server_cpu = process_cpu(proc.pid)
+                rows.append(run_level(url, c, args.requests, args.length, args.budget))
+                rows[-1]["server_cpu"] = process_cpu(proc.pid) - server_cpu
             load_after = os.getloadavg()
         finally:
             proc.terminate()
@@ -147,10 +178,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; {args.requests} streamed requests x {args.length} chars per level")
     print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
-    print(f"{'clients':>7}  {'chars/s':>8}  {'vs one at a time':>16}  {'TTFC p50':>9}  {'TTFC p95':>9}  {'wall':>6}")
+    print(f"{'clients':>7}  {'chars/s':>8}  {'vs one at a time':>16}  {'TTFC p50':>9}  {'TTFC p95':>9}  {'wall':>6}  {'CPU: server':>11}  {'client':>6}")
     for r in rows:
         print(f"{r['clients']:>7}  {r['chars_per_s']:>8.0f}  {r['chars_per_s'] / base['chars_per_s']:>15.2f}x  "
-              f"{r['ttfc_p50'] * 1e3:>7.0f}ms  {r['ttfc_p95'] * 1e3:>7.0f}ms  {r['wall']:>5.1f}s")
+              f"{r['ttfc_p50'] * 1e3:>7.0f}ms  {r['ttfc_p95'] * 1e3:>7.0f}ms  {r['wall']:>5.1f}s  {r['server_cpu']:>10.1f}s  {r['client_cpu']:>5.1f}s")
     top = rows[-1]
     print(f"goal: {top['clients']} clients >= 5x one at a time: {top['chars_per_s'] / base['chars_per_s']:.2f}x "
           f"({'met' if top['chars_per_s'] >= 5 * base['chars_per_s'] else 'NOT met'}); p95 TTFC < 250 ms: "

@@ -6,7 +6,8 @@ Three pieces:
 
 - :class:`Engine` -- one worker thread per model that steps every active
   stream together. A request's streams (its ``num_samples``) are a *group*:
-  the group's prime is read off the worker thread, then it joins the batch
+  the group's prime is read off the worker thread (or copied from a recent
+  request with the same prime: :class:`PrimeCache`), then it joins the batch
   between two steps and leaves when its last stream ends::
 
       step:      1   2   3   4   5   6   7 ...
@@ -43,7 +44,7 @@ import signal
 import socket
 import sys
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from .sample import NOISE_BLOCK, Sampler, check_prime, random_seed, start_ids, v
 INSTALL_HINT = "pip install 'charnn[serve]'"
 PAGE_FILE = "serve_page.html"
 FLUSH_INTERVAL = 0.05  # seconds between two sends of one stream (the first character goes at once)
+PRIME_CACHE = 64  # primes per model whose state is kept for the next request with the same prime
 MAX_TOP = 10  # alternatives per character a request may ask for
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay below
 
@@ -400,6 +402,35 @@ class _StreamText:
         return "".join(self.chars[: self.cut] if self.cut >= 0 else self.chars)
 
 
+class PrimeCache:
+    """The state after a prime, read once and reused by later requests with the
+    same prime (a page's user trying settings, a program's fixed preamble, the
+    benchmark's "The "). Exact: ``forward_prime`` reads the prime as one
+    stream and only then repeats the result for the batch's rows, so a copy of
+    an earlier read is bit for bit a new one. Used on the priming thread only."""
+
+    def __init__(self, packed: PackedRNN, tokenizer: Any, size: int = PRIME_CACHE):
+        self.packed = packed
+        self.tokenizer = tokenizer
+        self.size = size
+        self._items: OrderedDict[str, tuple[Tensor, list[Tensor]]] = OrderedDict()  # prime -> (1, V), [(1, H)]
+        self.reads = 0  # primes read by the model (the rest were copies)
+
+    def get(self, prime: str, k: int) -> tuple[Tensor, list[Tensor]]:
+        """Logits (k, V) and state after ``prime``, as new tensors."""
+        item = self._items.get(prime)
+        if item is None:
+            item = self.packed.forward_prime(start_ids(self.tokenizer, prime), 1)  # the whole prime in one pass
+            self.reads += 1
+            self._items[prime] = item
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(prime)
+        logits, state = item
+        return logits.repeat(k, 1), [part.repeat(k, 1) for part in state]
+
+
 class Group:
     """One generation request: its ``num_samples`` streams, stepped together."""
 
@@ -421,10 +452,9 @@ class Group:
         self.cancelled = False
         self.finished = False
 
-    def prime(self, packed: PackedRNN) -> None:
+    def prime(self, primes: PrimeCache) -> None:
         """Read the prime (off the worker thread): what ``Sampler.ids`` does first."""
-        ids = start_ids(self.sampler.tokenizer, self.spec.prime)
-        self.logits, self.state = packed.forward_prime(ids, self.k)  # (k, V), the whole prime in one pass
+        self.logits, self.state = primes.get(self.spec.prime, self.k)  # (k, V), state (k, H) per part
         if not self.sampler.greedy:
             self.generators = [torch.Generator(device=self.sampler.device) for _ in self.seeds]
             for g, s in zip(self.generators, self.seeds):
@@ -540,6 +570,7 @@ class Engine:
         self._closing = False
         self._cancel_message: str | None = None
         self._prep = ThreadPoolExecutor(1, thread_name_prefix=f"charnn-prime-{served.name}")
+        self.primes = PrimeCache(self.packed, served.tokenizer)
         self._thread = threading.Thread(target=self._run, name=f"charnn-batch-{served.name}", daemon=True)
         self.steps = 0  # batched steps run (for tests and the benchmark)
         self.rows = 0  # streams in the batch now
@@ -572,7 +603,7 @@ class Engine:
             group.finish()
             return group
         try:  # the prime is read on its own thread, so a long one does not stall the batch
-            await asyncio.get_running_loop().run_in_executor(self._prep, group.prime, self.packed)
+            await asyncio.get_running_loop().run_in_executor(self._prep, group.prime, self.primes)
         except BaseException:
             self.unreserve()
             raise

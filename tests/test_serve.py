@@ -255,6 +255,19 @@ def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(clie
     assert engine.max_rows >= 8
 
 
+def test_a_repeated_prime_is_read_once_and_still_gives_charnn_sample_text(client, trained):
+    """serve.PrimeCache: a later request with the same prime copies the state
+    after it instead of reading it again -- for any num_samples, bit for bit."""
+    primes = client.app_state.engines["best"].primes
+    prime = "The cache "
+    reads = primes.reads
+    for seed, k in ((31, 1), (32, 3), (33, 1)):
+        got = generate(client, model="best", prime=prime, n=60, seed=seed, num_samples=k, temperature=1.0)
+        assert [s["text"] for s in got["samples"]] == sample_cli(trained.best, prime, 60, seed=seed,
+                                                                  num_samples=k, temperature=1.0)
+    assert primes.reads == reads + 1
+
+
 def test_stop_hold_back_matches_the_sampler():
     """Streamed pieces with a stop string: what ``sample._until`` yields, in order."""
     import random
