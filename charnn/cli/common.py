@@ -18,8 +18,14 @@ import sys
 from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.2x carries its own copy of click (and no longer installs click)
+    from typer import _click as click
+    from typer._click import utils as click_utils
+except ImportError:  # older typer runs on the click package
+    import click
+    from click import utils as click_utils
 from rich.console import Console
 from typer.core import TyperCommand
 
@@ -304,8 +310,6 @@ class CharnnTyper(typer.Typer):
     reader that left ends with one clear line (or quietly), never a traceback."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import click.utils
-
         _prepare_stdout()
         try:
             super().__call__(*args, **kwargs)
@@ -319,7 +323,7 @@ class CharnnTyper(typer.Typer):
         except StdoutError as e:
             code = _stdout_failure(e) if code in (0, None) else code
 
-        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):  # click saw the pipe break
+        if isinstance(sys.stdout, click_utils.PacifyFlushWrapper):  # click saw the pipe break
             code = 0 if code in (0, 1, None) else code
         sys.exit(code)
 
