@@ -469,3 +469,20 @@ def test_pages_of_other_cells(cell, code_text, tmp_path):
     assert all(u["state"] == "h" for f in d["features"] for u in f["top"])
     assert len(d["gates"]) == (6 if cell == "gru" else 0)
     assert inspect(_model(cell, tok.vocab_size, hidden=8), code_text, tok, features=[]).features == []
+
+
+def test_the_progress_bar_draws_on_a_terminal():
+    """On a terminal rich draws the bar at once, before the total is known
+    (it crashed there, and only there)."""
+    import io
+
+    from rich.console import Console
+
+    from charnn.cli.inspect import _progress
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80)
+    with _progress(console) as update:
+        update(500, 2000)
+        update(2000, 2000)
+    assert "inspecting" in buf.getvalue()

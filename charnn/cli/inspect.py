@@ -108,16 +108,17 @@ def inspect_command(
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[int, int], None]]:
+def _progress(console: Console | None = None) -> Iterator[Callable[[int, int], None]]:
     """A transient progress bar on stderr (shown only on a terminal)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("inspecting"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} characters"),
-                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("inspect", total=None)
+    with Progress(TextColumn("inspecting"), BarColumn(), TextColumn("{task.fields[count]}"),
+                  TimeRemainingColumn(), console=console or err, transient=True,
+                  disable=not (console or err).is_terminal) as bar:
+        task = bar.add_task("inspect", total=None, count="")  # the total is known at the first update
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total, count=f"{done:,}/{total:,} characters")
 
         yield update
 
