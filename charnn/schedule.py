@@ -135,16 +135,21 @@ class Budget:
     def planned_steps(self) -> int | None:
         return planned_steps(self.cfg, self.chunks_per_epoch)
 
-    def spent_message(self, why: str, step: int, elapsed: float, last: str) -> str:
-        """What to type when a resumed run's budget is already used up."""
+    def spent_message(self, why: str, step: int, elapsed: float, last: str, reserve: float = 0.0) -> str:
+        """What to type when a resumed run's budget is already used up. A
+        budget is the run's total (steps, epochs, training seconds), not what
+        is added on resume."""
         cfg = self.cfg
-        spent = {"max_steps": f"--max-steps {cfg.max_steps}", "epochs": f"--epochs {cfg.epochs:g}",
-                 "time_limit": f"--time-limit {cfg.time_limit:g}s"}[why]
-        more = {"max_steps": f"--max-steps {max(2 * cfg.max_steps, step + 1)}",
-                "epochs": f"--epochs {2 * cfg.epochs:g}",
-                "time_limit": f"--time-limit {int(elapsed + max(60, cfg.time_limit))}s"}[why]
-        return (f"this run's budget is already spent ({spent}; it is at step {step:,}); to train "
-                f"further, give a larger budget: charnn train --resume {last} {more}")
+        if why == "time_limit":
+            left = f", and the final evaluation needs about {reserve:.0f}s" if elapsed < cfg.time_limit else ""
+            spent = f"--time-limit {cfg.time_limit:g}s; it has trained {elapsed:.0f}s{left}"
+            more = f"--time-limit {int(elapsed + reserve + max(60, cfg.time_limit))}s"
+        elif why == "epochs":
+            spent, more = f"--epochs {cfg.epochs:g}", f"--epochs {2 * cfg.epochs:g}"
+        else:
+            spent, more = f"--max-steps {cfg.max_steps}", f"--max-steps {max(2 * cfg.max_steps, step + 1)}"
+        return (f"this run's budget is already spent ({spent}; it is at step {step:,}). A budget is the "
+                f"run's total, so to train further give a larger one: charnn train --resume {last} {more}")
 
 
 def patience_note(cfg: TrainConfig, eval_every: int, total_steps: float | None, done_steps: int) -> str | None:

@@ -581,13 +581,13 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
             raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
-        spent = self._budget_left(0.0)
-        if spent:
-            raise TrainingError(self.budget.spent_message(spent, self.step, self.elapsed,
-                                                          str(self.out_dir / "last.pt")))
         run_start, elapsed_base = time.perf_counter(), self.elapsed
         seconds_per_char = self._calibrate_eval()
         guessed_reserve = self._plan(seconds_per_char)
+        spent = self._budget_left(guessed_reserve)  # a resumed run's budget may be used up
+        if spent:
+            raise TrainingError(self.budget.spent_message(spent, self.step, self.elapsed,
+                                                          str(self.out_dir / "last.pt"), guessed_reserve))
         self._emit("start", config=cfg.to_dict(), model_config=self.model.config.to_dict(),
                    parameters=self.model.num_parameters(), device=str(self.device),
                    precision=self.precision, train_chars=len(self.train_ids), val_chars=len(self.val_ids),
@@ -673,9 +673,9 @@ class Trainer:
                         stopped = "patience"
                         break
             if self.step == start_step and stopped != "interrupted":
-                raise TrainingError(
-                    "no training step fit in the budget" + (f" (--time-limit {cfg.time_limit:g}s)" if cfg.time_limit
-                                                            else "") + "; nothing was written. Give a larger budget")
+                hint = f", for example --time-limit {int(2 * cfg.time_limit + 30)}s" if cfg.time_limit else ""
+                raise TrainingError(f"no training step fit in the budget; nothing was written. Give a larger "
+                                    f"budget{hint}.")
             if stopped == "interrupted":
                 last_path = self.save(improved=False)  # quickly: no evaluation after a stop signal
             elif self._last_eval_step != self.step:  # (-1 until this run evaluates)

@@ -277,3 +277,18 @@ def test_library_resume_with_a_mapping_of_given_options(run_copy):
         assert t.changed == ["eval_every 4 -> 2"]
     finally:
         t.close()
+
+
+def test_a_spent_time_budget_says_it_is_the_runs_total(corpus, tmp_path):
+    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", "--time-limit", "3s", "--out", tmp_path / "run"]
+    assert invoke(*args).exit_code == 0
+    again = invoke("train", "--resume", tmp_path / "run" / "last.pt")
+    assert again.exit_code == 1, again.output
+    text = " ".join(again.stderr.split())
+    assert "already spent" in text and "the run's total" in text, text
+    bigger = re.search(r"--resume \S+ --time-limit (\d+)s", text)
+    assert bigger and int(bigger.group(1)) > 3, text
+    step = checkpoint.load(tmp_path / "run" / "last.pt").train_state["step"]
+    more = invoke("train", "--resume", tmp_path / "run" / "last.pt", "--time-limit", bigger.group(1) + "s",
+                  "--max-steps", step + 5)  # the suggested command trains (capped here by steps)
+    assert more.exit_code == 0, more.output
