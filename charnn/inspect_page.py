@@ -8,31 +8,18 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 
 from .errors import CharnnError, ConfigError
 from .inspection import GATE_TITLES, TANH_GATES, Inspection
-from .report import show_char
+from .report import pyplot, save_png, show_char  # noqa: F401  (pyplot: for the CLI)
 
 __all__ = ["inspect_page", "saturation_png", "pyplot", "HTML_CHARS"]
 
 GATE_COLOURS = {"i": "#1b9e77", "f": "#d95f02", "o": "#7570b3", "g": "#e7298a",
                 "r": "#1b9e77", "z": "#d95f02", "n": "#e7298a"}
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend, or a CharnnError saying how to install it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CharnnError("--plot needs matplotlib, which is not installed; "
-                          "install it with: pip install 'charnn[plot]' (or pip install matplotlib)") from None
-    return plt
 
 
 def saturation_png(result: Inspection, path: str | Path, title: str = "") -> Path:
@@ -63,15 +50,10 @@ def saturation_png(result: Inspection, path: str | Path, title: str = "") -> Pat
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        try:
-            if not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, format="png")
-        except OSError as e:
-            raise CharnnError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------

@@ -221,9 +221,8 @@ def text_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, floa
     return lines
 
 
-def plot_png(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], path: str | Path,
-             title: str = "") -> Path:
-    """Train and validation loss against step, as a PNG (needs matplotlib)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or a CharnnError saying how to install it."""
     try:
         import matplotlib
 
@@ -232,6 +231,26 @@ def plot_png(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]
     except ImportError:
         raise CharnnError("--plot needs matplotlib, which is not installed; "
                           "install it with: pip install 'charnn[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (its folder made if needed) and close it."""
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    except OSError as e:
+        raise CharnnError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+def plot_png(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], path: str | Path,
+             title: str = "") -> Path:
+    """Train and validation loss against step, as a PNG (needs matplotlib)."""
+    plt = pyplot()
     if not train and not val:
         raise CharnnError("this checkpoint has no loss history (metrics) to plot")
     path = Path(path)
@@ -249,12 +268,7 @@ def plot_png(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        try:
-            if not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, format="png")
-        except OSError as e:
-            raise CharnnError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_png(fig, path)

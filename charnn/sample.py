@@ -272,14 +272,8 @@ class Sampler:
         validate_options(temperature, top_k, top_p, 0, 1, precision)
         if precision == "auto":
             precision = "fp32"
-        self.tokenizer = tokenizer
-        self.temperature = float(temperature)
-        self.top_k = int(top_k)
-        self.top_p = float(top_p)
-        self.greedy = temperature == 0 or top_k == 1
-        self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
+        self._set_options(tokenizer, temperature, top_k, top_p, model.head.weight.device)
         self.packed = PackedRNN(model, PRECISIONS[precision])
-        self.device = model.head.weight.device
         # Overflow is impossible for sane weights (see PackedRNN._value_bound):
         # only a model whose bound is absurd pays for a check of every step.
         bound = self.packed.value_bound
@@ -288,6 +282,17 @@ class Sampler:
         elif not self.greedy:
             bound += 20.0 * self.temperature  # T * Gumbel noise (at most ~17 in fp32)
         self.check_every_step = not bound < SAFE_MAGNITUDE
+
+    def _set_options(self, tokenizer: CharTokenizer, temperature: float, top_k: int, top_p: float,
+                     device: torch.device) -> None:
+        """What the noise and the pick read (shared with the server's batched sampler)."""
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+        self.greedy = temperature == 0 or top_k == 1
+        self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
+        self.device = device
 
     def _noise(self, generators: list[torch.Generator]) -> Tensor:
         """Gumbel noise for the next NOISE_BLOCK steps: (NOISE_BLOCK, B, V)."""

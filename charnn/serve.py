@@ -353,13 +353,7 @@ class _GroupSampler(Sampler):
     shares one PackedRNN, and Sampler.__init__ would pack a copy per request."""
 
     def __init__(self, tokenizer: Any, temperature: float, top_k: int, top_p: float, device: torch.device):
-        self.tokenizer = tokenizer
-        self.temperature = float(temperature)
-        self.top_k = int(top_k)
-        self.top_p = float(top_p)
-        self.greedy = temperature == 0 or top_k == 1
-        self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
-        self.device = device
+        self._set_options(tokenizer, temperature, top_k, top_p, device)
 
 
 class _StreamText:
