@@ -38,6 +38,14 @@ class RunFolderError(CharnnError):
     run, or holding an earlier run that a new one would replace."""
 
 
+class FolderLockedError(RunFolderError):
+    """Another live process is writing to the output folder."""
+
+
+class FolderTakenError(RunFolderError):
+    """The folder holds a run, and a new run (not --overwrite) would replace it."""
+
+
 class TrainingError(CharnnError):
     """Training cannot go on (for example, the loss keeps turning NaN)."""
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CharnnError, CheckpointError, RunFolderError
+from .errors import CharnnError, CheckpointError, FolderLockedError, FolderTakenError, RunFolderError
 
 RUN_MARKER = ".charnn-run"
 LOCK_NAME = ".charnn.lock"
@@ -415,6 +415,11 @@ class RunFolder:
         self._make()
         self._lock()
         try:
+            if self.resuming_at_step is None and not self.overwrite and folder_holds_run(self.path):
+                # Checked again under the lock: another new run may have taken
+                # the folder since it was chosen.
+                raise FolderTakenError(f"{self.path} already holds a training run (another run took it a "
+                                       "moment ago); choose another --out, or --overwrite to replace it")
             self._check_writable()
             if self.overwrite:
                 self._remove_old_run()
@@ -472,7 +477,7 @@ class RunFolder:
         except BlockingIOError:
             holder = _read_record(fd)
             os.close(fd)
-            raise RunFolderError(
+            raise FolderLockedError(
                 f"another charnn train ({_describe_holder(holder)}) is writing to {self.path}; "
                 "wait for it to finish or choose another --out") from None
         except OSError as e:

@@ -31,7 +31,8 @@ from .config import ModelConfig, TrainConfig, given_options, merge_resume
 from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, cache_dir,
                    corpus_name, encode_corpus, read_corpus, split_ids)
 from .devices import resolve_device
-from .errors import CharnnError, ConfigError, CheckpointError, DataError, TrainingError
+from .errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
+                     RunFolderError, TrainingError)
 from .evaluate import evaluate_ids
 from .finetune import check_arch, fine_tune_start
 from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
@@ -136,17 +137,48 @@ class Trainer:
         elif isinstance(cfg, Mapping) or cfg is None:
             cfg = TrainConfig(**dict(cfg or {}))
         self.cfg = cfg.validate()
+        if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
+            raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
         self.dist = setup_distributed(cfg.device)
 
-        # -- where it writes (chosen before reading, so the corpus never includes it)
-        name = cfg.corpus_name or (corpus_name(cfg.corpus) if cfg.corpus else BUILTIN_NAME)
-        self.out_dir, note = choose_out_dir(Path(cfg.out) if cfg.out else None, Path("checkpoints") / name,
-                                            resuming=resumed is not None, overwrite=overwrite)
-        if note:
-            self.notes.append(note)
-        cfg.out = str(self.out_dir)
-        self.overwrite = overwrite
+        # -- where it writes: chosen, locked and checked before reading (so the
+        # corpus never includes it and no other run can take it meanwhile)
+        self._resumed = resumed is not None
+        self._saved = False  # a checkpoint was written by this run
+        self._open_folder(resumed, overwrite)
+        try:
+            self._setup(resumed, init_from, overrides, extend_vocab, cache)
+        except BaseException:
+            self.close()  # a new run that failed here leaves no trace in its folder
+            raise
 
+    def _open_folder(self, resumed: ckpt_mod.Checkpoint | None, overwrite: bool) -> None:
+        cfg = self.cfg
+        requested = Path(cfg.out) if cfg.out else None
+        default = Path("checkpoints") / (cfg.corpus_name or (corpus_name(cfg.corpus) if cfg.corpus else BUILTIN_NAME))
+        for _ in range(100):
+            self.out_dir, note = choose_out_dir(requested, default, resuming=resumed is not None,
+                                                overwrite=overwrite)
+            if not self.dist.is_main:
+                break
+            step = int(resumed.train_state.get("step", 0)) if resumed is not None else None
+            try:
+                self.folder = RunFolder(self.out_dir, resuming_at_step=step, overwrite=overwrite).open()
+            except (FolderTakenError, FolderLockedError):
+                if requested is not None or resumed is not None:
+                    raise
+                continue  # another new run took the default folder a moment ago: the next one
+            self.notes.extend([note] if note else [])
+            self.notes.extend(self.folder.notes)
+            break
+        else:
+            raise RunFolderError(f"could not find a free output folder next to {default}; pass --out")
+        cfg.out = str(self.out_dir)
+
+    def _setup(self, resumed: ckpt_mod.Checkpoint | None, init_from: str | os.PathLike | None,
+               overrides: dict[str, Any], extend_vocab: bool, cache: bool) -> None:
+        cfg = self.cfg
+        resume = resumed.path if resumed is not None else None
         # -- data ------------------------------------------------------------
         self.corpus = self._read_corpus(resume if resumed is not None else None)
         cfg.corpus_hash = self.corpus.sha256
@@ -217,16 +249,6 @@ class Trainer:
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
         self._seconds_per_char = 0.0  # evaluation speed, measured at start
-        self._resumed = resumed is not None
-        self._saved = False  # a checkpoint was written by this run
-        if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
-            raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
-
-        # -- the output folder: locked and checked before any training --------
-        if self.dist.is_main:
-            self.folder = RunFolder(self.out_dir, resuming_at_step=self.step if resumed is not None else None,
-                                    overwrite=overwrite).open()
-            self.notes.extend(self.folder.notes)
 
     # -- setup helpers ---------------------------------------------------------
     def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:

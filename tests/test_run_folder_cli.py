@@ -126,3 +126,42 @@ def test_a_budget_too_short_to_train_is_an_error_not_success(tmp_path, budget):
     assert "too short" in text or "no training step" in text, text
     assert "Done:" not in text
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_run_still_reading_its_corpus_already_owns_its_folder(tmp_path, monkeypatch):
+    """Run A is stopped (a real SIGSTOP) while it reads its text; run B, same
+    corpus name, starts and finishes meanwhile: B goes to NAME-2, and A, once
+    continued, finds its folder as it left it."""
+    import json
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_corpus(tmp_path / "a" / "t.txt", n_words=1500)
+    write_corpus(tmp_path / "b" / "t.txt", n_words=800, seed=1)
+    proc = popen(["train", str(tmp_path / "a" / "t.txt"), *FAST], tmp_path / "data-a", tmp_path,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with reaped(proc):
+        marker = tmp_path / "checkpoints" / "t" / ".charnn-run"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if (tmp_path / "checkpoints" / "t" / "last.pt").exists():
+                pytest.skip("run A finished its first checkpoint before it could be stopped (machine too fast)")
+            b = invoke("train", tmp_path / "b" / "t.txt", *FAST)
+            assert b.exit_code == 0, b.output
+            assert "writing to checkpoints/t-2/" in " ".join(b.stderr.split())
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    rows = [json.loads(r) for r in (tmp_path / "checkpoints" / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train_loss" in r]
+    assert steps == sorted(set(steps))  # one run's rows only
+    a_hash = checkpoint.load(tmp_path / "checkpoints" / "t" / "last.pt").train_config["corpus_hash"]
+    b_hash = checkpoint.load(tmp_path / "checkpoints" / "t-2" / "last.pt").train_config["corpus_hash"]
+    assert a_hash != b_hash

@@ -134,7 +134,7 @@ def test_file_size_limit_is_a_clear_error(tmp_path, small, big):
         from charnn.errors import CharnnError
         from charnn.runfolder import RunFolder
         data = Path(sys.argv[2]).read_bytes()
-        with RunFolder(Path(sys.argv[1])) as folder:
+        with RunFolder(Path(sys.argv[1]), resuming_at_step=0) as folder:
             try:
                 folder.save(data, "last.pt")
             except CharnnError as e:
@@ -216,7 +216,7 @@ def test_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_p
         record = json.loads((out / LOCK_NAME).read_text())
         assert record["pid"] == holder.pid  # the dead process's record is still there
 
-        with RunFolder(out) as folder:
+        with RunFolder(out, resuming_at_step=0) as folder:  # the killed holder's run, resumed
             assert any("took over the lock" in n and f"pid {holder.pid}" in n for n in folder.notes), folder.notes
             assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     finally:
@@ -225,7 +225,7 @@ def test_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_p
             holder.wait()
     # A clean close empties the lock file (kept, see the module docstring): no takeover next time.
     assert (out / LOCK_NAME).read_text() == ""
-    with RunFolder(out) as folder:
+    with RunFolder(out, resuming_at_step=0) as folder:
         assert not any("took over" in n for n in folder.notes)
 
 
@@ -236,9 +236,9 @@ def test_two_folders_in_one_process_conflict_and_close_releases(tmp_path):
     first.close()
     first.close()  # twice is fine
     with pytest.raises(ZeroDivisionError):
-        with RunFolder(tmp_path / "run"):
+        with RunFolder(tmp_path / "run", resuming_at_step=0):
             1 / 0
-    RunFolder(tmp_path / "run").open().close()  # the with-block released it despite the error
+    RunFolder(tmp_path / "run", resuming_at_step=0).open().close()  # the with-block released it despite the error
 
 
 # ---------------------------------------------------------------------------
@@ -410,12 +410,12 @@ def test_resume_at_the_last_step_keeps_the_log_as_is(tmp_path):
 
 
 def test_a_cut_short_last_line_is_dropped_not_fatal(tmp_path):
-    """Opened without resuming (the log of a crashed run): the broken tail goes,
-    so the next row does not glue onto it."""
+    """A crashed run's log, resumed at its last step: the broken tail goes, so
+    the next row does not glue onto it."""
     out = tmp_path / "run"
     out.mkdir()
     _write_log(out / "metrics.jsonl", steps=range(1, 4), tail=b'{"step": 4, "tr')
-    with RunFolder(out) as folder:
+    with RunFolder(out, resuming_at_step=3) as folder:
         folder.log({"step": 4, "train_loss": 1.0})
     assert [r["step"] for r in _strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
@@ -543,3 +543,14 @@ def test_the_marker_is_kept_on_resume(tmp_path):
     assert set(json.loads(marker)) >= {"created", "charnn_version"}
     RunFolder(out, resuming_at_step=0).open().close()
     assert (out / RUN_MARKER).read_bytes() == marker
+
+
+def test_a_new_run_is_refused_under_the_lock_when_another_took_the_folder(tmp_path):
+    """The folder was free when chosen, but another new run opened it first:
+    refused (FolderTakenError, so the trainer moves on to NAME-2), never shared."""
+    from charnn.errors import FolderTakenError
+
+    first = RunFolder(tmp_path / "run").open()
+    first.close()  # it wrote its marker: the folder now holds a run
+    with pytest.raises(FolderTakenError, match="already holds a training run"):
+        RunFolder(tmp_path / "run").open()
