@@ -63,7 +63,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, safe_display
 from .tokenizer import CharTokenizer, dtype_for
 
 BINARY_SNIFF_BYTES = 8192
@@ -72,6 +72,13 @@ RUN_MARKER = ".charnn-run"  # present in every charnn run folder
 CHARNN_FILE_PREFIX = ".charnn"  # charnn's own files (lock, marker, temp files)
 
 Progress = Callable[[str], None]
+
+
+def _show(path: object) -> str:
+    """A path as it goes into a message: control characters (an ANSI escape in
+    a file name) made visible, never sent raw to a terminal. Only messages use
+    it; ``Corpus.files`` and ``Corpus.skipped`` keep the real paths."""
+    return safe_display(str(path), limit=None)
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +158,7 @@ def decode_bytes(raw: bytes, source: str, encoding: str = "utf-8", hint: str = E
     try:
         return raw.decode(encoding)
     except UnicodeError as e:
-        raise DataError(f"{source} is not {encoding} text ({_decode_problem(e, raw)}); {hint}") from None
+        raise DataError(f"{_show(source)} is not {encoding} text ({_decode_problem(e, raw)}); {hint}") from None
 
 
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
@@ -274,7 +281,7 @@ class _CorpusReader:
 
     def skip(self, path: str, reason: str, warning: str | None = None) -> None:
         self.skipped.append((path, reason))
-        self.warnings.append(warning or f"skipped {path}: {reason}")
+        self.warnings.append(warning or f"skipped {_show(path)}: {reason}")
 
     def add(self, path: str, text: str) -> None:
         self.pieces.append(text)
@@ -286,33 +293,37 @@ class _CorpusReader:
             st = os.stat(path)
         except FileNotFoundError:
             if os.path.islink(path):
-                raise DataError(f"corpus {path} is a broken symbolic link (its target is missing); "
+                raise DataError(f"corpus {_show(path)} is a broken symbolic link (its target is missing); "
                                 "check the path") from None
-            raise DataError(f"corpus {path} does not exist; check the path") from None
+            raise DataError(f"corpus {_show(path)} does not exist; check the path") from None
         except OSError as e:
-            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-        if os.path.realpath(path) in self.excluded:
-            raise DataError(f"{path} is where charnn writes this run (its output folder or the data "
+            raise DataError(f"cannot read {_show(path)}: {e.strerror or e}") from None
+        try:
+            real = os.path.realpath(path)
+        except OSError as e:  # a link into a place this process cannot read
+            raise DataError(f"cannot resolve {_show(path)}: {e.strerror or e}") from None
+        if real in self.excluded:
+            raise DataError(f"{_show(path)} is where charnn writes this run (its output folder or the data "
                             "cache), so it cannot be read as the corpus; pass your text, or another --out")
         if stat.S_ISDIR(st.st_mode):
             self.folder(path)
         elif stat.S_ISREG(st.st_mode):
             if path.name.startswith(CHARNN_FILE_PREFIX):
-                raise DataError(f"{path} is one of charnn's own files, not text; pass your text files")
+                raise DataError(f"{_show(path)} is one of charnn's own files, not text; pass your text files")
             self.named_file(path)
         else:
-            raise DataError(f"{path} is {_kind(st.st_mode)}, not a regular file; pass a text file")
+            raise DataError(f"{_show(path)} is {_kind(st.st_mode)}, not a regular file; pass a text file")
 
     def named_file(self, path: Path) -> None:
         try:
             raw = _read_regular(path)
         except _Unreadable as e:
-            raise DataError(f"cannot read {path}: {e.reason}") from None
+            raise DataError(f"cannot read {_show(path)}: {e.reason}") from None
         if _sniff_binary(raw[:BINARY_SNIFF_BYTES], self.encoding):
             reason = _binary_reason(raw[:4])
             if reason.endswith("not text"):
-                raise DataError(f"{path} looks like a binary file, not text; pass a text file")
-            raise DataError(f"{path} {reason}")
+                raise DataError(f"{_show(path)} looks like a binary file, not text; pass a text file")
+            raise DataError(f"{_show(path)} {reason}")
         self.add(str(path), normalize_newlines(decode_bytes(raw, str(path), self.encoding)))
 
     # -- a folder: what cannot be read is skipped, with the reason -------
@@ -320,14 +331,17 @@ class _CorpusReader:
         try:
             names = set(os.listdir(root))
         except OSError as e:
-            raise DataError(f"cannot read folder {root}: {e.strerror or e}") from None
+            raise DataError(f"cannot read folder {_show(root)}: {e.strerror or e}") from None
         if _is_run_folder(names):
-            raise DataError(f"{root} is a charnn run folder (checkpoints and logs), not text; "
+            raise DataError(f"{_show(root)} is a charnn run folder (checkpoints and logs), not text; "
                             "pass the folder or files of your text")
         skipped_before = len(self.skipped)
         # An exclude path around the folder (`charnn train books/ --out .`) holds
         # charnn's files beside it, not in it: only those inside it matter.
-        real_root = os.path.realpath(root)
+        try:
+            real_root = os.path.realpath(root)
+        except OSError as e:
+            raise DataError(f"cannot resolve folder {_show(root)}: {e.strerror or e}") from None
         self.active = [ex for ex in self.excluded if not _within(real_root, ex)]
         found = self.walk(root)
         total = sum(size for _, _, size in found)
@@ -361,13 +375,16 @@ class _CorpusReader:
     def walk(self, root: Path) -> list[tuple[str, Path, int]]:
         """(relative path, path, size) of the regular files under ``root``,
         sorted by relative path; skips are recorded on the way."""
-        root_st = os.stat(root)
+        try:
+            root_st = os.stat(root)
+        except OSError as e:  # it changed since it was named
+            raise DataError(f"cannot read folder {_show(root)}: {e.strerror or e}") from None
         seen_dirs = {(root_st.st_dev, root_st.st_ino)}
         seen_files: dict[tuple[int, int], Path] = {}
         found: list[tuple[str, Path, int]] = []
         stack = [(root, os.path.realpath(root), "")]
         while stack:
-            self.status.tick(lambda: f"scanning {root}: {len(found):,} files so far")
+            self.status.tick(lambda: f"scanning {_show(root)}: {len(found):,} files so far")
             folder, real_folder, rel = stack.pop()
             try:
                 with os.scandir(folder) as it:
@@ -377,15 +394,19 @@ class _CorpusReader:
                 continue
             if rel and _is_run_folder({e.name for e in entries}):
                 self.skip(f"{folder}/", "a charnn run folder",
-                          warning=f"skipping {folder}/: a charnn run folder")
+                          warning=f"skipping {_show(folder)}/: a charnn run folder")
                 continue
             subfolders = []
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 path, child_rel = folder / entry.name, f"{rel}/{entry.name}" if rel else entry.name
-                link = entry.is_symlink()
-                real = os.path.realpath(path) if link else os.path.join(real_folder, entry.name)
+                try:
+                    link = entry.is_symlink()
+                    real = os.path.realpath(path) if link else os.path.join(real_folder, entry.name)
+                except OSError as e:  # a link into a place this process cannot read (EACCES), ...
+                    self.skip(str(path), f"cannot follow the symbolic link: {e.strerror or e}")
+                    continue
                 if self.is_excluded(real):
                     continue
                 try:
@@ -406,7 +427,7 @@ class _CorpusReader:
                     subfolders.append((path, real, child_rel))
                 elif stat.S_ISREG(st.st_mode):
                     if key in seen_files:
-                        self.skip(str(path), f"the same file as {seen_files[key]}")
+                        self.skip(str(path), f"the same file as {_show(seen_files[key])}")
                         continue
                     seen_files[key] = path
                     found.append((child_rel, path, st.st_size))
@@ -418,13 +439,13 @@ class _CorpusReader:
 
     def nothing_read(self, root: Path, skipped: list[tuple[str, str]]) -> None:
         if not skipped:
-            raise DataError(f"folder {root} holds no text files; point charnn at your text")
-        listed = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+            raise DataError(f"folder {_show(root)} holds no text files; point charnn at your text")
+        listed = "; ".join(f"{_show(p)}: {r}" for p, r in skipped[:5])
         more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         hint = "point charnn at your text"
         if any(r.startswith("not ") and "text (" in r for _, r in skipped):
             hint = f"if the files are in another encoding, {ENCODING_HINT}"
-        raise DataError(f"folder {root} holds no text files charnn can read (skipped {listed}{more}); {hint}")
+        raise DataError(f"folder {_show(root)} holds no text files charnn can read (skipped {listed}{more}); {hint}")
 
 
 def _directory_files(root: Path, skip_dir: Callable[[str], bool] | None = None) -> list[Path]:
@@ -442,7 +463,10 @@ def _directory_files(root: Path, skip_dir: Callable[[str], bool] | None = None) 
 
 def corpus_name(paths: Sequence[str | os.PathLike]) -> str:
     first = Path(paths[0])
-    name = first.stem if first.is_file() else first.resolve().name
+    try:
+        name = first.stem if first.is_file() else first.resolve().name
+    except OSError:  # unresolvable (a link into an unreadable place): reading it says why
+        name = first.stem
     return name or "corpus"
 
 
@@ -461,7 +485,7 @@ def read_corpus(paths: Sequence[str | os.PathLike], encoding: str = "utf-8", *,
         reader.named(Path(p))
     text = _join(reader.pieces)
     if not text:
-        raise DataError(f"the corpus ({', '.join(map(str, paths))}) is empty; it needs some text")
+        raise DataError(f"the corpus ({', '.join(map(_show, paths))}) is empty; it needs some text")
     if len(text) >= 100_000_000:
         reader.status.say(f"hashing {_count(len(text))} characters")
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -503,6 +527,35 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "charnn"
 
 
+def _check_data_dir(folder: Path) -> None:
+    """A DataError if the data folder ``folder`` cannot be one: it, or the
+    nearest existing path above it, is a file (or a FIFO, a device...). A
+    missing folder is fine (it is created); an unwritable one is reported by
+    the write itself."""
+    p = folder
+    while True:
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            if p == p.parent:
+                return
+            p = p.parent
+            continue
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            return
+        what = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+        env = os.environ.get("CHARNN_DATA_DIR")
+        if env:
+            where = (f"CHARNN_DATA_DIR={_show(env)} is {what}, not a folder" if p == folder else
+                     f"CHARNN_DATA_DIR={_show(env)} cannot be a folder: {_show(p)} is {what}, not a folder")
+            raise DataError(f"{where}; set CHARNN_DATA_DIR to a folder (it is created if missing) "
+                            "or unset it")
+        raise DataError(f"the data folder {_show(folder)} cannot be created: {_show(p)} is {what}, "
+                        "not a folder; remove it or set CHARNN_DATA_DIR to a folder")
+
+
 def _builtin_skip_dir(name: str) -> bool:
     return name in _BUILTIN_SKIP_DIRS or name.startswith("config-")
 
@@ -528,9 +581,11 @@ def builtin_corpus_path(progress: Progress | None = None) -> Path:
     """Assemble (once) and return the built-in corpus file under ``data/``.
     ``progress`` hears about the assembly (a few seconds, the first time)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    target = data_dir() / f"{BUILTIN_NAME}-{version}.txt"
+    folder = data_dir()
+    target = folder / f"{BUILTIN_NAME}-{version}.txt"
     if target.is_file() and target.stat().st_size > 0:
         return target
+    _check_data_dir(folder)  # before the assembly: "cannot write afile/...: File exists" says nothing
     if progress is not None:
         progress("assembling the built-in corpus from this Python's standard library (once)")
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -542,7 +597,7 @@ def builtin_corpus_path(progress: Progress | None = None) -> Path:
             continue
         parts.append(f"# ===== {f.relative_to(root).as_posix()} =====\n{text.rstrip()}\n\n")
     if not parts:
-        raise DataError(f"could not find this Python's standard library source under {root}; "
+        raise DataError(f"could not find this Python's standard library source under {_show(root)}; "
                         "pass a corpus file instead")
     _atomic_write_text(target, "".join(parts))
     return target
@@ -571,7 +626,7 @@ def _atomic_write_text(target: Path, text: str) -> None:
     try:
         _atomic_write(target, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
-        raise DataError(f"cannot write {target}: {e.strerror or e}; set CHARNN_DATA_DIR "
+        raise DataError(f"cannot write {_show(target)}: {e.strerror or e}; set CHARNN_DATA_DIR "
                         "to a writable folder") from None
 
 

@@ -30,6 +30,12 @@ opened the old file before the unlink could lock it while another locks a new
 one). An empty lock file means the last run ended cleanly; a non-empty one
 whose ``flock`` is free was left by a process that died (kill -9, OOM).
 
+charnn's own files there (``metrics.jsonl``, ``.charnn-run``, ``.charnn.lock``)
+must be regular files: anything else (a FIFO, whose open would block forever, a
+device, a folder, a symbolic link) is a :class:`RunFolderError` naming it,
+found with ``lstat`` and opened non-blocking and without following links, so
+charnn never hangs on one.
+
 Files are created with mode ``0o666`` filtered by the process umask, like any
 ``open()``. Locks are advisory ``flock`` locks: reliable on local file systems;
 on network file systems they are only as good as the server's lock support.
@@ -47,6 +53,7 @@ import re
 import secrets
 import shlex
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +109,28 @@ def _free_bytes(folder: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _no_free_inodes(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` has run out of inodes (file
+    entries). File systems without a fixed inode count (btrfs) report 0 total."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_files > 0 and st.f_favail == 0
+
+
 def _reason(e: OSError, folder: Path, needed: int | None = None) -> tuple[str, str]:
     """What an OSError means for someone writing into ``folder``, and what to do."""
     free = _free_bytes(folder)
+    if e.errno == errno.ENOSPC and _no_free_inodes(folder):
+        # Bytes may be free while no new file can be created: saying "the disk
+        # is full (... 0.9 MB free)" would contradict itself.
+        bytes_short = free is not None and (free == 0 or (needed is not None and free < needed))
+        also = " and no space left either" if bytes_short else ""
+        return (f"the file system has no free inodes left (it holds too many files{also}; "
+                "a new file cannot be created whatever its size)",
+                "Remove files you do not need from that file system (many small files free the most) "
+                "or choose another --out")
     sizes = []
     if needed is not None:
         sizes.append(f"{_size(needed)} needed")
@@ -137,6 +163,86 @@ def _write_error(path: Path, e: OSError, needed: int | None, existed: bool,
     what = "checkpoint" if path.suffix == ".pt" else "file"
     kept = f" The previous {what} there is intact." if existed else ""
     return error(f"could not write {path}: {reason}.{kept} {todo}.")
+
+
+# ---------------------------------------------------------------------------
+# charnn's own files in the folder: regular files only
+# ---------------------------------------------------------------------------
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "a special file"
+
+
+def _not_regular(path: Path, mode: int) -> RunFolderError:
+    return RunFolderError(f"{path} is {_file_kind(mode)}, not a regular file; remove it "
+                          "(charnn keeps its own file there) or choose another --out")
+
+
+def _check_own_file(path: Path) -> bool:
+    """Whether charnn's own file ``path`` (metrics log, marker, lock) exists.
+    Checked with ``lstat``: anything there but a regular file (a FIFO, whose
+    open would block forever, a device, a folder, a symbolic link) is a
+    :class:`RunFolderError` naming it, before anything opens it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # the open that follows reports it
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return True
+
+
+_OPEN_SAFE = os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """``os.open`` of charnn's own file ``path``, never blocking: non-blocking
+    and not following a link, then checked with ``fstat``, so a FIFO swapped in
+    after :func:`_check_own_file` is still refused, not waited on. Raises
+    :class:`RunFolderError` for a file that is not a regular one, OSError
+    otherwise. (O_NONBLOCK does nothing to a regular file's I/O.)"""
+    try:
+        fd = os.open(path, flags | _OPEN_SAFE, 0o666)
+    except OSError:
+        # ELOOP (a link), ENXIO (a FIFO without reader, opened for writing), ...
+        _check_own_file(path)
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    return fd
+
+
+def _read_own(path: Path) -> bytes | None:
+    """The bytes of charnn's own file ``path``, or None if there is none; see
+    :func:`_open_own`."""
+    if not _check_own_file(path):
+        return None
+    try:
+        fd = _open_own(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 # ---------------------------------------------------------------------------
@@ -412,6 +518,7 @@ class RunFolder:
                                  "drop one of them")
         self._created = {"folder": not self.path.exists(), "lock": not (self.path / LOCK_NAME).exists(),
                          "marker": not (self.path / RUN_MARKER).exists()}
+        self._existed_above = self._existing_parent()  # folders below it are made here
         self._make()
         self._lock()
         try:
@@ -468,8 +575,9 @@ class RunFolder:
         import fcntl
 
         lock_path = self.path / LOCK_NAME
+        _check_own_file(lock_path)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_own(lock_path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise self._unwritable(e) from None
         try:
@@ -538,11 +646,15 @@ class RunFolder:
 
     def _write_marker(self) -> None:
         marker = self.path / RUN_MARKER
-        if marker.exists():
+        try:
+            raw = _read_own(marker)  # RunFolderError: a FIFO, a folder, ... there
+        except OSError:
+            raw = b""  # unreadable: write it again
+        if raw is not None:
             try:
-                if isinstance(json.loads(marker.read_text(encoding="utf-8")), dict):
+                if isinstance(json.loads(raw.decode("utf-8")), dict):
                     return
-            except (OSError, ValueError):
+            except ValueError:  # (UnicodeDecodeError too)
                 pass  # damaged: write it again
         data = json.dumps({"created": _now(), "charnn_version": __version__}).encode() + b"\n"
         write_atomic(marker, data, error=RunFolderError)
@@ -553,12 +665,12 @@ class RunFolder:
         lines a crash cut short, so the log stays one valid JSON object a line."""
         path = self.metrics_path
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
+            raw = _read_own(path)  # RunFolderError: a FIFO, a folder, ... there
         except OSError as e:
             raise RunFolderError(f"cannot read {path}: {e.strerror or e}; "
                                  "move it away or choose another --out") from None
+        if raw is None:
+            return
         k = self.resuming_at_step
         if k is None and (not raw or raw.endswith(b"\n")):
             return  # nothing to check: a new run's intact log (appends go after it)
@@ -638,8 +750,8 @@ class RunFolder:
         data = json_line(row).encode("utf-8")
         try:
             if self._metrics_fd is None:
-                self._metrics_fd = os.open(self.metrics_path,
-                                           os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                # Non-blocking: a FIFO put there since open() is refused, not waited on.
+                self._metrics_fd = _open_own(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             fd = self._metrics_fd
             size = os.fstat(fd).st_size
             try:
@@ -650,6 +762,13 @@ class RunFolder:
                 except OSError:
                     pass
                 raise
+        except RunFolderError as e:  # not a regular file (see _open_own)
+            self.log_failures += 1
+            if self._log_failing:
+                return None
+            self._log_failing = True
+            return (f"metrics rows are not being logged (they stay in the checkpoint's short history): "
+                    f"{e}.")
         except OSError as e:
             self.log_failures += 1
             if self._log_failing:
@@ -678,10 +797,16 @@ class RunFolder:
                 except OSError:
                     pass
         if created["folder"]:
-            try:
-                self.path.rmdir()  # only if empty
-            except OSError:
-                pass
+            # The folder, and the parents mkdir made for it (checkpoints/ of
+            # checkpoints/NAME), each only if empty.
+            top = getattr(self, "_existed_above", self.path.parent)
+            p = self.path
+            while p != top and p != p.parent:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+                p = p.parent
 
     def close(self) -> None:
         """Close the log and release the lock. The lock file is kept, emptied
