@@ -208,7 +208,7 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
     values = dict(given)
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
-    clashes = [f"{_flag(k)} {values[k]} (this run: {getattr(saved, k)})"
+    clashes = [f"{_flag(k)} {_show(values[k], k)} (this run: {_show(getattr(saved, k), k)})"
                for k in RESUME_FIXED if k in values and values[k] != getattr(saved, k)]
     if clashes:
         raise ConfigError(

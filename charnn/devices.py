@@ -116,6 +116,12 @@ def set_threads(requested: int | None) -> int:
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ConfigError(f"--threads must be a positive whole number, got {requested!r}")
+        cores = available_cores()
+        most = max(8, 4 * cores)  # beyond this OpenMP only thrashes (and 100,000 crashes it)
+        if requested > most:
+            raise ConfigError(f"--threads {requested} is far more than the {cores} core{'' if cores == 1 else 's'} "
+                              f"this process may use; pass at most {most} (or leave it out: charnn picks the "
+                              "idle cores)")
     n = requested if requested is not None else default_threads()
     torch.set_num_threads(n)
     return n

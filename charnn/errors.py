@@ -86,3 +86,11 @@ def safe_display(s: object, limit: int | None = 200, keep: str = "") -> str:
     if cut:
         s += f"... ({cut:,} more characters)"
     return s
+
+
+def shell_arg(value: object) -> str:
+    """``value`` (a path) as it must be typed in a POSIX shell in a command
+    charnn prints: quoted when it needs to be, unprintable characters escaped."""
+    import shlex
+
+    return safe_display(shlex.quote(str(value)), limit=None)

@@ -13,7 +13,7 @@ import math
 import re
 
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, shell_arg
 
 AUTO_WARMUP_STEPS = 100  # automatic warmup: at most this many steps...
 AUTO_WARMUP_SHARE = 0.05  # ...and at most this share of the budget
@@ -149,7 +149,7 @@ class Budget:
         else:
             spent, more = f"--max-steps {cfg.max_steps}", f"--max-steps {max(2 * cfg.max_steps, step + 1)}"
         return (f"this run's budget is already spent ({spent}; it is at step {step:,}). A budget is the "
-                f"run's total, so to train further give a larger one: charnn train --resume {last} {more}")
+                f"run's total, so to train further give a larger one: charnn train --resume {shell_arg(last)} {more}")
 
 
 def patience_note(cfg: TrainConfig, eval_every: int, total_steps: float | None, done_steps: int) -> str | None:

@@ -32,7 +32,7 @@ from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_co
                    corpus_name, encode_corpus, read_corpus, split_ids)
 from .devices import resolve_device
 from .errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
-                     RunFolderError, TrainingError)
+                     RunFolderError, TrainingError, safe_display, shell_arg)
 from .evaluate import evaluate_ids
 from .finetune import check_arch, fine_tune_start
 from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
@@ -114,6 +114,8 @@ class Trainer:
         self.handle_sigint = handle_sigint
         self.notes: list[str] = []  # said once at start: where it writes, what changed on resume
         self.changed: list[str] = []
+        self._earlier_changes: list[str] = []  # what earlier resumes changed (recorded in train_state)
+        self._resumed_at: Any = None
         self.folder: RunFolder | None = None
         overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
         ModelConfig(**{"vocab_size": 1, **{k: v for k, v in overrides.items()
@@ -125,13 +127,16 @@ class Trainer:
             given = given_options(cfg) if isinstance(cfg, TrainConfig) else dict(cfg or {})
             check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from",
                         "A resumed run keeps its model; drop those options, or start a new run from its "
-                        f"weights with --init-from {resume}")
+                        f"weights with --init-from {shell_arg(resume)}")
             try:
                 saved = TrainConfig.from_dict(resumed.train_config)
             except (ConfigError, TypeError) as e:
                 raise CheckpointError(f"{resume}: its training options are invalid ({e}); it cannot be "
-                                      f"resumed. --init-from {resume} starts a new run from its weights") from None
+                                      f"resumed. --init-from {shell_arg(resume)} starts a new run from its weights") from None
             cfg, self.changed = merge_resume(saved, given)
+            earlier = resumed.train_state.get("changed_on_resume")
+            self._earlier_changes = [str(c)[:300] for c in earlier[:100]] if isinstance(earlier, list) else []
+            self._resumed_at = resumed.train_state.get("step")
             if "out" not in given:
                 cfg.out = str(Path(resume).parent)  # the run's folder, wherever it is now
         elif isinstance(cfg, Mapping) or cfg is None:
@@ -264,11 +269,11 @@ class Trainer:
                 if resume is None:
                     raise
                 raise DataError(f"{e}. To resume, pass the run's corpus at its new location: "
-                                f"charnn train PATH --resume {resume}") from None
+                                f"charnn train PATH --resume {shell_arg(resume)}") from None
         if resume is not None and cfg.corpus_hash and corpus.sha256 != cfg.corpus_hash:
             raise DataError(f"the corpus {', '.join(cfg.corpus) or '(built-in)'} is not the text this run was "
                             "trained on (it changed, or is another text); an exact resume needs the same text. "
-                            f"To train on this text from the checkpoint's weights, use --init-from {resume}")
+                            f"To train on this text from the checkpoint's weights, use --init-from {shell_arg(resume)}")
         return corpus
 
     def _restore(self, resumed: ckpt_mod.Checkpoint) -> None:
@@ -277,7 +282,7 @@ class Trainer:
         if "optimizer_state" not in data or "step" not in ts:
             last = Path(resumed.path).with_name("last.pt")
             hint = (f"resume from {last}, which carries it" if last.exists() and last != Path(resumed.path)
-                    else f"use --init-from {resumed.path} to start a new run from its weights")
+                    else f"use --init-from {shell_arg(resumed.path)} to start a new run from its weights")
             raise CheckpointError(f"{resumed.path} holds the model for sampling and evaluation, without the "
                                   f"optimizer state an exact resume needs; {hint}")
         try:
@@ -289,12 +294,14 @@ class Trainer:
                         "restores", "lr_scale"):
                 if ts.get(key) is not None:
                     setattr(self, key, type(getattr(self, key))(ts[key]))
+            self._check_restored(ts.get("carried_state"))
             if "rng_cpu" in ts:
                 torch.set_rng_state(ts["rng_cpu"])
-        except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{resumed.path}: its training state is damaged ({type(e).__name__}); "
-                                  f"it cannot be resumed. --init-from {resumed.path} starts a new run from "
-                                  "its weights") from None
+        except (ValueError, TypeError, KeyError, RuntimeError, IndexError, OverflowError, AttributeError) as e:
+            why = str(e).splitlines()[0][:160] if isinstance(e, ValueError) and str(e) else type(e).__name__
+            raise CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged ({why}); "
+                                  f"it cannot be resumed. --init-from {shell_arg(resumed.path)} starts a new run "
+                                  "from its weights") from None
         self.metrics = list(resumed.metrics)
         if "rng_cuda" in ts and torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.set_rng_state(ts["rng_cuda"].cpu(), self.device)
@@ -305,6 +312,48 @@ class Trainer:
             else:
                 full = carried.to(self.device)
             self.state = select_streams(full, self.rows)
+
+    def _check_restored(self, carried: Any) -> None:
+        """What a crafted or damaged checkpoint could put out of range: the
+        position, the counters, the optimizer's and scheduler's state, the
+        carried hidden state. A ValueError names the first problem."""
+        for key in ("step", "epoch", "chunk", "chars_seen", "evals_without_improvement", "nonfinite_skipped",
+                    "clipped_steps", "restores"):
+            if not 0 <= getattr(self, key) < 2 ** 62:
+                raise ValueError(f"train_state.{key} is out of range")
+        if self.chunk > len(self.batcher):
+            raise ValueError("train_state.chunk lies beyond the data")
+        if not (math.isfinite(self.elapsed) and self.elapsed >= 0):
+            raise ValueError("train_state.elapsed is not a finite number of seconds")
+        if not (math.isinf(self.best_val) or math.isfinite(self.best_val)) or self.best_val == -math.inf:
+            raise ValueError("train_state.best_val is not a finite loss")
+        if not (math.isfinite(self.lr_scale) and 0 < self.lr_scale <= 1):
+            raise ValueError("train_state.lr_scale is out of range")
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "weight_decay", "eps"):
+                value = group.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0:
+                    raise ValueError(f"optimizer_state: {key} is not a non-negative number")
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if key in ("exp_avg", "exp_avg_sq") and (not torch.is_tensor(value) or value.shape != p.shape):
+                        raise ValueError(f"optimizer_state: {key} does not match the model's weights")
+        lrs = self.scheduler.base_lrs
+        if len(lrs) != len(self.optimizer.param_groups) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in lrs):
+            raise ValueError("scheduler_state: base_lrs are not numbers")
+        if carried is None:
+            return
+        mc = self.model.config
+        expected = (mc.num_layers, self.cfg.batch_size, mc.hidden_size)
+        parts = carried if isinstance(carried, (list, tuple)) else (carried,)
+        if len(parts) != (2 if mc.cell == "lstm" else 1) or any(
+                not torch.is_tensor(x) or tuple(x.shape) != expected or not x.is_floating_point()
+                or not bool(torch.isfinite(x).all()) for x in parts):
+            raise ValueError(f"train_state.carried_state is not the hidden state of this model "
+                             f"({len(parts)} x {[tuple(getattr(x, 'shape', ())) for x in parts][:2]}, "
+                             f"expected {expected})")
 
     # -- schedule ------------------------------------------------------------------
     def epochs_done(self) -> float:
@@ -356,8 +405,9 @@ class Trainer:
             "precision": self.precision, "device": str(self.device),
             "rng_cpu": torch.get_rng_state(),
         }
-        if self.changed:
-            ts["changed_on_resume"] = list(self.changed)
+        if self.changed or self._earlier_changes:  # every resume's changes, oldest first
+            ts["changed_on_resume"] = self._earlier_changes + [f"at step {self._resumed_at}: {c}"
+                                                               for c in self.changed]
         if self.device.type == "cuda":
             ts["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.state is not None:
@@ -718,9 +768,9 @@ class Trainer:
             signum = signals.signum if signals is not None and signals.signum else signal.SIGINT
             name = signal.Signals(signum).name
             last = self.out_dir / "last.pt"
-            raise TrainingInterrupted(f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step "
-                                      f"{self.step}; saved {last}.\nContinue with: charnn train --resume {last}",
-                                      last, signum)
+            raise TrainingInterrupted(
+                f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step {self.step}; saved "
+                f"{safe_display(last, None)}.\nContinue with: charnn train --resume {shell_arg(last)}", last, signum)
         return result
 
 

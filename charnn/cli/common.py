@@ -27,6 +27,8 @@ except ImportError:  # older typer runs on the click package
     import click
     from click import utils as click_utils
 from rich.console import Console
+
+from ..errors import safe_display
 from typer.core import TyperCommand
 
 # HELP CONVENTIONS (every command):
@@ -265,9 +267,15 @@ def _stdout_failure(e: StdoutError) -> int:
 
 
 def _quiet_rank() -> bool:
-    """Under torchrun every process runs the command; only rank 0 speaks."""
-    rank = os.environ.get("RANK")
-    return rank is not None and rank.strip() not in ("", "0")
+    """Under torchrun every process runs the command; only rank 0 speaks. Only
+    a valid torchrun setting (WORLD_SIZE > 1, 0 < RANK < WORLD_SIZE) quiets a
+    process: a stray RANK must never hide an error."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1").strip() or "1")
+        rank = int(os.environ.get("RANK", "0").strip() or "0")
+    except ValueError:
+        return False
+    return world > 1 and 0 < rank < world
 
 
 class CharnnCommand(TyperCommand):
@@ -317,6 +325,8 @@ class CharnnTyper(typer.Typer):
         except SystemExit as e:
             code = e.code
         except OSError as e:  # click's own output (help) to a full or closed stdout
+            if os.environ.get("CHARNN_DEBUG"):
+                raise  # the traceback CHARNN_DEBUG promises, whatever the error
             code = _stdout_failure(StdoutError(e))
         try:
             stdout.flush()
@@ -413,7 +423,9 @@ def say(text: str) -> None:
     if _quiet_rank():
         return
     try:
-        err.print(text, markup=False)
+        # Messages quote file names and checkpoint strings: nothing in them
+        # reaches the terminal raw (escape sequences, bidi overrides).
+        err.print(safe_display(text, limit=None, keep="\n"), markup=False)
     except OSError:  # stderr itself is gone: nothing left to tell
         pass
 

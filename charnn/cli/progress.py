@@ -18,6 +18,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
 
+from ..errors import safe_display
 from .common import err, escape_text, fmt_duration, fmt_span, plural
 
 LABEL = "train"
@@ -104,8 +105,14 @@ class TrainReporter:
     # -- text ---------------------------------------------------------------------
     def print(self, text: str, wrap: bool = False) -> None:
         """A line above the bar (or a log line). ``wrap``: prose, folded at
-        the console's width at spaces; otherwise printed as it is."""
-        self.console.print(text, markup=False, highlight=False, soft_wrap=not wrap)
+        the console's width at spaces; otherwise printed as it is. File names
+        and checkpoint strings in it are escaped; a stderr that is full or
+        closed loses the line, never the run (training goes on and saves)."""
+        try:
+            self.console.print(safe_display(text, limit=None, keep="\n"), markup=False, highlight=False,
+                               soft_wrap=not wrap)
+        except OSError:
+            pass
 
     def status(self, width: int) -> str:
         """The fields after the bar (or after the time in a log line), the most

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import ModelConfig, TrainConfig
-from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, app, at_least, between, err, fmt_loss,
-                     parse_device, parse_time_limit, plural, positive, run_command)
+from ..errors import safe_display, shell_arg
+from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, app, at_least, between, fmt_loss, parse_device,
+                     parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
 
 DEFAULT_TIME_LIMIT = "5m"
@@ -186,9 +187,8 @@ def train(
                 trainer.close()
         if trainer.dist.is_main:
             best = result.best_path or result.last_path
-            err.print(f"Done: {plural(result.step, 'step')}, best validation loss "
-                      f"{fmt_loss(result.best_val_loss)}.", markup=False)
-            err.print(f"Checkpoints in {result.out_dir}/", markup=False)
-            err.print(f"Next: charnn sample {best} -n 500", markup=False)
+            say(f"Done: {plural(result.step, 'step')}, best validation loss {fmt_loss(result.best_val_loss)}.")
+            say(f"Checkpoints in {safe_display(result.out_dir, None)}/")
+            say(f"Next: charnn sample {shell_arg(best)} -n 500")
 
     run_command(body)
