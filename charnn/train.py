@@ -596,11 +596,11 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output folder and leave the process group (under torchrun).
-        A new run that wrote no checkpoint leaves no trace in the folder."""
+        A run that wrote no checkpoint leaves no trace of itself in the folder."""
         if self.folder is not None:
-            if self._saved or self._resumed:
+            if self._saved:
                 self.folder.close()
-            else:
+            else:  # undoes only what opening it added (a resumed run's folder keeps its files)
                 self.folder.abandon()
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()  # no rank tears down gloo while another still talks to it
