@@ -178,16 +178,14 @@ def _label(encoding: str) -> str:
     return name.upper() if name.startswith("utf") else encoding
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "not a regular file"
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for messages: "a FIFO", ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 class _Unreadable(Exception):
@@ -211,7 +209,7 @@ def _read_regular(path: Path) -> bytes:
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise _Unreadable(_kind(mode))
+            raise _Unreadable(file_kind(mode))
         try:
             return f.read()
         except OSError as e:
@@ -312,7 +310,7 @@ class _CorpusReader:
                 raise DataError(f"{_show(path)} is one of charnn's own files, not text; pass your text files")
             self.named_file(path)
         else:
-            raise DataError(f"{_show(path)} is {_kind(st.st_mode)}, not a regular file; pass a text file")
+            raise DataError(f"{_show(path)} is {file_kind(st.st_mode)}, not a regular file; pass a text file")
 
     def named_file(self, path: Path) -> None:
         try:
@@ -432,7 +430,7 @@ class _CorpusReader:
                     seen_files[key] = path
                     found.append((child_rel, path, st.st_size))
                 else:
-                    self.skip(str(path), _kind(st.st_mode))
+                    self.skip(str(path), file_kind(st.st_mode))
             stack.extend(reversed(subfolders))
         found.sort(key=lambda item: item[0])
         return found
@@ -545,7 +543,7 @@ def _check_data_dir(folder: Path) -> None:
             return
         if stat.S_ISDIR(st.st_mode):
             return
-        what = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+        what = "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
         env = os.environ.get("CHARNN_DATA_DIR")
         if env:
             where = (f"CHARNN_DATA_DIR={_show(env)} is {what}, not a folder" if p == folder else

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .data import file_kind
 from .errors import CharnnError, CheckpointError, FolderLockedError, FolderTakenError, RunFolderError
 
 RUN_MARKER = ".charnn-run"
@@ -169,24 +170,8 @@ def _write_error(path: Path, e: OSError, needed: int | None, existed: bool,
 # charnn's own files in the folder: regular files only
 # ---------------------------------------------------------------------------
 
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "a special file"
-
-
 def _not_regular(path: Path, mode: int) -> RunFolderError:
-    return RunFolderError(f"{path} is {_file_kind(mode)}, not a regular file; remove it "
+    return RunFolderError(f"{path} is {file_kind(mode)}, not a regular file; remove it "
                           "(charnn keeps its own file there) or choose another --out")
 
 
