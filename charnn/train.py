@@ -650,9 +650,7 @@ class Trainer:
             self._emit("note", message=note)
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
-            raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
+        cfg = self.cfg  # (a budget is checked in __init__, before the folder is opened)
         run_start, elapsed_base = time.perf_counter(), self.elapsed
         seconds_per_char = self._calibrate_eval()
         guessed_reserve = self._plan(seconds_per_char)

@@ -453,7 +453,7 @@ def parse_time_limit(value: Optional[str]) -> Optional[str]:
     if not value.strip():
         raise typer.BadParameter("is empty; write it like 30s, 5m, 2h or 1h30m")
     from ..errors import ConfigError
-    from ..train import parse_duration
+    from ..schedule import parse_duration  # no torch import just to read an option
 
     try:
         parse_duration(value)

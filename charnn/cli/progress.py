@@ -168,9 +168,9 @@ class TrainReporter:
                        + (" (--verbose lists them)" if skipped and not self.verbose else ""), wrap=True)
         if self.verbose:
             for path, n in files:
-                self.print(f"  read {escape_text(str(path))} ({plural(n, 'character')})")
+                self.print(f"  read {path} ({plural(n, 'character')})")  # print() escapes
             for path, why in skipped:
-                self.print(f"  skipped {escape_text(str(path))}: {escape_text(str(why))}")
+                self.print(f"  skipped {path}: {why}")
         self.print(f"data: {e['train_chars']:,} training + {e['val_chars']:,} validation characters, "
                    f"vocabulary {e['vocab_size']}", wrap=True)
         if e.get("eval_chars") and e["eval_chars"] < e["val_chars"]:

@@ -149,7 +149,8 @@ def train(
 
     def body() -> None:
         from ..devices import set_threads
-        from ..train import Trainer, parse_duration
+        from ..schedule import parse_duration
+        from ..train import Trainer
 
         given: dict[str, Any] = {
             "corpus": [os.path.abspath(p) for p in corpus] if corpus else None,
