@@ -436,7 +436,7 @@ class Group:
                                      served.model.head.weight.device)
         self.seeds = [spec.seed + i for i in range(self.k)]
         self.generators: list[torch.Generator] | None = None
-        self.noise: Tensor | None = None
+        self.noise: tuple[Tensor, ...] = ()  # this block's noise, one (k, V) row per step
         self.t = 0
         self.logits: Tensor | None = None  # (k, V) after the prime, until the group joins the batch
         self.state: list[Tensor] | None = None
@@ -445,6 +445,9 @@ class Group:
         self.channel = channel
         self.cancelled = False
         self.finished = False
+        # Picks in the batch-wide add with its temperature's other groups, and needs no rows of
+        # its own afterwards (no top alternatives to report): see Engine._run's common case.
+        self.batchable = self.plain and not spec.top
 
     def prime(self, primes: PrimeCache) -> None:
         """Read the prime (off the worker thread): what ``Sampler.ids`` does first."""
@@ -463,9 +466,10 @@ class Group:
         """This step's Gumbel noise (k, V), drawing the next block every NOISE_BLOCK steps."""
         if self.generators is None:
             return None
-        if self.t % NOISE_BLOCK == 0:
-            self.noise = self.sampler._noise(self.generators)  # (NOISE_BLOCK, k, V)
-        return self.noise[self.t % NOISE_BLOCK]
+        at = self.t % NOISE_BLOCK
+        if at == 0:  # one tuple of row views per block: a step's lookup costs no tensor indexing
+            self.noise = self.sampler._noise(self.generators).unbind(0)  # NOISE_BLOCK x (k, V)
+        return self.noise[at]
 
     def pick(self, logits: Tensor) -> Tensor:
         """Next ids (k,) from this group's rows (k, V): Sampler.ids's loop body."""
@@ -534,19 +538,20 @@ class Group:
             self.channel.put(("error", (status, message)))
 
 
-def _pick_plain(logits: Tensor, rows: list[int], noise: list[Tensor], temperature: float) -> Tensor:
+def _pick_plain(logits: Tensor, rows: list[int] | None, noise: list[Tensor], temperature: float) -> Tensor:
     """Next ids (G,) for G one-stream groups with the same temperature and no
     top-k/top-p: ``argmax(logits + T * noise)`` per row, as Sampler._pick does
-    on each group's (1, V) row, in one call.
+    on each group's (1, V) row, in one call. ``rows`` None: every row of
+    ``logits``, in order.
 
     Bit for bit: the rows sit in a buffer padded to V+1 columns, so the
     element-wise add cannot merge rows into one long vector and runs each row
     of V elements exactly as it runs a lone (1, V) row (the same split into
     SIMD blocks and a scalar tail). The argmax is exact either way."""
     V = logits.shape[1]
-    G = len(rows)
+    G = len(noise)
     buf = torch.empty(2, G, V + 1)  # (2, G, V+1): logits, noise
-    buf[0, :, :V] = logits.index_select(0, torch.tensor(rows))
+    buf[0, :, :V] = logits if rows is None else logits.index_select(0, torch.tensor(rows))
     buf[1, :, :V] = torch.cat(noise)
     return torch.add(buf[0, :, :V], buf[1, :, :V], alpha=temperature).argmax(-1)  # (G,)
 
@@ -649,6 +654,28 @@ class Engine:
                 rows += g.k
             return joining
 
+    @staticmethod
+    def _pick_each(active: list[Group], logits: Tensor) -> tuple[Tensor | None, list[tuple]]:
+        """Next ids (B',) of the groups not cancelled, each picked from its own
+        rows; and (group, first row, rows, ids) per such group."""
+        live, plain, lo = [], {}, 0
+        for g in active:
+            if not g.cancelled:
+                rows = logits[lo : lo + g.k]  # (k, V)
+                if g.plain:
+                    plain.setdefault(g.sampler.temperature, []).append(len(live))
+                    live.append([g, lo, rows, None])
+                else:
+                    live.append([g, lo, rows, g.pick(rows)])  # (k,)
+            lo += g.k
+        for temperature, members in plain.items():
+            picked = _pick_plain(logits, [live[i][1] for i in members],
+                                 [live[i][0].step_noise() for i in members], temperature)
+            for j, i in enumerate(members):
+                live[i][3] = picked[j : j + 1]
+        nxts = [x[3] for x in live]
+        return (torch.cat(nxts) if nxts else None), live  # (B',)
+
     def _run(self) -> None:
         active: list[Group] = []
         state: list[Tensor] = []
@@ -671,23 +698,14 @@ class Engine:
                         continue
                     self.max_rows = max(self.max_rows, logits.shape[0])
                     # Each group picks from its own rows, exactly as charnn sample's batch of k would...
-                    live, nxts, plain, lo = [], [], {}, 0
-                    for g in active:
-                        if not g.cancelled:
-                            rows = logits[lo : lo + g.k]  # (k, V)
-                            if g.plain:
-                                plain.setdefault(g.sampler.temperature, []).append(len(live))
-                                live.append([g, lo, rows, None])
-                            else:
-                                live.append([g, lo, rows, g.pick(rows)])  # (k,)
-                        lo += g.k
-                    for temperature, members in plain.items():
-                        picked = _pick_plain(logits, [live[i][1] for i in members],
-                                             [live[i][0].step_noise() for i in members], temperature)
-                        for j, i in enumerate(members):
-                            live[i][3] = picked[j : j + 1]
-                    nxts = [x[3] for x in live]
-                    ids = torch.cat(nxts) if nxts else None  # (B,)
+                    temperature = active[0].sampler.temperature
+                    if all(g.batchable and not g.cancelled and g.sampler.temperature == temperature for g in active):
+                        # The common case (one stream per request, the same temperature): one pick
+                        # for the whole batch, no per-group tensors.
+                        ids = _pick_plain(logits, None, [g.step_noise() for g in active], temperature)
+                        live = [(g, b, None, None) for b, g in enumerate(active)]
+                    else:
+                        ids, live = self._pick_each(active, logits)
                     ids_list = ids.tolist() if ids is not None else []
                     # ...then takes its characters; finished and cancelled groups leave the batch.
                     keep_groups, keep_rows, at = [], [], 0
