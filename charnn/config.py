@@ -89,6 +89,11 @@ class TrainConfig:
     nan_tolerance: int = 3  # consecutive non-finite steps before restoring the last good state
     encoding: str = "utf-8"  # of the corpus files
     out: str = ""  # output folder
+    # The model's shape and dropout: "auto" chooses them from the text and the
+    # budget (charnn.sizing; options given explicitly win), "fixed" takes
+    # ModelConfig's defaults. size_reason is the auto choice's one-line why.
+    size: str = "auto"
+    size_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -105,6 +110,8 @@ class TrainConfig:
             kwargs["betas"] = tuple(kwargs["betas"])
         if "eval_chars" not in data:
             kwargs["eval_chars"] = 0  # charnn 0.1 scored the whole validation split
+        if "size" not in data:
+            kwargs["size"] = "fixed"  # before --size auto, every run had the fixed default shape
         return cls(**kwargs).validate()
 
     def validate(self) -> "TrainConfig":
@@ -140,6 +147,10 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         check("val_fraction", num, 0, below=1)
+        if self.size not in ("auto", "fixed"):
+            raise ConfigError(f"--size must be auto or fixed, got {self.size!r}")
+        if not isinstance(self.size_reason, str):
+            raise ConfigError(f"size_reason must be text, got {type(self.size_reason).__name__}")
         check("min_lr_ratio", num, 0, at_most=1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
             raise ConfigError(f"--seed must be a whole number from 0 to {2 ** 64 - 1} (64 bits), got {self.seed!r}")
@@ -170,7 +181,7 @@ RESUME_APPLIED = ("precision", "grad_clip")
 # ...and these cannot change without making it another run: the data layout,
 # the randomness, the optimizer and its schedule.
 RESUME_FIXED = ("seq_len", "batch_size", "val_fraction", "seed", "encoding", "lr", "weight_decay",
-                "betas", "warmup_steps", "min_lr_ratio")
+                "betas", "warmup_steps", "min_lr_ratio", "size")
 BUDGETS = ("max_steps", "epochs", "time_limit")
 
 
@@ -182,7 +193,7 @@ def given_options(cfg: TrainConfig) -> dict[str, Any]:
     """A whole TrainConfig handed to a resume (the Python API): every field
     counts as given, except empty ones that mean "not set" (no corpus, no
     output folder, no budget at all) and what the trainer fills in itself."""
-    given = {k: v for k, v in cfg.to_dict().items() if k not in ("corpus_hash", "corpus_name")}
+    given = {k: v for k, v in cfg.to_dict().items() if k not in ("corpus_hash", "corpus_name", "size", "size_reason")}
     if not given["corpus"]:
         del given["corpus"]
     if not given["out"]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt_mod
+from . import sizing
 from .config import ModelConfig, TrainConfig, given_options, merge_resume
 from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, cache_dir,
                    corpus_name, encode_corpus, read_corpus, split_ids)
@@ -191,20 +192,15 @@ class Trainer:
         for w in self.corpus.warnings:
             self._emit("warning", message=w)
 
-        # -- model and vocabulary -------------------------------------------
+        # -- vocabulary and data --------------------------------------------
         if resumed is not None:
-            tokenizer, model = resumed.tokenizer, resumed.build_model("cpu")
+            tokenizer = resumed.tokenizer
         elif init_from:
             tokenizer, model, notes = fine_tune_start(init_from, self.corpus.text, overrides, extend_vocab)
             for message in notes:
                 self._emit("warning", message=message)
         else:
             tokenizer = CharTokenizer.from_text(self.corpus.text)
-            mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
-            mc.vocab_size = tokenizer.vocab_size
-            check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
-            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-            model = CharRNN(mc)
         self.tokenizer = tokenizer
         ids = encode_corpus(self.corpus, tokenizer, cache=cache, progress=self._status)
         self.train_ids, self.val_ids = split_ids(ids, cfg.val_fraction)
@@ -219,7 +215,7 @@ class Trainer:
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
-        # -- device, precision, optimizer, schedule -------------------------
+        # -- device, precision ------------------------------------------------
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -227,6 +223,24 @@ class Trainer:
         if emulated_bf16(self.device, self.precision):
             self.notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower "
                               "than fp32 here")
+
+        # -- the model: the run's own, the one started from, or a new one ----
+        probe_seconds = 0.0
+        if resumed is not None:
+            model = resumed.build_model("cpu")
+        elif not init_from:
+            if cfg.size == "auto":
+                started = time.perf_counter()
+                choice = self._choose_size(overrides)
+                probe_seconds = time.perf_counter() - started
+                overrides = {**overrides, **choice.overrides()}
+                cfg.size_reason = choice.reason
+                self.notes.append(f"size: {choice.reason}")
+            mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
+            mc.vocab_size = tokenizer.vocab_size
+            check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            model = CharRNN(mc)
         self.model = model.to(self.device).train()
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -237,7 +251,7 @@ class Trainer:
         self.epoch = 0
         self.chunk = 0  # next chunk of the current epoch
         self.chars_seen = 0
-        self.elapsed = 0.0  # training seconds, across resumes
+        self.elapsed = probe_seconds  # training seconds, across resumes (a new run's size probe counts)
         self.best_val = math.inf
         self.evals_without_improvement = 0
         self.nonfinite_skipped = 0
@@ -256,6 +270,69 @@ class Trainer:
         self._seconds_per_char = 0.0  # evaluation speed, measured at start
 
     # -- setup helpers ---------------------------------------------------------
+    def _choose_size(self, overrides: dict[str, Any]) -> sizing.SizeChoice:
+        """``--size auto``: the shape and dropout for this text and budget (see
+        :mod:`charnn.sizing`). A time budget is turned into steps per shape by
+        timing a few training steps of each candidate on this device; under
+        torchrun rank 0's choice holds for every rank."""
+        cfg = self.cfg
+        cell = overrides.get("cell") or ModelConfig.cell
+        given = {k: overrides.get(k) for k in ("hidden_size", "num_layers", "embedding_dim", "dropout")}
+        steps = None
+        if cfg.max_steps:
+            steps = cfg.max_steps
+        if cfg.epochs:
+            by_epochs = math.ceil(cfg.epochs * len(self.batcher))
+            steps = by_epochs if steps is None else min(steps, by_epochs)
+        timings: dict[sizing.Shape, float] = {}
+
+        def step_time(shape: sizing.Shape) -> float:
+            if shape not in timings:
+                self._status(f"timing a {shape.name} model on this device (--size auto)")
+                timings[shape] = self._probe_step_time(shape, cell)
+            return timings[shape]
+
+        seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None
+        choice = sizing.choose(train_chars=len(self.train_ids), vocab_size=self.tokenizer.vocab_size,
+                               tokens_per_step=cfg.batch_size * cfg.seq_len, cell=cell, steps=steps,
+                               seconds=seconds, step_time=step_time if seconds else None, given=given)
+        if self.dist.enabled:
+            shared = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        return choice
+
+    def _probe_step_time(self, shape: sizing.Shape, cell: str) -> float:
+        """Seconds per training step of a throwaway model of ``shape`` on this
+        rank's share of the first batch: forward, backward, clip and AdamW."""
+        mc = ModelConfig(cell=cell, vocab_size=self.tokenizer.vocab_size, hidden_size=shape.hidden_size,
+                         num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=0.1)
+        check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
+        rng = torch.get_rng_state()
+        model = CharRNN(mc).to(self.device).train()
+        optimizer = _make_optimizer(model, self.cfg)
+        x, y = self.batcher.chunk(0)
+        x, y = x[self.rows].to(self.device), y[self.rows].to(self.device)
+
+        def run_steps(n: int) -> None:
+            for _ in range(n):
+                with autocast(self.device, self.precision):
+                    logits, _ = model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+                optimizer.zero_grad(set_to_none=True)
+                with kernels_for(self.device, self.precision):
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        try:
+            return sizing.step_seconds(run_steps)
+        finally:
+            torch.set_rng_state(rng)
+            del model, optimizer
+
     def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:
         cfg = self.cfg
         exclude = [self.out_dir, cache_dir()]

@@ -57,6 +57,11 @@ class Cell(str, Enum):
     rnn = "rnn"
 
 
+class Size(str, Enum):
+    auto = "auto"
+    fixed = "fixed"
+
+
 class Device(str, Enum):
     """Kept for ``train`` until it moves to ``DEVICE_OPTION`` (``--device cuda:1``)."""
 

@@ -16,13 +16,17 @@ import typer
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import safe_display, shell_arg
-from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, app, at_least, between, fmt_loss, parse_device,
+from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
 
 DEFAULT_TIME_LIMIT = "5m"
 _TD = TrainConfig()
 _MD = ModelConfig()
+
+
+def _auto(value: Any) -> str:
+    return f"chosen by --size auto; {value} with --size fixed"
 
 
 def _d(value: Any) -> str:
@@ -68,20 +72,24 @@ def train(
         help="Start a new run from a checkpoint's weights and vocabulary.")] = None,
     extend_vocab: Annotated[bool, typer.Option(
         "--extend-vocab", help="With --init-from: grow the vocabulary for new characters.")] = False,
+    size: Annotated[Optional[Size], typer.Option(
+        metavar="[auto|fixed]", show_default=False,
+        help="Model shape and dropout: auto chooses them from your text and budget (says why at start; "
+             "the options below, when given, win); fixed uses their listed defaults." + _d("auto"))] = None,
     cell: Annotated[Optional[Cell], typer.Option(
         metavar="[lstm|gru|rnn]", show_default=False, help="Recurrent cell." + _d(_MD.cell))] = None,
     hidden_size: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
-        help="Units per recurrent layer." + _d(_MD.hidden_size))] = None,
+        help="Units per recurrent layer." + _d(_auto(_MD.hidden_size)))] = None,
     num_layers: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
-        help="Stacked recurrent layers." + _d(_MD.num_layers))] = None,
+        help="Stacked recurrent layers." + _d(_auto(_MD.num_layers)))] = None,
     embedding_dim: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
-        help="Size of each character's embedding vector." + _d(_MD.embedding_dim))] = None,
+        help="Size of each character's embedding vector." + _d(_auto(_MD.embedding_dim)))] = None,
     dropout: Annotated[Float, typer.Option(
         metavar="P", callback=between(0.0, 0.99), show_default=False,
-        help="Dropout between layers and before the head, 0 to 0.99." + _d(_MD.dropout))] = None,
+        help="Dropout between layers and before the head, 0 to 0.99." + _d(_auto(_MD.dropout)))] = None,
     seq_len: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
         help="Characters per truncated-BPTT chunk." + _d(_TD.seq_len))] = None,
@@ -162,6 +170,7 @@ def train(
             "eval_chars": eval_chars, "log_every": log_every, "val_fraction": val_fraction,
             "patience": patience, "keep": keep, "sample_every": sample_every, "seed": seed,
             "device": device, "precision": precision.value if precision else None, "encoding": encoding,
+            "size": size.value if size else None,
         }
         given = {k: v for k, v in given.items() if v is not None}
         budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))

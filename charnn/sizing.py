@@ -1,0 +1,196 @@
+"""``--size auto``: the model's shape and dropout, chosen from the text and the budget.
+
+A fixed shape cannot suit 50 KB of lyrics and 50 MB of source code, one
+minute and two hours. The rule here picks from a ladder of shapes by two
+limits, then sets dropout by how many times the run will see its text:
+
+- **compute**: a shape is only worth its size if the budget buys enough
+  steps to train it. A time budget is turned into steps per shape from a short
+  throughput probe on this device (:func:`step_seconds`, done by the trainer);
+  ``--max-steps`` and ``--epochs`` give the steps directly;
+- **data**: more parameters than the text can support overfit; the largest
+  shape allowed grows with the training characters;
+- **dropout** rises with the epochs the budget buys.
+
+The constants come from the measurement suite in ``benchmarks/fit.py`` (its
+results are in ``benchmarks/results/fit.csv``; the README shows the table).
+Options given explicitly always win: they replace the chosen values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+SIZES = ("auto", "fixed")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_layers: int
+    embedding_dim: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_layers}x{self.hidden_size}"
+
+
+# Smallest to largest; each about twice the parameters of the one before.
+LADDER = (
+    Shape(128, 2, 64),
+    Shape(192, 2, 64),
+    Shape(256, 2, 96),
+    Shape(320, 2, 128),  # charnn 0.1's fixed default
+    Shape(448, 2, 128),
+    Shape(512, 3, 128),
+)
+
+# -- the rule's constants (from benchmarks/results/fit.csv; see the README) ---
+# Compute: a shape needs at least this many optimizer steps per million
+# recurrent parameters (a bigger model needs more steps before it overtakes a
+# smaller one at the same budget).
+STEPS_PER_MPARAM = 1500
+# Data: at most this many recurrent parameters per training character.
+PARAMS_PER_CHAR = 2.0
+# Dropout by epochs of the text the budget buys: (epochs below, dropout).
+DROPOUT_BY_EPOCHS = ((0.5, 0.0), (2.0, 0.1), (6.0, 0.2), (20.0, 0.3), (math.inf, 0.4))
+
+
+def recurrent_params(shape: Shape, vocab_size: int, cell: str = "lstm") -> int:
+    """Weights that cost compute each step: the recurrent layers and the head
+    (the embedding is a lookup). The trainer's step time grows with this."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}.get(cell, 4)
+    H, E = shape.hidden_size, shape.embedding_dim
+    n = gates * H * (E + H + 2)
+    n += (shape.num_layers - 1) * gates * H * (2 * H + 2)
+    return n + (H + 1) * vocab_size
+
+
+def dropout_for(epochs: float) -> float:
+    for below, p in DROPOUT_BY_EPOCHS:
+        if epochs < below:
+            return p
+    return DROPOUT_BY_EPOCHS[-1][1]
+
+
+@dataclass
+class SizeChoice:
+    shape: Shape
+    dropout: float
+    steps: int | None  # the steps the budget buys at this shape (None: not known)
+    epochs: float | None
+    reason: str  # one line, printed at start and kept in train_config
+
+    def overrides(self) -> dict[str, Any]:
+        return {"hidden_size": self.shape.hidden_size, "num_layers": self.shape.num_layers,
+                "embedding_dim": self.shape.embedding_dim, "dropout": self.dropout}
+
+
+def _fmt_chars(n: int) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _fmt_seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.3g} h"
+    if s >= 60:
+        return f"{s / 60:.3g} min"
+    return f"{s:.3g} s"
+
+
+def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str = "lstm",
+           steps: int | None = None, seconds: float | None = None,
+           step_time: Callable[[Shape], float] | None = None, given: dict[str, Any] | None = None) -> SizeChoice:
+    """The shape and dropout for a run.
+
+    ``steps``: the step budget (``--max-steps``, or ``--epochs`` turned into
+    steps), if any; ``seconds``: the time budget left for training, with
+    ``step_time(shape)`` the measured seconds per step. With both, the smaller
+    number of steps counts. ``given``: explicitly chosen values
+    (hidden_size, num_layers, embedding_dim, dropout) that replace the choice.
+    """
+    if train_chars < 1 or tokens_per_step < 1:
+        raise ConfigError("choosing a model size needs some training text")
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+
+    def budget_steps(shape: Shape) -> int | None:
+        n = steps
+        if seconds is not None and step_time is not None:
+            by_time = int(seconds / max(step_time(shape), 1e-6))
+            n = by_time if n is None else min(n, by_time)
+        return n
+
+    data_cap = PARAMS_PER_CHAR * train_chars
+    chosen, why = LADDER[0], "the largest charnn chooses"
+    fully_given = all(k in given for k in ("hidden_size", "num_layers", "embedding_dim"))
+    if fully_given and "dropout" in given:  # nothing to choose, nothing to time
+        shape = Shape(int(given["hidden_size"]), int(given["num_layers"]), int(given["embedding_dim"]))
+        return SizeChoice(shape, float(given["dropout"]), None, None,
+                          f"{shape.name}, embedding {shape.embedding_dim}, dropout {given['dropout']:g}: all given")
+    for i, shape in enumerate(() if fully_given else LADDER):
+        p = recurrent_params(shape, vocab_size, cell)
+        n = budget_steps(shape)
+        if p > data_cap:
+            why = (f"{shape.name} would overfit this text" if i else
+                   "the smallest; the text is small for any model, dropout matters more")
+            break
+        need = math.ceil(STEPS_PER_MPARAM * p / 1e6)
+        if n is not None and n < need:
+            why = (f"{shape.name} would get {n:,} steps, it needs about {need:,}" if i else
+                   "the smallest; the budget is short for any model")
+            break
+        chosen = shape
+    shape = Shape(int(given.get("hidden_size", chosen.hidden_size)), int(given.get("num_layers", chosen.num_layers)),
+                  int(given.get("embedding_dim", chosen.embedding_dim)))
+    n = budget_steps(shape)
+    epochs = None if n is None else n * tokens_per_step / train_chars
+    dropout = float(given["dropout"]) if "dropout" in given else (dropout_for(epochs) if epochs is not None else 0.1)
+
+    budget = []
+    if seconds is not None and step_time is not None:
+        budget.append(_fmt_seconds(seconds))
+    if n is not None:
+        budget.append(f"~{n:,} steps")
+    if epochs is not None:
+        budget.append(f"{epochs:.3g} epochs")
+    head = f"{_fmt_chars(train_chars)} chars, " + (" = ".join(budget) if budget else "no step estimate")
+    shape_part = f"{shape.name}" + (" (given)" if fully_given else f" ({why})" if shape == chosen
+                                     else f" (given; auto chose {chosen.name})")
+    if shape.embedding_dim != chosen.embedding_dim or shape != chosen:
+        shape_part += f", embedding {shape.embedding_dim}"
+    tail = f"dropout {dropout:g}" + (" (given)" if "dropout" in given else "")
+    reason = f"{head} -> {shape_part}, {tail}"
+    return SizeChoice(shape, dropout, n, epochs, reason)
+
+
+# Of a --time-limit, the share left for training steps: the evaluations
+# during the run and the final one take the rest (each is capped at 2% of
+# the budget; see schedule.auto_eval_chars).
+TRAINING_SHARE = 0.85
+
+
+def training_seconds(time_limit: float) -> float:
+    return TRAINING_SHARE * time_limit
+
+
+def step_seconds(run_steps: Callable[[int], None], steps: int = 3, warmup: int = 1) -> float:
+    """Seconds per step: ``run_steps(n)`` runs n training steps; the first
+    ``warmup`` are not timed (kernel selection, allocation), the rest are
+    timed one by one and the median counts (on a busy machine the run's steps
+    will be slowed as the probe's are)."""
+    run_steps(warmup)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run_steps(1)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
