@@ -1,0 +1,710 @@
+"""Which model size fits which text and budget: charnn trained on a suite of
+corpora over a grid of shapes, budgets and seeds (GitHub issue 12).
+
+A cell is (corpus, budget, config, seed). Each runs the real CLI in a fresh
+process, ``charnn train CORPUS --time-limit B --seed S --threads T <config>``,
+then ``charnn eval best.pt --json``, which scores the whole validation split
+(the last 10% of the text): that loss, in nats per character, is the figure.
+One CSV row per finished cell is appended to benchmarks/results/fit.csv; a
+cell already there is skipped, so a stopped run picks up where it was.
+
+    python benchmarks/fit.py corpora                    # build the corpus suite, print its table
+    python benchmarks/fit.py plan [--phase all]         # the cells and the machine time they need
+    python benchmarks/fit.py run --phase 1m [--corpus NAME...] [--config NAME...] [--seeds 1337,1,2] [--dry-run]
+    python benchmarks/fit.py run --phase 5m             # the best 2 of 1m per corpus, with v0.1 and auto
+    python benchmarks/fit.py run --phase 20m            # the best of 5m, on the corpora marked for it
+    python benchmarks/fit.py run --phase 5m --corpus kjv-1m   # the held-out text: v0.1 and auto only
+    python benchmarks/fit.py table                      # Markdown tables for the README
+
+Run it on an otherwise idle machine: each cell holds /tmp/charnn-bench.lock
+(``--lock``) while it runs, and the 1-minute load average before and after is
+recorded with it. Ctrl-C (or SIGTERM) stops between or during cells; the
+interrupted cell is not recorded and runs again next time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bigram import VAL_FRACTION, bigram_result, val_count  # noqa: E402
+from corpora import CORPORA, BY_NAME, CorpusFile, MissingSource, build, markdown_table  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "fit.csv"
+CORPORA_MD = HERE / "results" / "CORPORA.md"
+LOCK = "/tmp/charnn-bench.lock"
+SEEDS = [1337]  # charnn's default seed; --seeds adds more for the spread
+
+# ---------------------------------------------------------------------------
+# The grid: every config is a set of `charnn train` options
+# ---------------------------------------------------------------------------
+
+V01 = {"hidden": 320, "layers": 2, "embed": 128, "dropout": 0.1}  # charnn 0.1's defaults
+#                     name          hidden layers embed dropout weight decay (None: charnn's 0.01)
+GRID = [("h128x1-d0",            128,   1,   64,   0.0,  None),
+        ("h256x1-d0",            256,   1,   96,   0.0,  None),
+        ("h256x2-d25",           256,   2,  128,   0.25, None),
+        ("h384x2-d0",            384,   2,  128,   0.0,  None),
+        ("h384x2-d40",           384,   2,  128,   0.4,  None),
+        ("h512x3-d25",           512,   3,  192,   0.25, None),
+        ("h320x2-d10-wd10",      320,   2,  128,   0.1,  0.1),   # v0.1's shape, 10x weight decay
+        ("h384x2-d25-wd10",      384,   2,  128,   0.25, 0.1)]
+
+
+def shape_options(hidden: int, layers: int, embed: int, dropout: float,
+                  wd: float | None = None) -> tuple[str, ...]:
+    opts = ("--hidden-size", str(hidden), "--num-layers", str(layers), "--embedding-dim", str(embed),
+            "--dropout", str(dropout))
+    return opts + (("--weight-decay", str(wd)) if wd is not None else ())
+
+
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "v0.1": shape_options(**V01),  # spelled out: keeps its meaning when the default becomes auto
+    "auto": (),  # charnn's own choice: no size options
+    **{name: shape_options(*row) for name, *row in GRID},
+}
+BASELINES = ("v0.1", "auto")  # in every phase, on every corpus
+
+
+def config_options(config: str, has_size: bool) -> tuple[str, ...]:
+    """The options of a config for this charnn: with a --size option, auto
+    asks for it and every other config says --size fixed, so that nothing
+    but the options given shapes the model."""
+    if not has_size:
+        return CONFIGS[config]
+    return CONFIGS[config] + ("--size", "auto" if config == "auto" else "fixed")
+
+
+@dataclass(frozen=True)
+class Phase:
+    seconds: int  # --time-limit of each cell
+    top: int  # 0: the whole grid; N: the N best grid configs of `previous`, per corpus
+    previous: str | None
+    long_only: bool  # only the corpora marked long_runs
+
+
+# 5m runs the best 2 grid configs of 1m, 20m the best of 5m, each with v0.1 and
+# auto: about 5.4 hours on 2 cores (4.1 h while auto is v0.1 and not run).
+# Scoring the whole 2.1M-character validation split of python-src takes
+# minutes for the larger models. --top 3 (5m) and --top 2 (20m) come to 6.7 h.
+PHASES = {"1m": Phase(60, 0, None, False),
+          "5m": Phase(300, 2, "1m", False),
+          "20m": Phase(1200, 1, "5m", True)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    corpus: CorpusFile
+    budget: str  # a phase name ("1m") or any --time-limit text in tests
+    seconds: int
+    config: str
+    options: tuple[str, ...]
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.corpus.spec.name, self.corpus.sha256, self.budget, self.config, str(self.seed))
+
+    def label(self) -> str:
+        return f"{self.corpus.spec.name} {self.budget} {self.config} seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------
+# The results file: one row per finished cell, appended and synced
+# ---------------------------------------------------------------------------
+
+FIELDS = ["corpus", "corpus_sha256", "budget", "config", "seed", "val_loss", "val_bpc", "error",
+          "options", "budget_s", "corpus_chars", "vocab", "train_chars", "val_chars",
+          "model", "steps", "epochs", "parameters", "train_loss", "best_step", "precision", "threads",
+          "train_wall_s", "eval_wall_s", "size_line", "load1_before", "load1_after",
+          "charnn_commit", "started"]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row (header first in a new file), then flush and fsync, so
+    a crash loses at most the cell that was running."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            sys.exit(f"{path} has other columns than this script writes; move it away to start a new one")
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(row.get(k, "")) for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def done_keys(rows: list[dict]) -> tuple[set, set]:
+    """(keys with a successful row, keys with only failed rows)."""
+    ok = {_key(r) for r in rows if not r["error"]}
+    failed = {_key(r) for r in rows if r["error"]} - ok
+    return ok, failed
+
+
+def _key(r: dict) -> tuple[str, str, str, str, str]:
+    return (r["corpus"], r["corpus_sha256"], r["budget"], r["config"], r["seed"])
+
+
+# ---------------------------------------------------------------------------
+# Running one cell: the real CLI, in fresh processes
+# ---------------------------------------------------------------------------
+
+class CellError(Exception):
+    """The cell ran and failed; recorded with its message."""
+
+
+class Interrupted(Exception):
+    """charnn was stopped by a signal we did not expect; the suite stops."""
+
+
+def charnn_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "charnn", *args]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # charnn saves and exits 130; we discard the run anyway
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run(cmd: list[str], stdout, log, timeout: float) -> tuple[int, float]:
+    """(exit code, wall seconds); Ctrl-C or SIGTERM here stops the child too."""
+    t0 = time.perf_counter()
+    # rich wraps what it prints at 80 columns when stderr is not a terminal: one line per line
+    env = {**os.environ, "COLUMNS": "1000"}
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=log, stdin=subprocess.DEVNULL, env=env)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        raise CellError(f"{cmd[3]} took over {timeout:.0f} s; stopped") from None
+    except BaseException:
+        _stop(proc)
+        raise
+    if rc in (-2, -15, 129, 130, 143):
+        raise Interrupted(f"charnn {cmd[3]} was stopped by a signal (exit {rc})")
+    return rc, time.perf_counter() - t0
+
+
+def _error_line(log_path: Path) -> str:
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    return ((errors or lines or ["no output"])[-1])[:300]
+
+
+SIZE_LINE = re.compile(r"(?i)(?<![\w-])size\b")  # charnn's "size: ..." -- not hidden_size, --size
+
+
+def _metrics(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"]) if val else {}
+    return {"steps": rows[-1]["step"] if rows else 0,
+            "epochs": max((r["epoch"] for r in rows if "epoch" in r), default=0.0),
+            "train_loss": train[-1]["train_loss"] if train else "",
+            "best_step": best.get("step", "")}
+
+
+def run_cell(cell: Cell, threads: int, logs: Path) -> dict:
+    """Train, evaluate and describe one cell; a CellError if charnn failed."""
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / (re.sub(r"[^\w.-]+", "_", cell.label()) + ".log")
+    tmp = Path(tempfile.mkdtemp(prefix="charnn-fit-"))
+    run = tmp / "run"
+    row: dict = {"threads": threads, "load1_before": round(os.getloadavg()[0], 2)}
+    try:
+        with open(log_path, "w") as log:
+            train = charnn_cmd("train", str(cell.corpus.path), "--time-limit", str(cell.seconds),
+                               "--out", str(run), "--overwrite", "--seed", str(cell.seed),
+                               "--threads", str(threads), *cell.options)
+            log.write(" ".join(train) + "\n")
+            log.flush()
+            rc, row["train_wall_s"] = _run(train, log, log, timeout=cell.seconds * 2 + 900)
+            if rc:
+                raise CellError(f"charnn train exited {rc}: {_error_line(log_path)}")
+            with open(tmp / "eval.json", "w") as out:
+                rc, row["eval_wall_s"] = _run(charnn_cmd("eval", str(run / "best.pt"), "--json",
+                                                         "--threads", str(threads)), out, log, timeout=7200)
+            if rc:
+                raise CellError(f"charnn eval exited {rc}: {_error_line(log_path)}")
+            with open(tmp / "info.json", "w") as out:
+                rc, _ = _run(charnn_cmd("info", str(run / "last.pt"), "--json"), out, log, timeout=600)
+            if rc:
+                raise CellError(f"charnn info exited {rc}: {_error_line(log_path)}")
+        row["load1_after"] = round(os.getloadavg()[0], 2)
+        return _describe(row, cell, run, tmp, log_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _describe(row: dict, cell: Cell, run: Path, tmp: Path, log_path: Path) -> dict:
+    """The row's figures, from what charnn wrote: eval's and info's JSON, the
+    run's metrics.jsonl, the size line of its log."""
+    try:
+        evaluated = json.loads((tmp / "eval.json").read_text())
+        info = json.loads((tmp / "info.json").read_text())
+        if info["train_config"].get("corpus_hash") != cell.corpus.sha256:
+            raise CellError("charnn's corpus hash differs from the corpus file's sha256: it read another text")
+        size_lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()[1:]
+                      if SIZE_LINE.search(line)]
+        reason = info["train_config"].get("size_reason")
+        m = info["model_config"]
+        row.update(val_loss=evaluated["loss"], val_bpc=evaluated["bpc"], val_chars=evaluated["chars"],
+                   model=f"{m['cell']} {m['num_layers']}x{m['hidden_size']} e{m['embedding_dim']} "
+                         f"d{m['dropout']}",
+                   parameters=info["parameters"], precision=info["train_state"].get("precision", ""),
+                   size_line=size_lines[0] if size_lines else f"size: {reason}" if reason else "",
+                   **_metrics(run))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CellError(f"charnn's output was not what this script reads: {type(e).__name__}: {e}") from None
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Choosing the cells
+# ---------------------------------------------------------------------------
+
+def charnn_has_size_option() -> bool:
+    """Whether `charnn train` has --size (the automatic choice of issue 12)."""
+    out = subprocess.run(charnn_cmd("train", "--help"), capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"}).stdout
+    return re.search(r"(?<![\w-])--size\b", out) is not None
+
+
+def mean_losses(rows: list[dict], corpus: CorpusFile, budget: str) -> dict[str, float]:
+    """Mean validation loss over seeds of each config, failed rows left out."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if (r["corpus"], r["corpus_sha256"], r["budget"]) == (corpus.spec.name, corpus.sha256, budget) \
+                and not r["error"] and r["config"] != "bigram":
+            by[r["config"]].append(float(r["val_loss"]))
+    return {c: statistics.fmean(v) for c, v in by.items()}
+
+
+def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[list[str], str]:
+    """The configs a phase runs on a corpus, and a note (why, or what is missing)."""
+    grid = [name for name, *_ in GRID]
+    if corpus.spec.role == "holdout":
+        return [*BASELINES], "held out: the baselines only, never the grid"
+    if not phase.top:
+        return [*BASELINES, *grid], "the whole grid"
+    prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous).items() if c in grid}
+    best = sorted(prev, key=prev.get)[: phase.top]
+    note = f"best {phase.top} of {phase.previous}"
+    if len(prev) < len(grid):
+        note += f" ({len(prev)} of {len(grid)} grid configs measured in {phase.previous})"
+    return [*BASELINES, *best], note
+
+
+def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs: list[str] | None,
+                seeds: list[int], has_size: bool,
+                top: int | None = None) -> tuple[list[Cell], list[Cell], list[str]]:
+    """(cells to run, placeholders for configs the previous phase has yet to
+    choose -- priced as v0.1 -- and one note per corpus)."""
+    phase = PHASES[name] if top is None or not PHASES[name].top else replace(PHASES[name], top=top)
+    cells, pending, notes = [], [], []
+    for corpus in corpora:
+        if phase.long_only and not corpus.spec.long_runs:
+            continue
+        chosen, note = phase_configs(phase, corpus, rows)
+        missing = 0 if corpus.spec.role == "holdout" else max(0, phase.top - (len(chosen) - len(BASELINES)))
+        notes.append(f"{corpus.spec.name}: {note}: {', '.join(chosen)}"
+                     + (f"; {missing} still to be chosen from {phase.previous}" if missing else ""))
+        for config in chosen:
+            if (configs is None or config in configs) and (has_size or config != "auto"):
+                options = config_options(config, has_size)
+                cells += [Cell(corpus, name, phase.seconds, config, options, s) for s in seeds]
+        if configs is None:
+            pending += [Cell(corpus, name, phase.seconds, "?", CONFIGS["v0.1"], s)
+                        for _ in range(missing) for s in seeds]
+    return cells, pending, notes
+
+
+# ---------------------------------------------------------------------------
+# How long it takes (measured on this project's 2-core machine, see README)
+# ---------------------------------------------------------------------------
+
+PROCESS_S = 3.0  # python + torch import, checkpoint load/save, per process
+READ_CHARS_PER_S = 5e6  # reading, hashing and encoding the corpus, per process
+EVAL_WEIGHT_CHARS_PER_S = 4e10  # fp32 scoring: weights used per character x characters/s
+EVAL_MAX_CHARS_PER_S = 2e5  # the fastest scoring gets, however small the model
+
+
+def scored_weights(options: tuple[str, ...], vocab: int) -> int:
+    """Weights each scored character passes through: LSTM layers and the head."""
+    o = dict(zip(options[::2], options[1::2]))
+    h = int(o.get("--hidden-size", V01["hidden"]))
+    layers = int(o.get("--num-layers", V01["layers"]))
+    e = int(o.get("--embedding-dim", V01["embed"]))
+    return 4 * h * (e + h) + (layers - 1) * 4 * h * 2 * h + h * vocab
+
+
+def estimate_s(corpus: CorpusFile, seconds: int, options: tuple[str, ...]) -> float:
+    read = corpus.chars / READ_CHARS_PER_S
+    rate = min(EVAL_MAX_CHARS_PER_S, EVAL_WEIGHT_CHARS_PER_S / scored_weights(options, corpus.vocab))
+    return seconds + 3 * PROCESS_S + 2 * read + corpus.val_chars / rate
+
+
+def _hours(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def suite(names: list[str] | None = None, role: str = "suite") -> list[CorpusFile]:
+    specs = [BY_NAME[n] for n in names] if names else [c for c in CORPORA if c.role == role]
+    try:
+        return [build(s) for s in specs]
+    except MissingSource as e:
+        sys.exit(f"Error: {e}")
+
+
+def cmd_corpora(args) -> int:
+    files, missing = [], []
+    for spec in CORPORA:
+        try:
+            files.append(build(spec))
+        except MissingSource as e:
+            missing.append(f"{spec.name}: {e}")
+    table = markdown_table(files)
+    print(table)
+    for m in missing:
+        print(f"Error: {m}", file=sys.stderr)
+    if not missing:
+        CORPORA_MD.parent.mkdir(parents=True, exist_ok=True)
+        CORPORA_MD.write_text(CORPORA_DOC.format(table=table, val=f"{VAL_FRACTION:.0%}"))
+        print(f"\nwritten to {CORPORA_MD.relative_to(HERE.parent)}")
+    return 1 if missing else 0
+
+
+def _selected(args) -> tuple[list[str], list[CorpusFile], list[dict], list[int], bool]:
+    phases = list(PHASES) if args.phase == "all" else [args.phase]
+    for c in args.config or []:
+        if c not in CONFIGS:
+            sys.exit(f"Error: unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    for c in args.corpus or []:
+        if c not in BY_NAME:
+            sys.exit(f"Error: unknown corpus {c!r}; choose from {', '.join(BY_NAME)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else SEEDS
+    return phases, suite(args.corpus), read_rows(args.results), seeds, charnn_has_size_option()
+
+
+def _auto_note(has_size: bool) -> str:
+    return ("" if has_size else "auto: not run -- charnn train has no --size option yet, so no size "
+            "options means exactly v0.1; the table shows v0.1's figure for it\n")
+
+
+def cmd_plan(args) -> int:
+    phases, corpora, rows, seeds, has_size = _selected(args)
+    ok, _ = done_keys(rows)
+    total = 0.0
+    print(_auto_note(has_size), end="")
+    for name in phases:
+        cells, pending, notes = phase_cells(name, corpora, rows, args.config, seeds, has_size, args.top)
+        todo = [c for c in cells if c.key not in ok] + pending
+        est = sum(estimate_s(c.corpus, c.seconds, c.options) for c in todo)
+        total += est
+        print(f"\nphase {name} ({PHASES[name].seconds} s per cell): {len(cells) + len(pending)} cells, "
+              f"{len(cells) + len(pending) - len(todo)} done, {len(todo)} to run, about {_hours(est)}")
+        for n in notes:
+            print(f"  {n}")
+    print(f"\ntotal still to run: about {_hours(total)} on this machine "
+          f"(seeds {','.join(map(str, seeds))})")
+    return 0
+
+
+def _lock(path: str):
+    if not path:
+        return None
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"  waiting for {path} (another benchmark is running)", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def charnn_commit() -> str:
+    spec = importlib.util.find_spec("charnn")
+    where = Path(spec.origin).parent if spec and spec.origin else HERE
+    git = ["git", "-C", str(where)]
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "unknown"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True).stdout
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def ensure_bigram(corpus: CorpusFile, results: Path) -> None:
+    rows = read_rows(results)
+    if any(r["config"] == "bigram" and r["corpus_sha256"] == corpus.sha256 for r in rows):
+        return
+    text = corpus.path.read_text(encoding="utf-8")
+    b = bigram_result(text)
+    append_row(results, {"corpus": corpus.spec.name, "corpus_sha256": corpus.sha256, "budget": "-",
+                         "config": "bigram", "seed": "-", "val_loss": b["val_loss"],
+                         "val_bpc": b["val_loss"] / math.log(2), "error": "",
+                         "options": f"lambda={b['lambda']:.6f}", "corpus_chars": corpus.chars,
+                         "vocab": corpus.vocab, "train_chars": b["train_chars"], "val_chars": b["val_chars"],
+                         "train_wall_s": round(b["seconds"], 2), "charnn_commit": "-",
+                         "started": _now()})
+    print(f"bigram {corpus.spec.name}: {b['val_loss']:.4f} nats/char (lambda {b['lambda']:.4f})", flush=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_cells(cells: list[Cell], results: Path, *, threads: int, retry_failed: bool = False,
+              lock: str = "", logs: Path | None = None) -> int:
+    """Run the cells not yet in ``results``, appending a row after each; the
+    number run. KeyboardInterrupt propagates with the running cell unrecorded."""
+    ok, failed = done_keys(read_rows(results))
+    todo = [c for c in cells if c.key not in ok and (retry_failed or c.key not in failed)]
+    skipped_failed = sum(1 for c in cells if c.key in failed and not retry_failed)
+    print(f"{len(cells)} cells: {len(cells) - len(todo) - skipped_failed} done, "
+          f"{skipped_failed} failed before (--retry-failed runs them), {len(todo)} to run", flush=True)
+    commit = charnn_commit()
+    logs = logs or results.parent / "logs"
+    for i, cell in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {cell.label()} ...", flush=True)
+        held = _lock(lock)
+        try:
+            base = {"corpus": cell.corpus.spec.name, "corpus_sha256": cell.corpus.sha256,
+                    "budget": cell.budget, "config": cell.config, "seed": cell.seed,
+                    "options": " ".join(cell.options), "budget_s": cell.seconds,
+                    "corpus_chars": cell.corpus.chars, "vocab": cell.corpus.vocab,
+                    "train_chars": cell.corpus.chars - val_count(cell.corpus.chars),
+                    "charnn_commit": commit, "started": _now(), "error": ""}
+            try:
+                row = {**base, **run_cell(cell, threads, logs)}
+            except CellError as e:
+                row = {**base, "error": str(e)}
+        finally:
+            if held:
+                held.close()
+        append_row(results, row)
+        if row["error"]:
+            print(f"  failed: {row['error']}", flush=True)
+        else:
+            print(f"  {row['val_loss']:.4f} nats/char, {row.get('steps')} steps, {row.get('epochs', 0):.2f} "
+                  f"epochs, train {row.get('train_wall_s', 0):.0f} s + eval {row.get('eval_wall_s', 0):.0f} s",
+                  flush=True)
+    return len(todo)
+
+
+def cmd_run(args) -> int:
+    if args.phase == "all":
+        sys.exit("Error: run one phase at a time (--phase 1m, then 5m, then 20m): each picks from the last")
+    phases, corpora, rows, seeds, has_size = _selected(args)
+    cells, pending, notes = phase_cells(args.phase, corpora, rows, args.config, seeds, has_size, args.top)
+    if pending:
+        print(f"Error: the {PHASES[args.phase].previous} phase has not measured enough configs to choose "
+              f"from on some corpora; this run leaves those choices out", file=sys.stderr)
+    print(_auto_note(has_size), end="")
+    for n in notes:
+        print(n)
+    if args.dry_run:
+        ok, failed = done_keys(rows)
+        for c in cells:
+            state = "done" if c.key in ok else "failed" if c.key in failed else \
+                f"to run, about {_hours(estimate_s(c.corpus, c.seconds, c.options))}"
+            print(f"  {c.label():45s} {state}   charnn train {' '.join(c.options)}")
+        return 0
+    for corpus in {c.corpus.spec.name: c.corpus for c in cells}.values():
+        ensure_bigram(corpus, args.results)
+    run_cells(cells, args.results, threads=args.threads, retry_failed=args.retry_failed, lock=args.lock)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------
+
+def _cells(rows: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    """(corpus, budget, config) -> losses over seeds, from the newest corpus
+    version of each corpus; configs that only failed get an empty list."""
+    latest = {r["corpus"]: r["corpus_sha256"] for r in rows}
+    out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["corpus_sha256"] != latest[r["corpus"]]:
+            continue
+        losses = out[(r["corpus"], r["budget"], r["config"])]
+        if not r["error"]:
+            losses.append(float(r["val_loss"]))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    cells = _cells(rows)
+    corpora = [c.name for c in CORPORA if any(k[0] == c.name for k in cells)]
+    budgets = [b for b in PHASES if any(k[1] == b for k in cells)]
+    bigram = {k[0]: v[0] for k, v in cells.items() if k[2] == "bigram" and v}
+    mean = {k: statistics.fmean(v) for k, v in cells.items() if v}
+    aliased = False
+    out = ["| corpus | budget | bigram | v0.1 | auto | best config | best | auto vs best |",
+           "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for corpus in corpora:
+        for budget in budgets:
+            here = {k[2]: v for k, v in mean.items() if k[:2] == (corpus, budget)}
+            if not here:
+                continue
+            best = min(here, key=here.get)
+            auto = here.get("auto")
+            auto_text = _num(auto)
+            if auto is None and "v0.1" in here:
+                auto, auto_text, aliased = here["v0.1"], f"{here['v0.1']:.4f}*", True
+            gap = f"{(auto - here[best]) / here[best]:+.1%}" if auto is not None else ""
+            out.append(f"| {corpus} | {budget} | {_num(bigram.get(corpus))} | {_num(here.get('v0.1'))} "
+                       f"| {auto_text} | {best} | {here[best]:.4f} | {gap} |")
+    if aliased:
+        out.append("\n\\* v0.1's figure: no auto cell was run (charnn train had no --size option, so "
+                   "no size options meant v0.1).")
+    out.append("\nValidation loss (nats/char) on the whole held-out split (last 10%), mean over seeds; "
+               "bold: the best of its budget.")
+    configs = ["bigram", *CONFIGS]
+    for corpus in corpora:
+        out += [f"\n**{corpus}**\n", "| config | " + " | ".join(budgets) + " |",
+                "| --- |" + " ---: |" * len(budgets)]
+        for config in configs:
+            if not any((corpus, b, config) in cells for b in budgets + ["-"]):
+                continue
+            row = []
+            for b in budgets:
+                key = (corpus, "-" if config == "bigram" else b, config)
+                best = min((v for k, v in mean.items() if k[:2] == (corpus, b)), default=None)
+                value = mean.get(key)
+                text = _num(value) if value is not None else ("failed" if key in cells else "")
+                row.append(f"**{text}**" if value is not None and value == best and config != "bigram" else text)
+            out.append(f"| {config} | " + " | ".join(row) + " |")
+    spread = [(k, v) for k, v in cells.items() if len(v) > 1]
+    if spread:
+        out += ["\nSeed spread, where a cell has several seeds:\n",
+                "| corpus | budget | config | seeds | mean | max - min | std |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        for (corpus, budget, config), v in sorted(spread):
+            out.append(f"| {corpus} | {budget} | {config} | {len(v)} | {statistics.fmean(v):.4f} "
+                       f"| {max(v) - min(v):.4f} | {statistics.stdev(v):.4f} |")
+    return "\n".join(out)
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def cmd_table(args) -> int:
+    rows = read_rows(args.results)
+    if not rows:
+        sys.exit(f"Error: no results in {args.results} yet; run `python benchmarks/fit.py run --phase 1m`")
+    print(markdown(rows))
+    return 0
+
+
+CORPORA_DOC = """# The corpus suite of benchmarks/fit.py
+
+Built by `python benchmarks/fit.py corpora` into `benchmarks/corpora/` (or
+`$CHARNN_BENCH_DIR`), once, offline, deterministically: files in sorted path
+order, UTF-8 without BOM, LF newlines, a final newline -- the text charnn reads
+from the file unchanged, so charnn's corpus hash equals the sha256 below
+(fit.py checks it for every cell). charnn holds out the last {val} of each for
+validation. Characters and vocabulary are of the whole text.
+
+The `suite` corpora are the grid's; `kjv-1m` is held out from all choosing: it
+checks the chosen defaults on text they were not fitted on (e.g. `charnn train
+benchmarks/corpora/kjv-1m.txt --time-limit 5m` should reach at most 1.45
+nats/char).
+
+{table}
+
+To build them on a fresh Debian machine:
+
+```bash
+apt-get install -y fortunes-zh jargon-text python3.11-doc bible-kjv bible-kjv-text
+python benchmarks/fit.py corpora
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results", type=Path, default=RESULTS, help="results CSV (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("corpora", help="build the corpus suite and print its table")
+    for name in ("plan", "run"):
+        s = sub.add_parser(name, parents=[common], help="the cells and their estimated time" if name == "plan"
+                           else "run the cells not yet in the results")
+        s.add_argument("--phase", choices=[*PHASES, "all"], default="all" if name == "plan" else None,
+                       required=name == "run")
+        s.add_argument("--corpus", nargs="+", metavar="NAME", help="only these corpora")
+        s.add_argument("--config", nargs="+", metavar="NAME", help="only these configs")
+        s.add_argument("--seeds", help="comma-separated seeds (default: 1337)")
+        s.add_argument("--top", type=int, help="5m and 20m: how many of the previous phase's best grid "
+                       "configs to run (default: 5m 2, 20m 1)")
+        if name == "run":
+            s.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+            s.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+            s.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
+                           help="charnn --threads (default: %(default)s)")
+            s.add_argument("--lock", default=LOCK, help="file locked while a cell runs; '' for none "
+                           "(default: %(default)s)")
+    sub.add_parser("table", parents=[common], help="Markdown tables of the results")
+    args = p.parse_args(argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return {"corpora": cmd_corpora, "plan": cmd_plan, "run": cmd_run, "table": cmd_table}[args.command](args)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"\nstopped{': ' + str(e) if str(e) else ''}; the interrupted cell was not recorded "
+              "and runs again next time", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

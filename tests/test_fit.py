@@ -1,0 +1,243 @@
+"""benchmarks/fit.py, the measurement suite of issue 12: corpus assembly, the
+bigram floor, charnn's split, the resumable results file, and one real cell."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bigram  # noqa: E402
+import corpora  # noqa: E402
+import fit  # noqa: E402
+
+from charnn.data import read_corpus, split_ids  # noqa: E402
+from charnn.tokenizer import CharTokenizer  # noqa: E402
+
+
+def spec(name: str, assemble, **kw) -> corpora.CorpusSpec:
+    return corpora.CorpusSpec(name, "test", "test text", "-", "-", assemble, **kw)
+
+
+# -- corpora -------------------------------------------------------------------
+
+def test_corpus_from_a_folder_is_sorted_normalised_and_what_charnn_reads(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "pkg" / "__pycache__").mkdir(parents=True)
+    (src / "b.py").write_bytes(b"\xef\xbb\xbfb = 2\r\n")  # BOM and CRLF
+    (src / "a.py").write_text("a = 1\n")
+    (src / "pkg" / "c.py").write_text("c = 'z\u00e9'\r")
+    (src / "pkg" / "__pycache__" / "x.py").write_text("never\n")
+    (src / "latin.py").write_bytes(b"s = '\xe9'\n")  # not UTF-8: skipped
+    (src / "notes.txt").write_text("not python\n")
+    text = corpora.concat_files(src, ".py", "# ===== {path} =====")
+    assert text == ("# ===== a.py =====\na = 1\n\n# ===== b.py =====\nb = 2\n\n"
+                    "# ===== pkg/c.py =====\nc = 'z\u00e9'\n\n")
+
+    s = spec("slice", lambda: corpora.concat_files(src, ".py", "# ===== {path} ====="))
+    built = corpora.build(s, tmp_path / "bench")
+    assert built.path.read_text(encoding="utf-8") == text
+    meta = json.loads((tmp_path / "bench" / "slice.json").read_text())
+    assert (meta["chars"], meta["vocab"]) == (len(text), len(set(text))) == (built.chars, built.vocab)
+    charnn_view = read_corpus([built.path])
+    assert charnn_view.text == text and charnn_view.sha256 == built.sha256 == meta["sha256"]
+
+    # Built once: a second build reuses the file; an edited file is refused.
+    assert corpora.build(spec("slice", lambda: "other\n"), tmp_path / "bench").sha256 == built.sha256
+    built.path.write_text(text + "edited\n")
+    with pytest.raises(corpora.MissingSource, match="changed since it was built"):
+        corpora.build(s, tmp_path / "bench")
+
+
+def test_fortune_files_become_plain_poems():
+    raw = ("\x1b[32m\u300a\u9759\u591c\u601d\u300b\x1b[m\n\x1b[33m\u4f5c\u8005\uff1a\u674e\u767d\x1b[m\n"
+           "\u5e8a\u524d\u660e\u6708\u5149\u3002\n%\n"
+           "\x1b[32m\u300a\u6625\u6653\u300b\x1b[m\n\u6625\u7720\u3002\n%\n")
+    assert corpora.clean_fortunes(raw) == ("\u300a\u9759\u591c\u601d\u300b\n\u4f5c\u8005\uff1a\u674e\u767d\n"
+                                           "\u5e8a\u524d\u660e\u6708\u5149\u3002\n\n\u300a\u6625\u6653\u300b\n"
+                                           "\u6625\u7720\u3002\n")
+
+
+def test_kjv_export_loses_verse_numbers_and_stops_at_a_whole_line():
+    raw = "\nGenesis 1\n\n  1 In the beginning.\n  2 And the earth.\n  10 And God.\n"
+    assert corpora.kjv_prose(raw, 1000) == "Genesis 1\n\nIn the beginning.\nAnd the earth.\nAnd God.\n"
+    assert corpora.kjv_prose(raw, 40) == "Genesis 1\n\nIn the beginning.\n"
+
+
+def test_a_missing_debian_package_is_named_with_its_install_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CHARNN_BENCH_DIR", str(tmp_path / "bench"))
+    monkeypatch.setattr(corpora, "FORTUNES", tmp_path / "no-fortunes")
+    with pytest.raises(SystemExit) as e:
+        fit.suite(["tang-song"])
+    assert str(e.value).startswith("Error: ") and "apt-get install -y fortunes-zh" in str(e.value)
+    assert not (tmp_path / "bench" / "tang-song.txt").exists()
+
+
+# -- the split and the bigram floor -----------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25])
+def test_split_is_charnns(fraction: float):
+    rng = random.Random(0)
+    for n in [*range(2, 80), 995, 1005, 12345]:
+        text = "".join(rng.choice("ab\ncd\u4e2d") for _ in range(n))
+        tok = CharTokenizer.from_text(text)
+        train_ids, val_ids = split_ids(tok.encode_array(text), fraction)
+        train, val = bigram.split_text(text, fraction)
+        assert (train, val) == (tok.decode(train_ids.tolist()), tok.decode(val_ids.tolist())), n
+        ids, V = bigram.encode(text)
+        assert V == tok.vocab_size and np.array_equal(ids, tok.encode_array(text))
+
+
+def test_bigram_loss_is_the_hand_computed_one():
+    # vocabulary {a, b}; training text "aab": c(a)=2, c(b)=1, N=3, so
+    # P_uni(a) = 3/5, P_uni(b) = 2/5; as contexts: a twice (aa, ab), b never.
+    # Validation "bab" scores a after b (unseen context: P_uni(a) = 3/5) and
+    # b after a (0.5 * 1/2 + 0.5 * 2/5 = 0.45).
+    model = bigram.Bigram(np.array([0, 0, 1]), 2)
+    expected = -(math.log(3 / 5) + math.log(0.45)) / 2
+    assert model.loss(np.array([1, 0, 1]), 0.5) == pytest.approx(expected, abs=1e-12)
+    assert model.loss(np.array([1, 0, 1]), 0.0) == pytest.approx(-(math.log(3 / 5) + math.log(2 / 5)) / 2)
+
+
+def test_bigram_lambda_is_chosen_on_training_text_only():
+    train = make_text(9000, seed=1)[:9000]
+    a = bigram.bigram_result(train + make_text(1000, seed=2)[:1000])
+    b = bigram.bigram_result(train + ("zq" * 500))  # other validation text, same training part
+    assert a["lambda"] == b["lambda"] and 0.5 < a["lambda"] < 1.0
+    assert a["val_chars"] == 999 and a["train_chars"] == 9000
+    # On this repetitive text the bigram beats the unigram and lam is its best on the tuning slice.
+    ids, V = bigram.encode(train)
+    fit_ids, tune = bigram.split_text(ids, bigram.TUNE_FRACTION)
+    m = bigram.Bigram(fit_ids, V)
+    best = m.loss(tune, a["lambda"])
+    assert all(m.loss(tune, lam) >= best - 1e-9 for lam in np.linspace(0, 0.999, 200))
+
+
+# -- the results file ---------------------------------------------------------------
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> corpora.CorpusFile:
+    return corpora.build(spec("tiny", lambda: make_text(20_000, seed=3)), tmp_path / "bench")
+
+
+def cells_for(corpus, *configs: str) -> list[fit.Cell]:
+    return [fit.Cell(corpus, "3s", 3, c, fit.CONFIGS.get(c, ()), 1337) for c in configs]
+
+
+def test_results_resume_skips_done_cells_and_keeps_failures(tmp_path, tiny_corpus, monkeypatch):
+    # run_cell is replaced here, and only here: this test is about the bookkeeping
+    # around it (what is skipped, rerun, recorded); the real cell is tested below.
+    ran, behaviour = [], {}
+
+    def fake_run_cell(cell, threads, logs):
+        ran.append(cell.config)
+        what = behaviour.get(cell.config)
+        if what == "fail":
+            raise fit.CellError("charnn train exited 1: Error: boom")
+        if what == "interrupt":
+            raise KeyboardInterrupt
+        return {"val_loss": 1.5, "val_bpc": 1.5 / math.log(2), "steps": 10, "epochs": 0.5,
+                "train_wall_s": 4.0, "eval_wall_s": 1.0}
+
+    monkeypatch.setattr(fit, "run_cell", fake_run_cell)
+    results = tmp_path / "results" / "fit.csv"
+    run = lambda cells, **kw: fit.run_cells(cells, results, threads=1, **kw)  # noqa: E731
+
+    assert run(cells_for(tiny_corpus, "v0.1", "h128x1-d0")) == 2
+    assert run(cells_for(tiny_corpus, "v0.1", "h128x1-d0", "h256x1-d0")) == 1
+    assert ran == ["v0.1", "h128x1-d0", "h256x1-d0"]
+
+    behaviour["h256x2-d25"] = "fail"
+    run(cells_for(tiny_corpus, "h256x2-d25"))
+    run(cells_for(tiny_corpus, "h256x2-d25"))  # a failure is not retried ...
+    assert ran.count("h256x2-d25") == 1
+    behaviour.pop("h256x2-d25")
+    run(cells_for(tiny_corpus, "h256x2-d25"), retry_failed=True)  # ... unless asked
+    assert ran.count("h256x2-d25") == 2
+
+    behaviour["h384x2-d0"] = "interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        run(cells_for(tiny_corpus, "h384x2-d0", "h384x2-d40"))
+    assert ran[-1] == "h384x2-d0"  # stopped there: h384x2-d40 never started
+
+    rows = fit.read_rows(results)
+    assert [r["config"] for r in rows] == ["v0.1", "h128x1-d0", "h256x1-d0", "h256x2-d25", "h256x2-d25"]
+    assert rows[3]["error"] == "charnn train exited 1: Error: boom" and rows[4]["error"] == ""
+    assert all(r["corpus_sha256"] == tiny_corpus.sha256 and r["budget"] == "3s" for r in rows)
+    assert results.read_text().count("corpus,corpus_sha256,") == 1  # one header
+    ok, failed = fit.done_keys(rows)
+    assert len(ok) == 4 and not failed
+
+    # A rebuilt corpus (other text, other sha256) is a new set of cells.
+    other = corpora.build(spec("tiny", lambda: make_text(20_000, seed=4)), tmp_path / "bench2")
+    assert run(cells_for(other, "v0.1")) == 1
+
+
+def test_table_shows_best_bigram_and_auto_gap_and_seed_spread(tmp_path):
+    results = tmp_path / "fit.csv"
+    base = {"corpus": "war-and-peace", "corpus_sha256": "s", "error": ""}
+    for config, budget, seed, loss in [("bigram", "-", "-", 2.44), ("v0.1", "1m", "1337", 1.80),
+                                       ("v0.1", "1m", "1", 1.84), ("h128x1-d0", "1m", "1337", 1.75),
+                                       ("h256x2-d25", "1m", "1337", 0.0)]:
+        row = {**base, "config": config, "budget": budget, "seed": seed, "val_loss": loss}
+        fit.append_row(results, {**row, "error": "boom"} if loss == 0.0 else row)
+    text = fit.markdown(fit.read_rows(results))
+    assert "| war-and-peace | 1m | 2.4400 | 1.8200 | 1.8200* | h128x1-d0 | 1.7500 | +4.0% |" in text
+    assert "| h128x1-d0 | **1.7500** |" in text and "| h256x2-d25 | failed |" in text
+    assert "| war-and-peace | 1m | v0.1 | 2 | 1.8200 | 0.0400 | 0.0283 |" in text
+
+
+def test_plan_and_phases_pick_the_best_of_the_previous_phase(tiny_corpus):
+    rows = [{"corpus": "tiny", "corpus_sha256": tiny_corpus.sha256, "budget": "1m", "config": c,
+             "seed": "1337", "val_loss": str(v), "error": ""}
+            for c, v in [("v0.1", 1.0), ("h128x1-d0", 1.3), ("h256x1-d0", 1.1), ("h384x2-d0", 1.2)]]
+    cells, pending, notes = fit.phase_cells("5m", [tiny_corpus], rows, None, [1337], has_size=False)
+    assert [c.config for c in cells] == ["v0.1", "h256x1-d0", "h384x2-d0"] and not pending
+    assert "3 of 8 grid configs measured in 1m" in notes[0]
+    assert cells[0].options == fit.shape_options(320, 2, 128, 0.1)  # charnn without --size
+    cells, pending, _ = fit.phase_cells("5m", [tiny_corpus], rows, None, [1, 2], has_size=True, top=4)
+    assert [c.config for c in cells[:2]] == ["v0.1", "v0.1"] and cells[2].options == ("--size", "auto")
+    assert cells[0].options == fit.shape_options(320, 2, 128, 0.1) + ("--size", "fixed")
+    assert len(pending) == 2  # one grid config short of 4, for each seed
+    assert fit.estimate_s(tiny_corpus, 60, fit.CONFIGS["h512x3-d25"]) > fit.estimate_s(
+        tiny_corpus, 60, fit.CONFIGS["h128x1-d0"]) > 60
+
+
+def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
+    lines = ["timing a 2x128 model on this device (--size auto)", "model: lstm 2x128, embedding 64",
+             "hidden_size 320 --batch-size 16", "size: 17.7k chars, 2.55 s = ~83 steps -> 2x128, dropout 0.2"]
+    assert [line for line in lines if fit.SIZE_LINE.search(line)] == [lines[3]]
+
+
+# -- one real cell --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_real_cell_writes_a_complete_row(tmp_path, tiny_corpus):
+    results = tmp_path / "fit.csv"
+    tiny = fit.shape_options(32, 1, 16, 0.0)
+    cell = fit.Cell(tiny_corpus, "3s", 3, "tiny", tiny, 7)
+    assert fit.run_cells([cell], results, threads=1, logs=tmp_path / "logs") == 1
+    (row,) = fit.read_rows(results)
+    assert row["error"] == "", row["error"]
+    blank = [k for k in fit.FIELDS if row[k] == "" and k not in ("error", "size_line")]
+    assert not blank, blank
+    # below the uniform guess it starts from (beating the bigram in 3 s depends on the machine's load)
+    assert 0.0 < float(row["val_loss"]) < math.log(tiny_corpus.vocab)
+    assert int(row["val_chars"]) == tiny_corpus.val_chars - 1  # the whole split; its first character is context
+    assert int(row["steps"]) > 0 and float(row["epochs"]) > 0 and int(row["parameters"]) > 1000
+    assert row["model"] == "lstm 1x32 e16 d0.0"
+    assert row["options"] == " ".join(tiny) and row["seed"] == "7" and row["threads"] == "1"
+    assert float(row["train_wall_s"]) >= 3 and row["charnn_commit"] != "unknown"
+    assert (tmp_path / "logs" / "tiny_3s_tiny_seed_7.log").read_text().startswith(sys.executable)
+    with open(results, newline="") as f:
+        assert next(csv.reader(f)) == fit.FIELDS
+    assert fit.run_cells([cell], results, threads=1) == 0  # done: not run again
