@@ -60,14 +60,14 @@ SEEDS = [1337]  # charnn's default seed; --seeds adds more for the spread
 
 V01 = {"hidden": 320, "layers": 2, "embed": 128, "dropout": 0.1}  # charnn 0.1's defaults
 #                     name          hidden layers embed dropout weight decay (None: charnn's 0.01)
-GRID = [("h128x1-d0",            128,   1,   64,   0.0,  None),
-        ("h256x1-d0",            256,   1,   96,   0.0,  None),
-        ("h256x2-d25",           256,   2,  128,   0.25, None),
-        ("h384x2-d0",            384,   2,  128,   0.0,  None),
-        ("h384x2-d40",           384,   2,  128,   0.4,  None),
-        ("h512x3-d25",           512,   3,  192,   0.25, None),
-        ("h320x2-d10-wd10",      320,   2,  128,   0.1,  0.1),   # v0.1's shape, 10x weight decay
-        ("h384x2-d25-wd10",      384,   2,  128,   0.25, 0.1)]
+GRID = [("2x128-d0",              128,   2,   64,   0.0,  None),  # charnn.sizing.LADDER's shapes...
+        ("2x192-d0",              192,   2,   64,   0.0,  None),
+        ("2x256-d0",              256,   2,   96,   0.0,  None),
+        ("2x320-d0",              320,   2,  128,   0.0,  None),
+        ("2x448-d0",              448,   2,  128,   0.0,  None),
+        ("2x128-d30",             128,   2,   64,   0.3,  None),  # ...and regularisation for many epochs
+        ("2x256-d30",             256,   2,   96,   0.3,  None),
+        ("2x256-d30-wd10",        256,   2,   96,   0.3,  0.1)]
 
 
 def shape_options(hidden: int, layers: int, embed: int, dropout: float,
