@@ -90,10 +90,13 @@ def test_train_writes_contract_checkpoint(cli_run):
     for name in ("best.pt", "last.pt"):
         data = torch.load(out / name, map_location="cpu", weights_only=True)
         assert data["format"] == "charnn-checkpoint" and data["format_version"] == 1
-        defaults = ModelConfig()  # options not given on the command line take the defaults
-        assert data["model_config"] == {"cell": "lstm", "vocab_size": len(data["vocab"]),
-                                        "embedding_dim": defaults.embedding_dim, "hidden_size": 64,
-                                        "num_layers": 1, "dropout": defaults.dropout}
+        # Options given on the command line win; --size auto (the default) chose the others.
+        mc = data["model_config"]
+        assert {k: mc[k] for k in ("cell", "vocab_size", "hidden_size", "num_layers")} == {
+            "cell": "lstm", "vocab_size": len(data["vocab"]), "hidden_size": 64, "num_layers": 1}
+        assert data["train_config"]["size"] == "auto"
+        reason = data["train_config"]["size_reason"]
+        assert f"embedding {mc['embedding_dim']}" in reason and f"dropout {mc['dropout']:g}" in reason
         assert data["vocab"] == sorted(set(corpus.read_text(encoding="utf-8")))
         assert data["train_state"]["step"] == 60
         assert data["train_config"]["corpus"] == [str(corpus)]

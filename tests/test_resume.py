@@ -182,7 +182,7 @@ def run_copy(stopped_run, tmp_path):
 # A value different from the run's, for each option, as the user would type it.
 NEW_VALUES = {
     "seq_len": "32", "batch_size": "8", "val_fraction": "0.2", "seed": "8", "encoding": "latin-1",
-    "lr": "0.004", "weight_decay": "0.1", "warmup_steps": "5",
+    "lr": "0.004", "weight_decay": "0.1", "warmup_steps": "5", "size": "fixed",
     "max_steps": "14", "epochs": "0.2", "time_limit": "4s", "eval_every": "3", "eval_chars": "400",
     "log_every": "2", "patience": "40", "keep": "3", "sample_every": "2", "device": "cpu",
     "precision": "bf16", "grad_clip": "0.25",
@@ -201,7 +201,8 @@ def test_every_training_option_is_classified():
     from dataclasses import fields
 
     classified = set(RESUME_FIXED) | set(RESUME_CHANGEABLE) | set(RESUME_APPLIED)
-    internal = {"corpus", "corpus_hash", "corpus_name", "betas", "min_lr_ratio", "nan_tolerance", "out"}
+    internal = {"corpus", "corpus_hash", "corpus_name", "betas", "min_lr_ratio", "nan_tolerance", "out",
+                "size_reason"}
     assert {f.name for f in fields(TrainConfig)} - internal <= classified
 
 

@@ -1,0 +1,182 @@
+"""--size auto: the rule (charnn.sizing) and what a run records and says."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from charnn import checkpoint as ckpt_mod
+from charnn import sizing
+from charnn.config import TrainConfig
+from charnn.errors import ConfigError
+from charnn.train import Trainer
+
+from conftest import invoke, make_text
+
+
+def test_recurrent_params_match_a_real_model():
+    from charnn.config import ModelConfig
+    from charnn.model import CharRNN
+
+    for shape in sizing.LADDER[:3]:
+        for cell in ("lstm", "gru", "rnn"):
+            model = CharRNN(ModelConfig(cell=cell, vocab_size=77, hidden_size=shape.hidden_size,
+                                        num_layers=shape.num_layers, embedding_dim=shape.embedding_dim))
+            embedding = model.embedding.weight.numel()
+            assert sizing.recurrent_params(shape, 77, cell) == model.num_parameters() - embedding
+
+
+def test_the_ladder_grows_and_holds_the_old_default():
+    params = [sizing.recurrent_params(s, 100) for s in sizing.LADDER]
+    assert params == sorted(params) and len(set(params)) == len(params)
+    assert sizing.Shape(320, 2, 128) in sizing.LADDER
+
+
+def test_more_steps_never_choose_a_smaller_model():
+    last = -1
+    for steps in (50, 200, 1000, 3000, 10_000, 50_000, 10 ** 6):
+        c = sizing.choose(train_chars=50_000_000, vocab_size=100, tokens_per_step=1024, steps=steps)
+        size = sizing.LADDER.index(c.shape)
+        assert size >= last
+        last = size
+    assert last == len(sizing.LADDER) - 1  # a big text and a long budget reach the top
+
+
+def test_a_small_text_gets_a_small_model_and_more_dropout():
+    small = sizing.choose(train_chars=30_000, vocab_size=2600, tokens_per_step=1024, steps=1000)
+    large = sizing.choose(train_chars=30_000_000, vocab_size=100, tokens_per_step=1024, steps=1000)
+    assert small.shape == sizing.LADDER[0]
+    assert sizing.recurrent_params(small.shape, 2600) <= sizing.recurrent_params(large.shape, 2600)
+    assert small.epochs > 30 and small.dropout > large.dropout
+
+
+def test_dropout_rises_with_epochs():
+    values = [sizing.dropout_for(e) for e in (0.1, 1, 3, 10, 100, math.inf)]
+    assert values == sorted(values) and values[0] < values[-1]
+
+
+def test_a_time_budget_is_turned_into_steps_per_shape():
+    timed = []
+
+    def step_time(shape):
+        timed.append(shape)
+        return 1e-7 * sizing.recurrent_params(shape, 100)  # bigger is slower
+
+    c = sizing.choose(train_chars=10_000_000, vocab_size=100, tokens_per_step=1024, seconds=300.0,
+                      step_time=step_time)
+    assert c.steps == int(300.0 / step_time(c.shape))
+    # shapes are timed smallest first, and no further than one past the choice
+    assert timed[: len(set(timed))] == list(sizing.LADDER[: len(set(timed))])
+    assert len(set(timed)) <= sizing.LADDER.index(c.shape) + 2
+    # a step budget that is smaller than what the time buys wins
+    d = sizing.choose(train_chars=10_000_000, vocab_size=100, tokens_per_step=1024, seconds=300.0,
+                      step_time=step_time, steps=100)
+    assert d.steps <= 100
+
+
+def test_given_values_win_and_are_said():
+    c = sizing.choose(train_chars=3_000_000, vocab_size=80, tokens_per_step=1024, steps=3000,
+                      given={"hidden_size": 700, "dropout": 0.3})
+    assert c.shape.hidden_size == 700 and c.dropout == 0.3
+    assert "given" in c.reason and "auto chose" in c.reason
+    full = sizing.choose(train_chars=3_000_000, vocab_size=80, tokens_per_step=1024, seconds=60.0,
+                         step_time=lambda s: pytest.fail("nothing to time when everything is given"),
+                         given={"hidden_size": 64, "num_layers": 1, "embedding_dim": 8, "dropout": 0.0})
+    assert full.overrides() == {"hidden_size": 64, "num_layers": 1, "embedding_dim": 8, "dropout": 0.0}
+
+
+def test_no_text_is_a_clear_error():
+    with pytest.raises(ConfigError):
+        sizing.choose(train_chars=0, vocab_size=10, tokens_per_step=1024, steps=10)
+
+
+def test_step_seconds_takes_the_median_of_real_timings():
+    import time
+
+    calls = []
+
+    def run(n):
+        calls.append(n)
+        time.sleep(0.01 * n)
+
+    t = sizing.step_seconds(run, steps=3, warmup=1)
+    assert calls == [1, 1, 1, 1]
+    assert 0.009 <= t < 0.2
+
+
+# -- through the trainer and the CLI -------------------------------------------
+
+@pytest.fixture()
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(make_text(30_000), encoding="utf-8")
+    return path
+
+
+def _train(text_file, out, **options):
+    cfg = TrainConfig(corpus=[str(text_file)], out=str(out), sample_every=0, **options)
+    trainer = Trainer(cfg, {})
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return ckpt_mod.load(out / "last.pt")
+
+
+def test_a_new_run_records_its_choice_and_the_reason(text_file, tmp_path):
+    ck = _train(text_file, tmp_path / "auto", max_steps=3)
+    tc = ck.train_config
+    assert tc["size"] == "auto"
+    assert "->" in tc["size_reason"] and "steps" in tc["size_reason"]
+    shape = sizing.Shape(ck.model_config.hidden_size, ck.model_config.num_layers, ck.model_config.embedding_dim)
+    assert shape in sizing.LADDER
+    assert f"dropout {ck.model_config.dropout:g}" in tc["size_reason"]
+
+
+def test_size_fixed_is_the_old_default(text_file, tmp_path):
+    ck = _train(text_file, tmp_path / "fixed", max_steps=2, size="fixed")
+    mc = ck.model_config
+    assert (mc.hidden_size, mc.num_layers, mc.embedding_dim, mc.dropout) == (320, 2, 128, 0.1)
+    assert ck.train_config["size_reason"] == ""
+
+
+def test_a_time_budget_times_real_models_and_counts_the_time(text_file, tmp_path):
+    ck = _train(text_file, tmp_path / "timed", time_limit=6.0)
+    reason = ck.train_config["size_reason"]
+    assert " s = ~" in reason  # "... 5.1 s = ~N steps = E epochs -> ..."
+    assert ck.train_state["elapsed"] <= 6.0 + 1.0
+
+
+def test_the_cli_says_the_choice_and_given_options_win(text_file, tmp_path):
+    out = tmp_path / "cli"
+    r = invoke("train", str(text_file), "--max-steps", "2", "-o", str(out), "--hidden-size", "48",
+               "--sample-every", "0")
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("size:"))
+    assert "2x48" in line or "x48" in line
+    ck = ckpt_mod.load(out / "best.pt")
+    assert ck.model_config.hidden_size == 48
+
+
+def test_resume_keeps_the_choice_and_refuses_another_size(text_file, tmp_path):
+    out = tmp_path / "resume"
+    r = invoke("train", str(text_file), "--max-steps", "2", "-o", str(out), "--sample-every", "0")
+    assert r.exit_code == 0, r.output
+    first = ckpt_mod.load(out / "last.pt")
+    r = invoke("train", "--resume", str(out / "last.pt"), "--max-steps", "4")
+    assert r.exit_code == 0, r.output
+    again = ckpt_mod.load(out / "last.pt")
+    assert again.model_config == first.model_config
+    assert again.train_config["size_reason"] == first.train_config["size_reason"]
+    r = invoke("train", "--resume", str(out / "last.pt"), "--max-steps", "6", "--size", "fixed")
+    assert r.exit_code != 0 and "--size" in r.output and "--init-from" in r.output
+
+
+def test_a_checkpoint_from_before_size_auto_reads_as_fixed(text_file, tmp_path):
+    cfg = TrainConfig.from_dict({k: v for k, v in TrainConfig().to_dict().items() if k not in ("size", "size_reason")})
+    assert cfg.size == "fixed"
+    with pytest.raises(ConfigError, match="--size"):
+        TrainConfig(size="huge").validate()
