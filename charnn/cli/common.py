@@ -48,7 +48,18 @@ from typer.core import TyperCommand
 # - Units are stated: characters, steps, seconds; one sentence per option,
 #   ending with a full stop.
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+class _StderrConsole(Console):
+    """stderr whose reader may go away (``charnn train 2>&1 | head``, a killed
+    ``tee``). rich's own answer to a broken pipe is to point stdout at
+    /dev/null and raise SystemExit(1): a training run would stop there and
+    lose its work. Here the rest of the messages are dropped instead, and the
+    command goes on (training saves, sampling still writes its stdout)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
+err = _StderrConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Cell(str, Enum):
