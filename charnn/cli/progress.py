@@ -105,13 +105,12 @@ class TrainReporter:
     # -- text ---------------------------------------------------------------------
     def print(self, text: str, wrap: bool = False) -> None:
         """A line above the bar (or a log line). ``wrap``: prose, folded at
-        the terminal's width at spaces (a log file or pipe gets whole lines,
-        for grep); otherwise printed as it is. File names
+        the console's width at spaces; otherwise printed as it is. File names
         and checkpoint strings in it are escaped; a stderr that is full or
         closed loses the line, never the run (training goes on and saves)."""
         try:
             self.console.print(safe_display(text, limit=None, keep="\n"), markup=False, highlight=False,
-                               soft_wrap=not (wrap and self.console.is_terminal))
+                               soft_wrap=not wrap)
         except OSError:
             pass
 
