@@ -152,25 +152,25 @@ def test_results_resume_skips_done_cells_and_keeps_failures(tmp_path, tiny_corpu
     results = tmp_path / "results" / "fit.csv"
     run = lambda cells, **kw: fit.run_cells(cells, results, threads=1, **kw)  # noqa: E731
 
-    assert run(cells_for(tiny_corpus, "v0.1", "h128x1-d0")) == 2
-    assert run(cells_for(tiny_corpus, "v0.1", "h128x1-d0", "h256x1-d0")) == 1
-    assert ran == ["v0.1", "h128x1-d0", "h256x1-d0"]
+    assert run(cells_for(tiny_corpus, "v0.1", "2x128-d0")) == 2
+    assert run(cells_for(tiny_corpus, "v0.1", "2x128-d0", "2x192-d0")) == 1
+    assert ran == ["v0.1", "2x128-d0", "2x192-d0"]
 
-    behaviour["h256x2-d25"] = "fail"
-    run(cells_for(tiny_corpus, "h256x2-d25"))
-    run(cells_for(tiny_corpus, "h256x2-d25"))  # a failure is not retried ...
-    assert ran.count("h256x2-d25") == 1
-    behaviour.pop("h256x2-d25")
-    run(cells_for(tiny_corpus, "h256x2-d25"), retry_failed=True)  # ... unless asked
-    assert ran.count("h256x2-d25") == 2
+    behaviour["2x256-d30"] = "fail"
+    run(cells_for(tiny_corpus, "2x256-d30"))
+    run(cells_for(tiny_corpus, "2x256-d30"))  # a failure is not retried ...
+    assert ran.count("2x256-d30") == 1
+    behaviour.pop("2x256-d30")
+    run(cells_for(tiny_corpus, "2x256-d30"), retry_failed=True)  # ... unless asked
+    assert ran.count("2x256-d30") == 2
 
-    behaviour["h384x2-d0"] = "interrupt"
+    behaviour["2x256-d0"] = "interrupt"
     with pytest.raises(KeyboardInterrupt):
-        run(cells_for(tiny_corpus, "h384x2-d0", "h384x2-d40"))
-    assert ran[-1] == "h384x2-d0"  # stopped there: h384x2-d40 never started
+        run(cells_for(tiny_corpus, "2x256-d0", "2x128-d30"))
+    assert ran[-1] == "2x256-d0"  # stopped there: 2x128-d30 never started
 
     rows = fit.read_rows(results)
-    assert [r["config"] for r in rows] == ["v0.1", "h128x1-d0", "h256x1-d0", "h256x2-d25", "h256x2-d25"]
+    assert [r["config"] for r in rows] == ["v0.1", "2x128-d0", "2x192-d0", "2x256-d30", "2x256-d30"]
     assert rows[3]["error"] == "charnn train exited 1: Error: boom" and rows[4]["error"] == ""
     assert all(r["corpus_sha256"] == tiny_corpus.sha256 and r["budget"] == "3s" for r in rows)
     assert results.read_text().count("corpus,corpus_sha256,") == 1  # one header
@@ -186,30 +186,30 @@ def test_table_shows_best_bigram_and_auto_gap_and_seed_spread(tmp_path):
     results = tmp_path / "fit.csv"
     base = {"corpus": "war-and-peace", "corpus_sha256": "s", "error": ""}
     for config, budget, seed, loss in [("bigram", "-", "-", 2.44), ("v0.1", "1m", "1337", 1.80),
-                                       ("v0.1", "1m", "1", 1.84), ("h128x1-d0", "1m", "1337", 1.75),
-                                       ("h256x2-d25", "1m", "1337", 0.0)]:
+                                       ("v0.1", "1m", "1", 1.84), ("2x128-d0", "1m", "1337", 1.75),
+                                       ("2x256-d30", "1m", "1337", 0.0)]:
         row = {**base, "config": config, "budget": budget, "seed": seed, "val_loss": loss}
         fit.append_row(results, {**row, "error": "boom"} if loss == 0.0 else row)
     text = fit.markdown(fit.read_rows(results))
-    assert "| war-and-peace | 1m | 2.4400 | 1.8200 | 1.8200* | h128x1-d0 | 1.7500 | +4.0% |" in text
-    assert "| h128x1-d0 | **1.7500** |" in text and "| h256x2-d25 | failed |" in text
+    assert "| war-and-peace | 1m | 2.4400 | 1.8200 | 1.8200* | 2x128-d0 | 1.7500 | +4.0% |" in text
+    assert "| 2x128-d0 | **1.7500** |" in text and "| 2x256-d30 | failed |" in text
     assert "| war-and-peace | 1m | v0.1 | 2 | 1.8200 | 0.0400 | 0.0283 |" in text
 
 
 def test_plan_and_phases_pick_the_best_of_the_previous_phase(tiny_corpus):
     rows = [{"corpus": "tiny", "corpus_sha256": tiny_corpus.sha256, "budget": "1m", "config": c,
              "seed": "1337", "val_loss": str(v), "error": ""}
-            for c, v in [("v0.1", 1.0), ("h128x1-d0", 1.3), ("h256x1-d0", 1.1), ("h384x2-d0", 1.2)]]
+            for c, v in [("v0.1", 1.0), ("2x128-d0", 1.3), ("2x192-d0", 1.1), ("2x256-d0", 1.2)]]
     cells, pending, notes = fit.phase_cells("5m", [tiny_corpus], rows, None, [1337], has_size=False)
-    assert [c.config for c in cells] == ["v0.1", "h256x1-d0", "h384x2-d0"] and not pending
+    assert [c.config for c in cells] == ["v0.1", "2x192-d0", "2x256-d0"] and not pending
     assert "3 of 8 grid configs measured in 1m" in notes[0]
     assert cells[0].options == fit.shape_options(320, 2, 128, 0.1)  # charnn without --size
     cells, pending, _ = fit.phase_cells("5m", [tiny_corpus], rows, None, [1, 2], has_size=True, top=4)
     assert [c.config for c in cells[:2]] == ["v0.1", "v0.1"] and cells[2].options == ("--size", "auto")
     assert cells[0].options == fit.shape_options(320, 2, 128, 0.1) + ("--size", "fixed")
     assert len(pending) == 2  # one grid config short of 4, for each seed
-    assert fit.estimate_s(tiny_corpus, 60, fit.CONFIGS["h512x3-d25"]) > fit.estimate_s(
-        tiny_corpus, 60, fit.CONFIGS["h128x1-d0"]) > 60
+    assert fit.estimate_s(tiny_corpus, 60, fit.CONFIGS["2x448-d0"]) > fit.estimate_s(
+        tiny_corpus, 60, fit.CONFIGS["2x128-d0"]) > 60
 
 
 def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
