@@ -197,6 +197,7 @@ class Trainer:
             tokenizer = resumed.tokenizer
         elif init_from:
             tokenizer, model, notes = fine_tune_start(init_from, self.corpus.text, overrides, extend_vocab)
+            cfg.size_reason = f"the shape of {Path(init_from).name} (--init-from)" if cfg.size == "auto" else ""
             for message in notes:
                 self._emit("warning", message=message)
         else:
