@@ -135,7 +135,8 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
     def budget_steps(shape: Shape) -> int | None:
         n = steps
         if seconds is not None and step_time is not None:
-            by_time = int(seconds / max(step_time(shape), 1e-6))
+            t = step_time(shape)
+            by_time = 0 if math.isinf(t) else int(seconds / max(t, 1e-6))
             n = by_time if n is None else min(n, by_time)
         return n
 

@@ -290,7 +290,10 @@ class Trainer:
         def step_time(shape: sizing.Shape) -> float:
             if shape not in timings:
                 self._status(f"timing a {shape.name} model on this device (--size auto)")
-                timings[shape] = self._probe_step_time(shape, cell)
+                try:
+                    timings[shape] = self._probe_step_time(shape, cell)
+                except ConfigError:  # too big for this machine's memory: it buys no steps
+                    timings[shape] = math.inf
             return timings[shape]
 
         seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None
@@ -325,8 +328,10 @@ class Trainer:
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # GPU work is asynchronous: time it done
                 torch.cuda.synchronize(self.device)
+            elif self.device.type == "mps":
+                torch.mps.synchronize()
 
         try:
             return sizing.step_seconds(run_steps)

@@ -180,3 +180,15 @@ def test_a_checkpoint_from_before_size_auto_reads_as_fixed(text_file, tmp_path):
     assert cfg.size == "fixed"
     with pytest.raises(ConfigError, match="--size"):
         TrainConfig(size="huge").validate()
+
+
+def test_a_shape_that_does_not_fit_in_memory_buys_no_steps():
+    # The trainer's probe answers math.inf for a shape check_memory refuses.
+    too_big = sizing.LADDER[2]
+
+    def step_time(shape):
+        return math.inf if sizing.recurrent_params(shape, 100) >= sizing.recurrent_params(too_big, 100) else 1e-4
+
+    c = sizing.choose(train_chars=50_000_000, vocab_size=100, tokens_per_step=1024, seconds=3600.0,
+                      step_time=step_time)
+    assert c.shape == sizing.LADDER[1] and "0 steps" in c.reason
