@@ -606,14 +606,14 @@ def markdown(rows: list[dict]) -> str:
     out.append("\nValidation loss (nats/char) on the whole held-out split (last 10%), mean over seeds; "
                "bold: the best of its budget.")
     configs = ["bigram", *CONFIGS]
-    for corpus in corpora:
-        out += [f"\n**{corpus}**\n", "| config | " + " | ".join(budgets) + " |",
-                "| --- |" + " ---: |" * len(budgets)]
+    for b in budgets:  # one matrix per budget: a row per config, a column per corpus
+        here = [c for c in corpora if any(k[:2] == (c, b) for k in cells)]
+        out += [f"\n**{b}**\n", "| config | " + " | ".join(here) + " |", "| --- |" + " ---: |" * len(here)]
         for config in configs:
-            if not any((corpus, b, config) in cells for b in budgets + ["-"]):
+            if not any((c, "-" if config == "bigram" else b, config) in cells for c in here):
                 continue
             row = []
-            for b in budgets:
+            for corpus in here:
                 key = (corpus, "-" if config == "bigram" else b, config)
                 best = min((v for k, v in mean.items() if k[:2] == (corpus, b)), default=None)
                 value = mean.get(key)
