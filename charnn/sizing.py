@@ -193,6 +193,44 @@ def training_seconds(time_limit: float) -> float:
     return TRAINING_SHARE * time_limit
 
 
+def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any, y: Any,
+                        device: Any, precision: str) -> float:
+    """Seconds per training step of ``model`` (a throwaway CharRNN) on inputs
+    ``x`` and targets ``y``: forward, backward, clipping and the optimizer's
+    step, in the run's precision, as the trainer does them. The global random
+    state is left as it was."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX
+    from .runtime import autocast, kernels_for
+
+    rng = torch.get_rng_state()
+    model = model.to(device).train()
+    optimizer = make_optimizer(model)
+    x, y = x.to(device), y.to(device)
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            with autocast(device, precision):
+                logits, _ = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            with kernels_for(device, precision):
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        if device.type == "cuda":  # GPU work is asynchronous: time it done
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    try:
+        return step_seconds(run_steps)
+    finally:
+        torch.set_rng_state(rng)
+
+
 def step_seconds(run_steps: Callable[[int], None], steps: int = 3, warmup: int = 1) -> float:
     """Seconds per step: ``run_steps(n)`` runs n training steps; the first
     ``warmup`` are not timed (kernel selection, allocation), the rest are

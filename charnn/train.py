@@ -308,36 +308,13 @@ class Trainer:
 
     def _probe_step_time(self, shape: sizing.Shape, cell: str) -> float:
         """Seconds per training step of a throwaway model of ``shape`` on this
-        rank's share of the first batch: forward, backward, clip and AdamW."""
+        rank's share of the first batch."""
         mc = ModelConfig(cell=cell, vocab_size=self.tokenizer.vocab_size, hidden_size=shape.hidden_size,
                          num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=0.1)
         check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
-        rng = torch.get_rng_state()
-        model = CharRNN(mc).to(self.device).train()
-        optimizer = _make_optimizer(model, self.cfg)
         x, y = self.batcher.chunk(0)
-        x, y = x[self.rows].to(self.device), y[self.rows].to(self.device)
-
-        def run_steps(n: int) -> None:
-            for _ in range(n):
-                with autocast(self.device, self.precision):
-                    logits, _ = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-                optimizer.zero_grad(set_to_none=True)
-                with kernels_for(self.device, self.precision):
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-            if self.device.type == "cuda":  # GPU work is asynchronous: time it done
-                torch.cuda.synchronize(self.device)
-            elif self.device.type == "mps":
-                torch.mps.synchronize()
-
-        try:
-            return sizing.step_seconds(run_steps)
-        finally:
-            torch.set_rng_state(rng)
-            del model, optimizer
+        return sizing.time_training_steps(CharRNN(mc), lambda m: _make_optimizer(m, self.cfg),
+                                          x[self.rows], y[self.rows], self.device, self.precision)
 
     def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:
         cfg = self.cfg
