@@ -54,14 +54,15 @@ LADDER = (
 # -- the rule's constants (from benchmarks/results/fit.csv; see the README) ---
 # Compute: a shape needs at least this many optimizer steps per million
 # recurrent parameters (a bigger model needs more steps before it overtakes a
-# smaller one at the same budget). Measured at 1 minute: on War and Peace
-# 2x192 (0.51M) with 1,418 steps beat 2x128 with 2,000 and 2x256 with 700; on
-# the Jargon File 2x128 with 2,000 steps beat 2x192 with 1,200 -- the
-# crossover lies between 2,260 and 2,780 steps per million; charnn 0.1's own
-# 5-minute race (2x320 best at 5,374 steps, ahead of 2x256 and 2x384) agrees.
-# The estimate the rule reads is the probe's, a little below the steps a run
-# then takes; hence a little below the middle.
-STEPS_PER_MPARAM = 2400
+# smaller one at the same budget). Measured at 1 minute (benchmarks/fit.py):
+# 2x192 (0.52-0.59M) with 1,190-1,210 steps lost to 2x128 with 1,800-2,100 on
+# the Jargon File, Python's docs and its source; on War and Peace 2x192 with
+# 1,418 steps beat 2x128 with 2,000, but lost to 2x128 with 2,361. A first
+# rule at 2,400 per million chose 2x192 on the Jargon File and the docs (from
+# the probe's estimate of ~1,300-1,550 steps) and lost 5.3% and 1.8% to
+# 2x128; 3,000 chooses 2x128 on all four. charnn 0.1's own 5-minute race
+# agrees (2x320, 1.4M, best at 5,374 steps; 2x384 and 2x512 worse).
+STEPS_PER_MPARAM = 3000
 # Data: at most this many recurrent parameters per training character.
 PARAMS_PER_CHAR = 2.0
 # Dropout by epochs of the text the budget buys: (epochs below, dropout).
