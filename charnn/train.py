@@ -286,14 +286,23 @@ class Trainer:
             by_epochs = math.ceil(cfg.epochs * len(self.batcher))
             steps = by_epochs if steps is None else min(steps, by_epochs)
         timings: dict[sizing.Shape, float] = {}
+        started = time.perf_counter()
 
         def step_time(shape: sizing.Shape) -> float:
-            if shape not in timings:
-                self._status(f"timing a {shape.name} model on this device (--size auto)")
-                try:
-                    timings[shape] = self._probe_step_time(shape, cell)
-                except ConfigError:  # too big for this machine's memory: it buys no steps
-                    timings[shape] = math.inf
+            if shape in timings:
+                return timings[shape]
+            measured = [(s, t) for s, t in timings.items() if math.isfinite(t)]
+            if measured and time.perf_counter() - started > sizing.PROBE_SHARE * cfg.time_limit:
+                # Timing more would eat the budget: scale the largest shape timed by its weights.
+                s, t = max(measured, key=lambda st: sizing.recurrent_params(st[0], self.tokenizer.vocab_size))
+                timings[shape] = t * (sizing.recurrent_params(shape, self.tokenizer.vocab_size)
+                                      / sizing.recurrent_params(s, self.tokenizer.vocab_size))
+                return timings[shape]
+            self._status(f"timing a {shape.name} model on this device (--size auto)")
+            try:
+                timings[shape] = self._probe_step_time(shape, cell)
+            except ConfigError:  # too big for this machine's memory: it buys no steps
+                timings[shape] = math.inf
             return timings[shape]
 
         seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None

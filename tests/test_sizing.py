@@ -45,12 +45,14 @@ def test_more_steps_never_choose_a_smaller_model():
     assert last == len(sizing.LADDER) - 1  # a big text and a long budget reach the top
 
 
-def test_a_small_text_gets_a_small_model_and_more_dropout():
+def test_a_text_too_small_for_any_shape_gets_the_small_text_shape_and_more_dropout():
     small = sizing.choose(train_chars=30_000, vocab_size=2600, tokens_per_step=1024, steps=1000)
     large = sizing.choose(train_chars=30_000_000, vocab_size=100, tokens_per_step=1024, steps=1000)
-    assert small.shape == sizing.LADDER[0]
-    assert sizing.recurrent_params(small.shape, 2600) <= sizing.recurrent_params(large.shape, 2600)
+    assert small.shape == sizing.SMALL_TEXT_SHAPE and "small for any model" in small.reason
     assert small.epochs > 30 and small.dropout > large.dropout
+    # a text the smallest shape fits, but not the next: the smallest
+    fits = sizing.choose(train_chars=200_000, vocab_size=80, tokens_per_step=1024, steps=10 ** 6)
+    assert fits.shape == sizing.LADDER[0] and "would overfit" in fits.reason
 
 
 def test_dropout_rises_with_epochs():
