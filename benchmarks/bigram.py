@@ -18,19 +18,21 @@ import time
 
 import numpy as np
 
+from charnn.data import split_ids
+from charnn.tokenizer import CharTokenizer
+
 VAL_FRACTION = 0.1  # charnn train's default --val-fraction
 TUNE_FRACTION = 0.1  # share of the training part that chooses lam
 
 
 def val_count(n: int, val_fraction: float = VAL_FRACTION) -> int:
-    """Characters charnn holds out: ``split_ids`` in charnn/data.py."""
-    return int(round(n * val_fraction))
+    """Characters charnn holds out of ``n``: its own ``split_ids``."""
+    return len(split_ids(range(n), val_fraction)[1])
 
 
 def split_text(text, val_fraction: float = VAL_FRACTION):
-    """(train, validation): the last ``val_fraction`` of the text, contiguous."""
-    n_val = val_count(len(text), val_fraction)
-    return text[: len(text) - n_val], text[len(text) - n_val :]
+    """(train, validation): charnn's own split, the last ``val_fraction``, contiguous."""
+    return split_ids(text, val_fraction)
 
 
 class Bigram:
@@ -86,11 +88,9 @@ def choose_lambda(model: Bigram, ids: np.ndarray, tol: float = 1e-5) -> float:
 
 
 def encode(text: str) -> tuple[np.ndarray, int]:
-    """Ids over the sorted characters of the whole text (charnn's vocabulary)."""
-    chars = sorted(set(text))
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    table = np.array([ord(c) for c in chars], dtype=np.uint32)
-    return np.searchsorted(table, codes).astype(np.int32), len(chars)
+    """Ids over charnn's vocabulary of the whole text (its own tokenizer)."""
+    tok = CharTokenizer.from_text(text)
+    return tok.encode_array(text).astype(np.int32), tok.vocab_size
 
 
 def bigram_result(text: str, val_fraction: float = VAL_FRACTION) -> dict:

@@ -156,14 +156,14 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
                           f"{shape.name}, embedding {shape.embedding_dim}, dropout {given['dropout']:g}: all given")
     for i, shape in enumerate(() if fully_given else LADDER):
         p = recurrent_params(shape, vocab_size, cell)
-        n = budget_steps(shape)
-        if p > data_cap:
+        if p > data_cap:  # decided without timing it
             if i == 0:  # too little text for any shape: early stopping, not size, bounds overfitting
                 chosen, why = SMALL_TEXT_SHAPE, "the text is small for any model; best.pt stops early"
             else:
                 why = f"{shape.name} would overfit this text"
             break
         need = math.ceil(STEPS_PER_MPARAM * p / 1e6)
+        n = budget_steps(shape)
         if n is not None and n < need:
             why = (f"{shape.name} would get {n:,} steps, it needs about {need:,}" if i else
                    "the smallest; the budget is short for any model")
@@ -185,7 +185,7 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
     head = f"{_fmt_chars(train_chars)} chars, " + (" = ".join(budget) if budget else "no step estimate")
     shape_part = f"{shape.name}" + (" (given)" if fully_given else f" ({why})" if shape == chosen
                                      else f" (given; auto chose {chosen.name})")
-    if shape.embedding_dim != chosen.embedding_dim or shape != chosen:
+    if shape != chosen:
         shape_part += f", embedding {shape.embedding_dim}"
     tail = f"dropout {dropout:g}" + (" (given)" if "dropout" in given else "")
     reason = f"{head} -> {shape_part}, {tail}"
