@@ -205,6 +205,17 @@ def training_seconds(time_limit: float) -> float:
     return TRAINING_SHARE * time_limit
 
 
+def scaled_step_time(shape: Shape, timed: dict[Shape, float], vocab_size: int, cell: str = "lstm") -> float | None:
+    """Seconds per step of ``shape``, estimated from the largest shape in
+    ``timed`` (finite timings only) in proportion to the weights each step
+    computes with; None when nothing was timed."""
+    measured = [(s, t) for s, t in timed.items() if math.isfinite(t)]
+    if not measured:
+        return None
+    s, t = max(measured, key=lambda st: recurrent_params(st[0], vocab_size, cell))
+    return t * recurrent_params(shape, vocab_size, cell) / recurrent_params(s, vocab_size, cell)
+
+
 def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any, y: Any,
                         device: Any, precision: str) -> float:
     """Seconds per training step of ``model`` (a throwaway CharRNN) on inputs

@@ -279,25 +279,19 @@ class Trainer:
         cfg = self.cfg
         cell = overrides.get("cell") or ModelConfig.cell
         given = {k: overrides.get(k) for k in ("hidden_size", "num_layers", "embedding_dim", "dropout")}
-        steps = None
-        if cfg.max_steps:
-            steps = cfg.max_steps
-        if cfg.epochs:
-            by_epochs = math.ceil(cfg.epochs * len(self.batcher))
-            steps = by_epochs if steps is None else min(steps, by_epochs)
+        steps = self.budget.planned_steps()  # what --max-steps and --epochs allow
         timings: dict[sizing.Shape, float] = {}
         started = time.perf_counter()
 
         def step_time(shape: sizing.Shape) -> float:
             if shape in timings:
                 return timings[shape]
-            measured = [(s, t) for s, t in timings.items() if math.isfinite(t)]
-            if measured and time.perf_counter() - started > sizing.PROBE_SHARE * cfg.time_limit:
-                # Timing more would eat the budget: scale the largest shape timed by its weights.
-                s, t = max(measured, key=lambda st: sizing.recurrent_params(st[0], self.tokenizer.vocab_size))
-                timings[shape] = t * (sizing.recurrent_params(shape, self.tokenizer.vocab_size)
-                                      / sizing.recurrent_params(s, self.tokenizer.vocab_size))
-                return timings[shape]
+            if time.perf_counter() - started > sizing.PROBE_SHARE * cfg.time_limit:
+                # Timing more would eat the budget: estimate from the largest shape timed.
+                estimate = sizing.scaled_step_time(shape, timings, self.tokenizer.vocab_size, cell)
+                if estimate is not None:
+                    timings[shape] = estimate
+                    return estimate
             self._status(f"timing a {shape.name} model on this device (--size auto)")
             try:
                 timings[shape] = self._probe_step_time(shape, cell)

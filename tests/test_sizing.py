@@ -194,3 +194,10 @@ def test_a_shape_that_does_not_fit_in_memory_buys_no_steps():
     c = sizing.choose(train_chars=50_000_000, vocab_size=100, tokens_per_step=1024, seconds=3600.0,
                       step_time=step_time)
     assert c.shape == sizing.LADDER[1] and "0 steps" in c.reason
+
+
+def test_an_untimed_shape_is_estimated_from_the_largest_timed_one():
+    small, mid, big = sizing.LADDER[0], sizing.LADDER[1], sizing.LADDER[3]
+    assert sizing.scaled_step_time(big, {}, 80) is None
+    t = sizing.scaled_step_time(big, {small: 0.01, mid: 0.02, sizing.LADDER[5]: math.inf}, 80, "gru")
+    assert t == pytest.approx(0.02 * sizing.recurrent_params(big, 80, "gru") / sizing.recurrent_params(mid, 80, "gru"))
