@@ -11,8 +11,8 @@ cell already there is skipped, so a stopped run picks up where it was.
     python benchmarks/fit.py corpora                    # build the corpus suite, print its table
     python benchmarks/fit.py plan [--phase all]         # the cells and the machine time they need
     python benchmarks/fit.py run --phase 1m [--corpus NAME...] [--config NAME...] [--seeds 1337,1,2] [--dry-run]
-    python benchmarks/fit.py run --phase 5m             # the best 2 of 1m per corpus, with v0.1 and auto
-    python benchmarks/fit.py run --phase 20m            # the best of 5m, on the corpora marked for it
+    python benchmarks/fit.py run --phase 5m             # the best of 1m and 2 rungs up, with v0.1 and auto
+    python benchmarks/fit.py run --phase 20m            # the best of 5m and 1 rung up, on the corpora marked for it
     python benchmarks/fit.py run --phase 5m --corpus kjv-1m   # the held-out text: v0.1 and auto only
     python benchmarks/fit.py table                      # Markdown tables for the README
 
@@ -100,15 +100,36 @@ class Phase:
     top: int  # 0: the whole grid; N: the N best grid configs of `previous`, per corpus
     previous: str | None
     long_only: bool  # only the corpora marked long_runs
+    up: int = 0  # also this many shapes up the ladder from the largest of those
 
 
-# 5m runs the best 2 grid configs of 1m, 20m the best of 5m, each with v0.1 and
-# auto: about 5.4 hours on 2 cores (4.1 h while auto is v0.1 and not run).
-# Scoring the whole 2.1M-character validation split of python-src takes
-# minutes for the larger models. --top 3 (5m) and --top 2 (20m) come to 6.7 h.
+# A budget five times longer buys about five times the steps, and the 1-minute
+# results say the best size grows with the steps (sizing.STEPS_PER_MPARAM:
+# five times the steps is about two rungs of the ladder, four times about one
+# and a half). So each later phase runs the previous phase's best grid config
+# and the rungs above it (same regularisation where the grid has it), each
+# with v0.1 and auto. 1m about 1.1 h, 5m about 2.3 h, 20m about 2.8 h on 2
+# cores; scoring the whole 2.1M-character validation split of python-src
+# takes minutes for the larger models.
 PHASES = {"1m": Phase(60, 0, None, False),
-          "5m": Phase(300, 2, "1m", False),
-          "20m": Phase(1200, 1, "5m", True)}
+          "5m": Phase(300, 1, "1m", False, up=2),
+          "20m": Phase(1200, 1, "5m", True, up=1)}
+
+
+def rung_up(config: str) -> str | None:
+    """The grid config one ladder rung larger than `config`: the same layers
+    and regularisation where the grid has that, else without regularisation;
+    None at the top of the grid."""
+    rows = {name: row for name, *row in GRID}
+    hidden, layers, _, dropout, wd = rows[config]
+    larger = sorted((row[0], name) for name, row in rows.items() if row[0] > hidden and row[1] == layers)
+    if not larger:
+        return None
+    for reg in ((dropout, wd), (0.0, None)):
+        same = [name for h, name in larger if h == larger[0][0] and tuple(rows[name][3:]) == reg]
+        if same:
+            return same[0]
+    return None
 
 
 @dataclass(frozen=True)
@@ -321,19 +342,33 @@ def mean_losses(rows: list[dict], corpus: CorpusFile, budget: str) -> dict[str, 
     return {c: statistics.fmean(v) for c, v in by.items()}
 
 
-def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[list[str], str]:
-    """The configs a phase runs on a corpus, and a note (why, or what is missing)."""
+def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[list[str], str, int]:
+    """The configs a phase runs on a corpus, a note (why, or what is missing),
+    and how many grid configs the previous phase has yet to choose."""
     grid = [name for name, *_ in GRID]
     if corpus.spec.role == "holdout":
-        return [*BASELINES], "held out: the baselines only, never the grid"
+        return [*BASELINES], "held out: the baselines only, never the grid", 0
     if not phase.top:
-        return [*BASELINES, *grid], "the whole grid"
+        return [*BASELINES, *grid], "the whole grid", 0
     prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous).items() if c in grid}
     best = sorted(prev, key=prev.get)[: phase.top]
+    missing = phase.top - len(best) + (0 if best else phase.up)  # the rungs up come from the best
     note = f"best {phase.top} of {phase.previous}"
+    if phase.up and best:
+        up = max(best, key=lambda c: scored_weights(CONFIGS[c], 100))
+        added = []
+        for _ in range(phase.up):
+            up = rung_up(up)
+            if up is None:
+                break
+            if up not in best:
+                best.append(up)
+                added.append(up)
+        if added:
+            note += f" and {len(added)} rung{'s' * (len(added) > 1)} up ({', '.join(added)})"
     if len(prev) < len(grid):
         note += f" ({len(prev)} of {len(grid)} grid configs measured in {phase.previous})"
-    return [*BASELINES, *best], note
+    return [*BASELINES, *best], note, missing
 
 
 def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs: list[str] | None,
@@ -346,8 +381,7 @@ def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs:
     for corpus in corpora:
         if phase.long_only and not corpus.spec.long_runs:
             continue
-        chosen, note = phase_configs(phase, corpus, rows)
-        missing = 0 if corpus.spec.role == "holdout" else max(0, phase.top - (len(chosen) - len(BASELINES)))
+        chosen, note, missing = phase_configs(phase, corpus, rows)
         notes.append(f"{corpus.spec.name}: {note}: {', '.join(chosen)}"
                      + (f"; {missing} still to be chosen from {phase.previous}" if missing else ""))
         for config in chosen:
@@ -684,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--config", nargs="+", metavar="NAME", help="only these configs")
         s.add_argument("--seeds", help="comma-separated seeds (default: 1337)")
         s.add_argument("--top", type=int, help="5m and 20m: how many of the previous phase's best grid "
-                       "configs to run (default: 5m 2, 20m 1)")
+                       "configs to run, besides the rungs up from them (default: 1)")
         if name == "run":
             s.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
             s.add_argument("--retry-failed", action="store_true", help="run failed cells again")

@@ -201,13 +201,15 @@ def test_plan_and_phases_pick_the_best_of_the_previous_phase(tiny_corpus):
              "seed": "1337", "val_loss": str(v), "error": ""}
             for c, v in [("v0.1", 1.0), ("2x128-d0", 1.3), ("2x192-d0", 1.1), ("2x256-d0", 1.2)]]
     cells, pending, notes = fit.phase_cells("5m", [tiny_corpus], rows, None, [1337], has_size=False)
-    assert [c.config for c in cells] == ["v0.1", "2x192-d0", "2x256-d0"] and not pending
-    assert "3 of 8 grid configs measured in 1m" in notes[0]
+    # the best of 1m (2x192), then two rungs up the ladder from it: five times
+    # the budget buys a larger model
+    assert [c.config for c in cells] == ["v0.1", "2x192-d0", "2x256-d0", "2x320-d0"] and not pending
+    assert "3 of 8 grid configs measured in 1m" in notes[0] and "2 rungs up (2x256-d0, 2x320-d0)" in notes[0]
     assert cells[0].options == fit.shape_options(320, 2, 128, 0.1)  # charnn without --size
     cells, pending, _ = fit.phase_cells("5m", [tiny_corpus], rows, None, [1, 2], has_size=True, top=4)
     assert [c.config for c in cells[:2]] == ["v0.1", "v0.1"] and cells[2].options == ("--size", "auto")
     assert cells[0].options == fit.shape_options(320, 2, 128, 0.1) + ("--size", "fixed")
-    assert len(pending) == 2  # one grid config short of 4, for each seed
+    assert len(pending) == 2  # one grid config short of the best 4, for each seed
     assert fit.estimate_s(tiny_corpus, 60, fit.CONFIGS["2x448-d0"]) > fit.estimate_s(
         tiny_corpus, 60, fit.CONFIGS["2x128-d0"]) > 60
 
@@ -241,3 +243,22 @@ def test_a_real_cell_writes_a_complete_row(tmp_path, tiny_corpus):
     with open(results, newline="") as f:
         assert next(csv.reader(f)) == fit.FIELDS
     assert fit.run_cells([cell], results, threads=1) == 0  # done: not run again
+
+
+def test_a_rung_up_keeps_the_regularisation_where_the_grid_has_it():
+    assert fit.rung_up("2x128-d0") == "2x192-d0"
+    assert fit.rung_up("2x128-d30") == "2x192-d0"  # no 2x192 with dropout 0.3 in the grid: plain
+    assert fit.rung_up("2x256-d30-wd10") == "2x320-d0"  # no larger shape with weight decay: plain
+    assert fit.rung_up("2x448-d0") is None
+
+
+def test_twenty_minutes_waits_for_five_and_then_adds_one_rung(tmp_path):
+    tiny_corpus = corpora.build(spec("tiny", lambda: make_text(20_000, seed=3), long_runs=True),
+                                tmp_path / "bench")
+    rows = [{"corpus": "tiny", "corpus_sha256": tiny_corpus.sha256, "budget": "5m", "config": c,
+             "seed": "1337", "val_loss": str(v), "error": ""}
+            for c, v in [("2x256-d0", 1.0), ("2x192-d0", 1.1)]]
+    cells, pending, notes = fit.phase_cells("20m", [tiny_corpus], [], None, [1337], has_size=True)
+    assert len(pending) == 2 and "2 still to be chosen" in notes[0]  # the best of 5m and its rung
+    cells, pending, notes = fit.phase_cells("20m", [tiny_corpus], rows, None, [1337], has_size=True)
+    assert [c.config for c in cells] == ["v0.1", "auto", "2x256-d0", "2x320-d0"] and not pending
