@@ -22,6 +22,7 @@ MAX_EVAL_EVERY = 1000
 AUTO_EVAL_CHARS = 200_000  # automatic evaluation slice: at most this many characters...
 EVAL_BUDGET_SHARE = 0.02  # ...and, with --time-limit, one evaluation at most this share of it
 MIN_EVAL_CHARS = 2_000
+EVAL_SHARE = 0.05  # automatic --eval-every: evaluating each epoch may cost at most this share of training
 SPEED_PROBE_STEPS = 20  # --time-limit with automatic --eval-every: steps timed before choosing it
 
 
@@ -75,6 +76,14 @@ def nice_interval(steps: float) -> int:
     return int(10 * power)
 
 
+def nice_interval_below(steps: float) -> int:
+    """Round down to 1, 2 or 5 times a power of ten (at least 1)."""
+    if steps < 2:
+        return 1
+    power = 10 ** math.floor(math.log10(steps))
+    return int(max(m * power for m in (1, 2, 5) if m * power <= steps))
+
+
 def planned_steps(cfg: TrainConfig, chunks_per_epoch: int) -> int | None:
     """Steps the step/epoch budgets allow (None with only a time budget)."""
     bounds = []
@@ -85,9 +94,17 @@ def planned_steps(cfg: TrainConfig, chunks_per_epoch: int) -> int | None:
     return min(bounds) if bounds else None
 
 
-def auto_eval_every(total_steps: float) -> int:
-    """About AUTO_EVALS evaluations over a run of ``total_steps``."""
-    return max(1, min(MAX_EVAL_EVERY, nice_interval(total_steps / AUTO_EVALS)))
+def auto_eval_every(total_steps: float, steps_per_epoch: float | None = None, eval_steps: float = 0.0) -> int:
+    """About AUTO_EVALS evaluations over a run of ``total_steps``; in a run of
+    more epochs than that, at least one per epoch instead: a small text overfits
+    within a few epochs, and best.pt can only keep a point that was evaluated.
+    The per-epoch interval is kept long enough that evaluating costs at most
+    EVAL_SHARE of the training time (``eval_steps``: one evaluation's time, in
+    training steps; 0 where it is not known)."""
+    every = nice_interval(total_steps / AUTO_EVALS)
+    if steps_per_epoch:
+        every = min(every, max(nice_interval_below(steps_per_epoch), nice_interval(eval_steps / EVAL_SHARE)))
+    return max(1, min(MAX_EVAL_EVERY, every))
 
 
 def auto_eval_chars(val_chars: int, time_limit: float, seconds_per_char: float | None) -> int:

@@ -676,7 +676,7 @@ class Trainer:
         cfg = self.cfg
         total = self.budget.planned_steps()
         if cfg.eval_every is None and total is not None:
-            cfg.eval_every = auto_eval_every(total)
+            cfg.eval_every = auto_eval_every(total, self.budget.chunks_per_epoch)
         reserve = 0.0
         if cfg.time_limit:
             eval_chars = len(self._eval_slice()) if cfg.val_fraction > 0 else 0
@@ -704,7 +704,8 @@ class Trainer:
             shared = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, src=0)
             total = float(shared.item())
-        cfg.eval_every = auto_eval_every(total)
+        eval_seconds = self._seconds_per_char * len(self._eval_slice()) if cfg.val_fraction > 0 else 0.0
+        cfg.eval_every = auto_eval_every(total, self.budget.chunks_per_epoch, eval_seconds / max(per_step, 1e-9))
         self._emit("note", message=f"evaluating every {_plural(cfg.eval_every, 'step')} "
                                    f"(about {_plural(int(total), 'step')} fit the budget at "
                                    f"{per_step * 1000:.0f} ms/step)")

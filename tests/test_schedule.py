@@ -9,7 +9,7 @@ import pytest
 
 from charnn.config import TrainConfig
 from charnn.schedule import (AUTO_WARMUP_SHARE, auto_eval_chars, auto_eval_every, lr_factor, nice_interval,
-                             patience_note, warmup_factor)
+                             nice_interval_below, patience_note, warmup_factor)
 from robust_helpers import TINY_MODEL, write_corpus
 
 from conftest import invoke
@@ -40,6 +40,19 @@ def test_the_learning_rate_never_jumps_when_a_budget_ends_inside_the_warmup():
 def test_automatic_eval_interval_gives_about_eight_evaluations(steps, expected):
     assert auto_eval_every(steps) == expected
     assert nice_interval(steps / 8) >= steps / 8
+
+
+def test_a_run_of_many_epochs_evaluates_about_once_an_epoch():
+    """A small text: 2,000 steps of 35 per epoch would be evaluated every 500
+    steps (14 epochs), long past the point where it starts to overfit."""
+    assert auto_eval_every(2000) == 500
+    assert auto_eval_every(2000, 35) == 20  # within an epoch, read nicely (35 -> 20)
+    assert auto_eval_every(2000, 35, eval_steps=0.5) == 20  # evaluating costs 2.5%: fine
+    assert auto_eval_every(2000, 35, eval_steps=4.0) == 100  # 4 steps each: at most 5% of training
+    assert auto_eval_every(2000, 35, eval_steps=1e6) == 500  # never fewer than about 8 evaluations
+    assert auto_eval_every(2000, 1000) == 500  # two epochs: as before
+    assert auto_eval_every(10**6, 5000) == 1000  # the cap holds
+    assert [nice_interval_below(x) for x in (0.5, 1, 3, 22, 35, 99, 100, 450)] == [1, 1, 2, 20, 20, 50, 100, 200]
 
 
 def test_automatic_eval_slice_is_bounded_by_the_budget():

@@ -122,6 +122,21 @@ def test_epoch_budget(tmp_path):
     assert both.result.step == 3
 
 
+def test_a_small_text_trained_for_many_epochs_is_evaluated_every_epoch(tmp_path):
+    """The user's command on a small text, no --eval-every: with 40 epochs in
+    the budget, best.pt must be able to keep a point within each epoch or so."""
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(make_text(6000, seed=2), encoding="utf-8")
+    text = read_corpus([corpus]).text
+    train_ids, _ = split_ids(np.zeros(len(text)), 0.1)
+    per_epoch = len(StreamBatcher(train_ids, 8, 32))
+    run = train_tiny(corpus, tmp_path / "out", max_steps=0, epochs=40, eval_every=None)
+    every = torch.load(run.last, weights_only=False)["train_config"]["eval_every"]
+    assert every <= 2 * per_epoch < 40 * per_epoch // 8  # the old rule: 8 evaluations, 5 epochs apart
+    evals = [e["step"] for e in run.events if e["kind"] == "eval"]
+    assert len(evals) >= 20 and evals[0] <= 2 * per_epoch
+
+
 def test_no_budget_is_config_error(tmp_path, corpus_file):
     with pytest.raises(ConfigError, match="budget"):
         train_tiny(corpus_file, tmp_path / "out", max_steps=0)
