@@ -83,12 +83,18 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     **{name: shape_options(*row) for name, *row in GRID},
 }
 BASELINES = ("v0.1", "auto")  # in every phase, on every corpus
+# Not charnn: nanoGPT's CPU recipe (benchmarks/nanogpt.py), the reference of
+# issue 12, in the phases marked for it, on every corpus.
+REFERENCES = ("nanogpt",)
+NANOGPT = Path(__file__).resolve().with_name("nanogpt.py")
 
 
 def config_options(config: str, has_size: bool) -> tuple[str, ...]:
     """The options of a config for this charnn: with a --size option, auto
     asks for it and every other config says --size fixed, so that nothing
     but the options given shapes the model."""
+    if config in REFERENCES:
+        return ()
     if not has_size:
         return CONFIGS[config]
     return CONFIGS[config] + ("--size", "auto" if config == "auto" else "fixed")
@@ -101,6 +107,7 @@ class Phase:
     previous: str | None
     long_only: bool  # only the corpora marked long_runs
     up: int = 0  # also this many shapes up the ladder from the largest of those
+    references: bool = False  # also nanoGPT's recipe (REFERENCES)
 
 
 # A budget five times longer buys about five times the steps, and the 1-minute
@@ -112,7 +119,7 @@ class Phase:
 # cores; scoring the whole 2.1M-character validation split of python-src
 # takes minutes for the larger models.
 PHASES = {"1m": Phase(60, 0, None, False),
-          "5m": Phase(300, 1, "1m", False, up=2),
+          "5m": Phase(300, 1, "1m", False, up=2, references=True),
           "20m": Phase(1200, 1, "5m", True, up=1)}
 
 
@@ -227,8 +234,9 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _run(cmd: list[str], stdout, log, timeout: float) -> tuple[int, float]:
+def _run(cmd: list[str], stdout, log, timeout: float, what: str = "") -> tuple[int, float]:
     """(exit code, wall seconds); Ctrl-C or SIGTERM here stops the child too."""
+    what = what or f"charnn {cmd[3]}"
     t0 = time.perf_counter()
     # rich wraps what it prints at 80 columns when stderr is not a terminal: one line per line
     env = {**os.environ, "COLUMNS": "1000"}
@@ -237,12 +245,12 @@ def _run(cmd: list[str], stdout, log, timeout: float) -> tuple[int, float]:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         _stop(proc)
-        raise CellError(f"{cmd[3]} took over {timeout:.0f} s; stopped") from None
+        raise CellError(f"{what} took over {timeout:.0f} s; stopped") from None
     except BaseException:
         _stop(proc)
         raise
     if rc in (-2, -15, 129, 130, 143):
-        raise Interrupted(f"charnn {cmd[3]} was stopped by a signal (exit {rc})")
+        raise Interrupted(f"{what} was stopped by a signal (exit {rc})")
     return rc, time.perf_counter() - t0
 
 
@@ -270,6 +278,8 @@ def run_cell(cell: Cell, threads: int, logs: Path) -> dict:
     """Train, evaluate and describe one cell; a CellError if charnn failed."""
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / (re.sub(r"[^\w.-]+", "_", cell.label()) + ".log")
+    if cell.config in REFERENCES:
+        return run_reference(cell, threads, log_path)
     tmp = Path(tempfile.mkdtemp(prefix="charnn-fit-"))
     run = tmp / "run"
     row: dict = {"threads": threads, "load1_before": round(os.getloadavg()[0], 2)}
@@ -294,6 +304,33 @@ def run_cell(cell: Cell, threads: int, logs: Path) -> dict:
                 raise CellError(f"charnn info exited {rc}: {_error_line(log_path)}")
         row["load1_after"] = round(os.getloadavg()[0], 2)
         return _describe(row, cell, run, tmp, log_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_reference(cell: Cell, threads: int, log_path: Path) -> dict:
+    """nanoGPT's recipe on the cell's corpus and budget, scored like charnn
+    (the whole held-out split); a CellError if it failed."""
+    tmp = Path(tempfile.mkdtemp(prefix="charnn-fit-"))
+    row: dict = {"threads": threads, "load1_before": round(os.getloadavg()[0], 2)}
+    try:
+        cmd = [sys.executable, str(NANOGPT), str(cell.corpus.path), "--time-limit", str(cell.seconds),
+               "--seed", str(cell.seed), "--threads", str(threads), "--json", str(tmp / "result.json")]
+        with open(log_path, "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            rc, wall = _run(cmd, log, log, timeout=cell.seconds * 2 + 900, what="nanogpt.py")
+        if rc:
+            raise CellError(f"nanogpt.py exited {rc}: {_error_line(log_path)}")
+        row["load1_after"] = round(os.getloadavg()[0], 2)
+        try:
+            got = json.loads((tmp / "result.json").read_text())
+            row.update({k: got[k] for k in ("val_loss", "val_bpc", "val_chars", "model", "parameters", "steps",
+                                            "epochs", "train_loss", "best_step", "train_wall_s", "eval_wall_s")},
+                       precision="fp32", size_line="")
+        except (OSError, ValueError, KeyError) as e:
+            raise CellError(f"nanogpt.py's output was not what this script reads: {type(e).__name__}: {e}") from None
+        return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -346,10 +383,11 @@ def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[l
     """The configs a phase runs on a corpus, a note (why, or what is missing),
     and how many grid configs the previous phase has yet to choose."""
     grid = [name for name, *_ in GRID]
+    base = [*BASELINES, *(REFERENCES if phase.references else ())]
     if corpus.spec.role == "holdout":
-        return [*BASELINES], "held out: the baselines only, never the grid", 0
+        return base, "held out: the baselines only, never the grid", 0
     if not phase.top:
-        return [*BASELINES, *grid], "the whole grid", 0
+        return [*base, *grid], "the whole grid", 0
     prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous).items() if c in grid}
     best = sorted(prev, key=prev.get)[: phase.top]
     missing = phase.top - len(best) + (0 if best else phase.up)  # the rungs up come from the best
@@ -368,7 +406,7 @@ def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[l
             note += f" and {len(added)} rung{'s' * (len(added) > 1)} up ({', '.join(added)})"
     if len(prev) < len(grid):
         note += f" ({len(prev)} of {len(grid)} grid configs measured in {phase.previous})"
-    return [*BASELINES, *best], note, missing
+    return [*base, *best], note, missing
 
 
 def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs: list[str] | None,
@@ -619,27 +657,28 @@ def markdown(rows: list[dict]) -> str:
     bigram = {k[0]: v[0] for k, v in cells.items() if k[2] == "bigram" and v}
     mean = {k: statistics.fmean(v) for k, v in cells.items() if v}
     aliased = False
-    out = ["| corpus | budget | bigram | v0.1 | auto | best config | best | auto vs best |",
-           "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    out = ["| corpus | budget | bigram | nanoGPT | v0.1 | auto | best config | best | auto vs best |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for corpus in corpora:
         for budget in budgets:
-            here = {k[2]: v for k, v in mean.items() if k[:2] == (corpus, budget)}
+            here = {k[2]: v for k, v in mean.items() if k[:2] == (corpus, budget) and k[2] not in REFERENCES}
             if not here:
                 continue
-            best = min(here, key=here.get)
+            best = min(here, key=here.get)  # of charnn's configs
             auto = here.get("auto")
             auto_text = _num(auto)
             if auto is None and "v0.1" in here:
                 auto, auto_text, aliased = here["v0.1"], f"{here['v0.1']:.4f}*", True
             gap = f"{(auto - here[best]) / here[best]:+.1%}" if auto is not None else ""
-            out.append(f"| {corpus} | {budget} | {_num(bigram.get(corpus))} | {_num(here.get('v0.1'))} "
+            out.append(f"| {corpus} | {budget} | {_num(bigram.get(corpus))} | {_num(mean.get((corpus, budget, 'nanogpt')))} "
+                       f"| {_num(here.get('v0.1'))} "
                        f"| {auto_text} | {best} | {here[best]:.4f} | {gap} |")
     if aliased:
         out.append("\n\\* v0.1's figure: no auto cell was run (charnn train had no --size option, so "
                    "no size options meant v0.1).")
     out.append("\nValidation loss (nats/char) on the whole held-out split (last 10%), mean over seeds; "
                "bold: the best of its budget.")
-    configs = ["bigram", *CONFIGS]
+    configs = ["bigram", *REFERENCES, *CONFIGS]
     for b in budgets:  # one matrix per budget: a row per config, a column per corpus
         here = [c for c in corpora if any(k[:2] == (c, b) for k in cells)]
         out += [f"\n**{b}**\n", "| config | " + " | ".join(here) + " |", "| --- |" + " ---: |" * len(here)]
