@@ -414,3 +414,21 @@ def test_charnn_version():
 def test_help_does_not_import_torch():
     code = "import sys, charnn.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_small_text_for_many_epochs_is_evaluated_often_but_sampled_a_few_times(tmp_path):
+    """The user's command on a small text: evaluated about once an epoch (so
+    best.pt can catch the early optimum), yet the log shows only a handful of
+    samples; --sample-every 1 still shows one at every evaluation."""
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(make_text(6000, seed=4), encoding="utf-8")
+    tiny = ("--hidden-size", "32", "--num-layers", "1", "--embedding-dim", "16", "--dropout", "0")
+    result = invoke("train", corpus, "--epochs", "30", *tiny, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    evals = result.stderr.count(": validation loss")  # "step N: validation loss ..."
+    samples = result.stderr.count("sample:")
+    assert evals >= 20 and 2 <= samples <= 11, (evals, samples)
+    result = invoke("train", corpus, "--epochs", "30", *tiny, "--out", tmp_path / "run", "--overwrite",
+                    "--sample-every", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("sample:") == result.stderr.count(": validation loss") >= 20

@@ -52,15 +52,23 @@ def fit(parts: list[str], optional: list[str], width: int, sep: str = "  ") -> s
     return text
 
 
+SAMPLE_SPACING = 0.1  # without --sample-every: a sample per tenth of the budget at most
+
+
 class TrainReporter:
     """Renders the trainer's events: a rich progress bar on a terminal, plain
     log lines otherwise; everything on stderr."""
 
-    def __init__(self, sample_every: int = 1, console: Console | None = None, verbose: bool = False):
+    def __init__(self, sample_every: int | None = 1, console: Console | None = None, verbose: bool = False):
         self.console = console or err
         self.verbose = verbose  # list every corpus file read and skipped
         self.live = self.console.is_terminal
-        self.sample_every = sample_every
+        # None (not given): a sample at the first evaluation, then at the first one
+        # SAMPLE_SPACING of the budget later -- about as many as in a run of ~8
+        # evaluations, however often a run of many epochs is evaluated.
+        self.sample_every = 1 if sample_every is None else sample_every
+        self.sample_spacing = SAMPLE_SPACING if sample_every is None else 0.0
+        self._sampled_at: float | None = None  # the run's progress at the last sample
         self.evals = 0
         self.last_log: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
@@ -226,6 +234,11 @@ class TrainReporter:
                        f"({e['val_bpc']:.3f} bits/char){mark}")
         self._refresh()
         if self.sample_every and self.evals % self.sample_every == 0 and e.get("model") is not None:
+            progress = self.last_log.get("progress")
+            if self.sample_spacing and self._sampled_at is not None and progress is not None \
+                    and progress - self._sampled_at < self.sample_spacing:
+                return
+            self._sampled_at = progress
             from ..sample import sample_text
 
             text = sample_text(e["model"], e["tokenizer"], "", 200, temperature=0.8, seed=e["step"])

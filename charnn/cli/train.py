@@ -130,7 +130,8 @@ def train(
         help="Also keep the last N step-numbered checkpoints; 0 is none.")] = None,
     sample_every: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(0), show_default=False,
-        help="Show a sample preview every N evaluations (not steps); 0 is off." + _d(_TD.sample_every))] = None,
+        help="Show a sample preview every N evaluations (not steps); 0 is off.  [default: at the first "
+             "evaluation, then at most one per tenth of the budget]")] = None,
     seed: Annotated[Int, typer.Option(
         metavar="N", callback=between(0, 2 ** 64 - 1), show_default=False,
         help="Random seed (weights, dropout), 0 to 2^64-1." + _d(_TD.seed))] = None,
@@ -180,8 +181,7 @@ def train(
         overrides = {"cell": cell.value if cell else None, "hidden_size": hidden_size,
                      "num_layers": num_layers, "embedding_dim": embedding_dim, "dropout": dropout}
         set_threads(threads)
-        reporter = TrainReporter(sample_every=sample_every if sample_every is not None else _TD.sample_every,
-                                 verbose=verbose)
+        reporter = TrainReporter(sample_every=sample_every, verbose=verbose)  # None: spaced over the budget
         with reporter:
             if default_budget:
                 reporter.note(f"No budget given: training for {DEFAULT_TIME_LIMIT} (set --time-limit, "
@@ -189,8 +189,9 @@ def train(
             trainer = Trainer(given if resume is not None else TrainConfig(**given), overrides, resume=resume,
                               init_from=init_from, extend_vocab=extend_vocab, callback=reporter,
                               overwrite=overwrite)
-            if resume is not None and sample_every is None:
-                reporter.sample_every = trainer.cfg.sample_every
+            if resume is not None and sample_every is None and trainer.cfg.sample_every != _TD.sample_every:
+                reporter.sample_every = trainer.cfg.sample_every  # the run's own --sample-every
+                reporter.sample_spacing = 0.0
             try:
                 result = trainer.run()
             finally:
