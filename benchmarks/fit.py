@@ -494,8 +494,8 @@ def cmd_corpora(args) -> int:
 def _selected(args) -> tuple[list[str], list[CorpusFile], list[dict], list[int], bool]:
     phases = list(PHASES) if args.phase == "all" else [args.phase]
     for c in args.config or []:
-        if c not in CONFIGS:
-            sys.exit(f"Error: unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+        if c not in CONFIGS and c not in REFERENCES:
+            sys.exit(f"Error: unknown config {c!r}; choose from {', '.join([*CONFIGS, *REFERENCES])}")
     for c in args.corpus or []:
         if c not in BY_NAME:
             sys.exit(f"Error: unknown corpus {c!r}; choose from {', '.join(BY_NAME)}")
@@ -624,7 +624,8 @@ def cmd_run(args) -> int:
         for c in cells:
             state = "done" if c.key in ok else "failed" if c.key in failed else \
                 f"to run, about {_hours(estimate_s(c.corpus, c.seconds, c.options))}"
-            print(f"  {c.label():45s} {state}   charnn train {' '.join(c.options)}")
+            what = "benchmarks/nanogpt.py" if c.config in REFERENCES else f"charnn train {' '.join(c.options)}"
+            print(f"  {c.label():45s} {state}   {what}")
         return 0
     for corpus in {c.corpus.spec.name: c.corpus for c in cells}.values():
         ensure_bigram(corpus, args.results)
