@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,15 @@ def charnn_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "charnn", *args]
 
 
+def _interruptible() -> None:
+    # A shell without job control starts background commands (`pytest &`) with
+    # SIGINT ignored, and a child inherits that; a terminal's Ctrl-C reaches a
+    # charnn whose SIGINT is at its default, so that is what these tests start.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(args: list[str], data_dir: Path, cwd: Path, **kw: Any) -> subprocess.Popen:
     return subprocess.Popen(charnn_cmd(*args), env=subprocess_env(data_dir), cwd=cwd,
                             stdout=kw.pop("stdout", subprocess.PIPE),
-                            stderr=kw.pop("stderr", subprocess.PIPE), **kw)
+                            stderr=kw.pop("stderr", subprocess.PIPE), preexec_fn=kw.pop("preexec_fn", _interruptible),
+                            **kw)
