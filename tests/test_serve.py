@@ -233,7 +233,7 @@ def test_concurrent_streams_are_batched_and_give_the_same_texts_as_alone(client)
 
 def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(client, trained):
     """One-stream requests with the same temperature share one batched pick
-    (serve._pick_plain); each must still be exactly its own ``charnn sample``."""
+    (serve.engine._pick_plain); each must still be exactly its own ``charnn sample``."""
     from charnn.sample import generate as sample_generate  # what charnn sample runs for one sample
 
     model, tok, _ = ckpt_mod.load_model(trained.best)
@@ -273,7 +273,7 @@ def test_stop_hold_back_matches_the_sampler():
     import random
 
     from charnn.sample import _until
-    from charnn.serve import _StreamText
+    from charnn.serve.engine import _StreamText
 
     rng = random.Random(0)
     for _ in range(2000):

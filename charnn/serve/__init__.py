@@ -42,10 +42,10 @@ Library code: it prints nothing (uvicorn logs warnings through ``logging``).
 from .api import (DEFAULTS, INSTALL_HINT, MAX_TOP, ApiError, Busy, GenerateSpec, Limits, ServedModel, ServeError,
                   load_models, parse_generate, parse_score, require_extra, score_text)
 from .app import FLUSH_INTERVAL, PAGE_FILE, Server, create_app, page_html
-from .engine import PRIME_CACHE, Channel, Engine, Group, PrimeCache, _pick_plain, _StreamText
+from .engine import PRIME_CACHE, Channel, Engine, Group, PrimeCache
 from .listen import bind, run, url_of
 
 __all__ = ["DEFAULTS", "FLUSH_INTERVAL", "INSTALL_HINT", "MAX_TOP", "PAGE_FILE", "PRIME_CACHE", "ApiError", "Busy",
            "Channel", "Engine", "GenerateSpec", "Group", "Limits", "PrimeCache", "ServeError", "ServedModel",
-           "Server", "_StreamText", "_pick_plain", "bind", "create_app", "load_models", "page_html",
+           "Server", "bind", "create_app", "load_models", "page_html",
            "parse_generate", "parse_score", "require_extra", "run", "score_text", "url_of"]
