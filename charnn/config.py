@@ -94,6 +94,10 @@ class TrainConfig:
     # ModelConfig's defaults. size_reason is the auto choice's one-line why.
     size: str = "auto"
     size_reason: str = ""
+    # The part of a --time-limit a new run spent before its first step (the
+    # size probe, timing the evaluation): the budget includes it, the warmup
+    # counts from after it. Filled in by the trainer.
+    setup_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -151,6 +155,7 @@ class TrainConfig:
             raise ConfigError(f"--size must be auto or fixed, got {self.size!r}")
         if not isinstance(self.size_reason, str):
             raise ConfigError(f"size_reason must be text, got {type(self.size_reason).__name__}")
+        check("setup_seconds", num, 0)
         check("min_lr_ratio", num, 0, at_most=1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
             raise ConfigError(f"--seed must be a whole number from 0 to {2 ** 64 - 1} (64 bits), got {self.seed!r}")
@@ -193,7 +198,8 @@ def given_options(cfg: TrainConfig) -> dict[str, Any]:
     """A whole TrainConfig handed to a resume (the Python API): every field
     counts as given, except empty ones that mean "not set" (no corpus, no
     output folder, no budget at all) and what the trainer fills in itself."""
-    given = {k: v for k, v in cfg.to_dict().items() if k not in ("corpus_hash", "corpus_name", "size", "size_reason")}
+    given = {k: v for k, v in cfg.to_dict().items() if k not in ("corpus_hash", "corpus_name", "size", "size_reason",
+                                                              "setup_seconds")}
     if not given["corpus"]:
         del given["corpus"]
     if not given["out"]:

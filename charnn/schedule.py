@@ -56,13 +56,17 @@ def warmup_factor(step: int, progress: float, warmup_steps: int | None) -> float
     return 1.0
 
 
-def lr_factor(step: int, progress: float, warmup_steps: int | None, min_ratio: float) -> float:
+def lr_factor(step: int, progress: float, warmup_steps: int | None, min_ratio: float,
+              warmup_progress: float | None = None) -> float:
     """The learning rate's multiplier: warmup times a cosine from 1 down to
     ``min_ratio`` as ``progress`` (0..1 of the budget) goes to 1. The product
-    keeps it continuous even when a short budget ends inside the warmup."""
+    keeps it continuous even when a short budget ends inside the warmup.
+    ``warmup_progress``: the share of the budget spent training (default
+    ``progress``), for a budget part of which went before the first step."""
     progress = min(max(progress, 0.0), 1.0)
     cosine = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return warmup_factor(step, progress, warmup_steps) * cosine
+    warm = progress if warmup_progress is None else min(max(warmup_progress, 0.0), 1.0)
+    return warmup_factor(step, warm, warmup_steps) * cosine
 
 
 def nice_interval(steps: float) -> int:

@@ -430,9 +430,14 @@ class Trainer:
     def _lr_lambda(self, _: int) -> float:
         # LambdaLR calls this after every optimizer step; the factor depends on
         # our own step count and on the progress through the budget (which,
-        # for --time-limit, is wall-clock time).
+        # for --time-limit, is wall-clock time). The time spent before the
+        # first step counts for the cosine but not for the warmup.
+        warm = None
+        if self.cfg.setup_seconds:
+            warm = self.budget.progress(self.step, self.epochs_done(),
+                                        max(0.0, self.elapsed - self.cfg.setup_seconds))
         return self.lr_scale * lr_factor(self.step, self.progress(), self.cfg.warmup_steps,
-                                         self.cfg.min_lr_ratio)
+                                         self.cfg.min_lr_ratio, warm)
 
     # -- events ----------------------------------------------------------------------
     def _emit(self, kind: str, **payload: Any) -> None:
@@ -734,6 +739,8 @@ class Trainer:
             self._emit("note", message=message)
         self._snapshot_good()
         start_step = self.step
+        if start_step == 0 and cfg.time_limit:  # a new run: its warmup starts now
+            cfg.setup_seconds = round(elapsed_base + time.perf_counter() - run_start, 6)
         eval_time = None  # seconds one evaluation + save takes, measured
         consecutive_bad = 0
         window_loss, window_steps, window_chars = 0.0, 0, 0

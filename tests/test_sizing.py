@@ -146,10 +146,25 @@ def test_size_fixed_is_the_old_default(text_file, tmp_path):
 
 
 def test_a_time_budget_times_real_models_and_counts_the_time(text_file, tmp_path):
-    ck = _train(text_file, tmp_path / "timed", time_limit=6.0)
+    rows = []
+    cfg = TrainConfig(corpus=[str(text_file)], out=str(tmp_path / "timed"), sample_every=0, time_limit=6.0,
+                      log_every=1)
+    trainer = Trainer(cfg, {}, callback=lambda e: rows.append(e) if e["kind"] == "log" else None)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    ck = ckpt_mod.load(tmp_path / "timed" / "last.pt")
     reason = ck.train_config["size_reason"]
     assert " s = ~" in reason  # "... 5.1 s = ~N steps = E epochs -> ..."
     assert ck.train_state["elapsed"] <= 6.0 + 1.0
+    setup = ck.train_config["setup_seconds"]
+    assert 0 < setup < ck.train_state["elapsed"]
+    # The probe's share of the budget does not count as warmup: the learning
+    # rate still rises from a low start (the warmup once counted the probe's
+    # seconds, and a probe past 5% of the budget meant no warmup at all).
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] < 0.5 * max(lrs) and lrs.index(max(lrs)) > 0
 
 
 def test_the_cli_says_the_choice_and_given_options_win(text_file, tmp_path):
