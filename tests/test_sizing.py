@@ -69,7 +69,7 @@ def test_a_time_budget_is_turned_into_steps_per_shape():
 
     c = sizing.choose(train_chars=10_000_000, vocab_size=100, tokens_per_step=1024, seconds=300.0,
                       step_time=step_time)
-    assert c.steps == int(sizing.PROBE_SPEEDUP * 300.0 / step_time(c.shape))
+    assert c.steps == int(300.0 / step_time(c.shape))
     # shapes are timed smallest first, and no further than one past the choice
     assert timed[: len(set(timed))] == list(sizing.LADDER[: len(set(timed))])
     assert len(set(timed)) <= sizing.LADDER.index(c.shape) + 2
