@@ -234,6 +234,8 @@ class Trainer:
                 started = time.perf_counter()
                 choice = self._choose_size(overrides)
                 probe_seconds = time.perf_counter() - started
+                if cfg.time_limit:  # the scheduler's first factor (below) already skips it; run() adds the rest
+                    cfg.setup_seconds = round(probe_seconds, 6)
                 overrides = {**overrides, **choice.overrides()}
                 cfg.size_reason = choice.reason
                 self.notes.append(f"size: {choice.reason}")
