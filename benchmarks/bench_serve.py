@@ -12,7 +12,7 @@ temperature 0.8, seeds 0..R-1) and measures
   p50 and p95 over the requests;
 
 and compares each with serving the same requests one at a time (the 1-client
-run). It also prints the CPU seconds the server process and this client used
+run). It also prints the CPU seconds the server process (HTTP), its batch process and this client used
 per level. The levels run ``--repeat`` times, interleaved (1, 8, 32, 1, 8,
 32, ...), so a change in what else the machine does hits every level alike;
 each round's ratio is its own 32-client figure over its own 1-client figure,
@@ -60,9 +60,9 @@ def make_checkpoint(folder: Path) -> Path:
     return checkpoint.save(checkpoint.build_payload(model, tok), folder / "default-size.pt")
 
 
-def start_server(ckpt: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "charnn", "serve", str(ckpt), "--port", "0",
-                             "--threads", str(threads), "--max-queue", "256"],
+                             "--threads", str(threads), "--max-queue", "256", *extra],
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     line = proc.stderr.readline()
     m = re.search(r"(http://\S+/) ", line)
@@ -155,6 +155,20 @@ def process_cpu(pid: int) -> float:
         return float("nan")
 
 
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the server process ``pid`` and of its batch processes
+    (its children running charnn.serve.worker), Linux /proc."""
+    batch = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if (int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                    and b"charnn.serve.worker" in (stat.parent / "cmdline").read_bytes()):
+                batch += process_cpu(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return process_cpu(pid), batch
+
+
 def spin() -> None:
     while True:
         pass
@@ -167,6 +181,8 @@ def main() -> None:
     p.add_argument("--levels", default="1,8,32", help="concurrent clients per level; 1 = one at a time")
     p.add_argument("--repeat", type=int, default=3, help="rounds of all levels, interleaved")
     p.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--batch-in-process", action="store_true",
+                   help="the server's --batch-in-process (the batch on a thread of the server, not a child process)")
     p.add_argument("--busy", type=int, default=0, help="busy-looping processes running alongside")
     p.add_argument("--budget", type=float, default=300.0, help="seconds allowed per level")
     args = p.parse_args()
@@ -179,7 +195,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = make_checkpoint(Path(tmp))
-            proc, url = start_server(ckpt, args.threads)
+            proc, url = start_server(ckpt, args.threads, ["--batch-in-process"] if args.batch_in_process else [])
             try:
                 run_level(url, 4, 8, 50, args.budget)  # warm up both sides
                 load_before = os.getloadavg()
@@ -187,9 +203,10 @@ def main() -> None:
                 for _ in range(args.repeat):
                     rows = []
                     for c in levels:
-                        server_cpu = process_cpu(proc.pid)
+                        http0, batch0 = server_cpu(proc.pid)
                         rows.append(run_level(url, c, args.requests, args.length, args.budget))
-                        rows[-1]["server_cpu"] = process_cpu(proc.pid) - server_cpu
+                        http1, batch1 = server_cpu(proc.pid)
+                        rows[-1]["server_cpu"], rows[-1]["batch_cpu"] = http1 - http0, batch1 - batch0
                     rounds.append(rows)
                 load_after = os.getloadavg()
             finally:
@@ -198,19 +215,20 @@ def main() -> None:
     finally:
         for sp in spinners:
             sp.terminate()
-    print(f"charnn serve, default-size model (2x320 LSTM, 97 chars), server --threads {args.threads}, "
+    print(f"charnn serve, default-size model (2x320 LSTM, 97 chars), server --threads {args.threads}"
+          f"{' --batch-in-process' if args.batch_in_process else ' (batch in a child process)'}, "
           f"{os.cpu_count()} CPUs, {args.busy} busy process(es) alongside; {args.requests} streamed requests "
           f"x {args.length} chars per level, {args.repeat} rounds")
     print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     print(f"{'round':>5}  {'clients':>7}  {'chars/s':>8}  {'vs one at a time':>16}  {'TTFC p50':>9}  {'TTFC p95':>9}  "
-          f"{'wall':>6}  {'CPU: server':>11}  {'client':>6}")
+          f"{'wall':>6}  {'CPU: HTTP':>9}  {'batch':>6}  {'client':>6}")
     for i, rows in enumerate(rounds, 1):
         base = next((r for r in rows if r["clients"] == 1), rows[0])
         for r in rows:
             print(f"{i:>5}  {r['clients']:>7}  {r['chars_per_s']:>8.0f}  {r['chars_per_s'] / base['chars_per_s']:>15.2f}x  "
                   f"{r['ttfc_p50'] * 1e3:>7.0f}ms  {r['ttfc_p95'] * 1e3:>7.0f}ms  {r['wall']:>5.1f}s  "
-                  f"{r['server_cpu']:>10.1f}s  {r['client_cpu']:>5.1f}s")
+                  f"{r['server_cpu']:>8.1f}s  {r['batch_cpu']:>5.1f}s  {r['client_cpu']:>5.1f}s")
     top_clients = levels[-1]
     ratios = sorted(rows[-1]["chars_per_s"] / next((r for r in rows if r["clients"] == 1), rows[0])["chars_per_s"]
                     for rows in rounds)

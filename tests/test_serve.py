@@ -218,7 +218,7 @@ def test_concurrent_streams_are_batched_and_give_the_same_texts_as_alone(client)
     alone = [streamed_texts(sse_events(client.post("/v1/generate", json=r).text), r["num_samples"])
              for r in requests]
     engine = client.app_state.engines["best"]
-    engine.max_rows = 0
+    engine.reset_stats()
     barrier = threading.Barrier(len(requests))
 
     def run(r):
@@ -242,7 +242,7 @@ def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(clie
     expected = [r["prime"] + "".join(sample_generate(model, tok, r["prime"], r["n"], temperature=0.9,
                                                      seed=r["seed"])) for r in requests]
     engine = client.app_state.engines["best"]
-    engine.max_rows = 0
+    engine.reset_stats()
     barrier = threading.Barrier(len(requests))
 
     def run(r):
@@ -258,14 +258,14 @@ def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(clie
 def test_a_repeated_prime_is_read_once_and_still_gives_charnn_sample_text(client, trained):
     """serve.PrimeCache: a later request with the same prime copies the state
     after it instead of reading it again -- for any num_samples, bit for bit."""
-    primes = client.app_state.engines["best"].primes
+    engine = client.app_state.engines["best"]
     prime = "The cache "
-    reads = primes.reads
+    reads = engine.prime_reads
     for seed, k in ((31, 1), (32, 3), (33, 1)):
         got = generate(client, model="best", prime=prime, n=60, seed=seed, num_samples=k, temperature=1.0)
         assert [s["text"] for s in got["samples"]] == sample_cli(trained.best, prime, 60, seed=seed,
                                                                   num_samples=k, temperature=1.0)
-    assert primes.reads == reads + 1
+    assert engine.prime_reads == reads + 1
 
 
 def test_stop_hold_back_matches_the_sampler():
@@ -394,11 +394,14 @@ def test_page_is_one_self_contained_file(client):
 # A real server process, real signals
 # ---------------------------------------------------------------------------
 
-def start_server(ckpt: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, *args: str, session: bool = False) -> tuple[subprocess.Popen, str]:
+    """``charnn serve`` on a free port; ``session``: in a process group of its own
+    (as a terminal's foreground job, which Ctrl-C signals as a whole)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "charnn", "serve", str(ckpt), "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=session)
     line = proc.stderr.readline()
     if "Serving" not in line:
         proc.kill()
@@ -439,6 +442,111 @@ def test_signal_stops_accepting_ends_streams_cleanly_and_exits_0(trained, reap, 
     err = proc.stderr.read()
     assert f"Stopped ({sig.name})" in err and "Traceback" not in err
     assert short["samples"][0]["text"] == sample_cli(trained.best, "The ", 20, seed=3)[0]
+
+
+def batch_processes(pid: int) -> list[int]:
+    """The live batch processes of server ``pid``: its children running
+    charnn.serve.worker. Linux /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"charnn.serve.worker" in cmdline:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of ``pid`` so far, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+
+
+@needs_proc
+def test_ctrl_c_in_the_terminal_stops_the_server_and_its_batch_processes(trained, gru_ckpt, reap):
+    """A terminal's Ctrl-C signals the whole foreground process group: the
+    server and each model's batch process get SIGINT at once. The batch
+    processes must leave the stopping to the server: the stream in flight ends
+    with an error event after the grace period, the server exits 0, and no
+    batch process is left behind."""
+    proc, url = start_server(trained.best, str(gru_ckpt), "--max-n", "10000000", "--grace", "1", session=True)
+    reap(proc)
+    workers = batch_processes(proc.pid)
+    assert len(workers) == 2  # one batch process per model
+    with httpx.Client(base_url=url, timeout=20) as http:
+        with http.stream("POST", "v1/generate", json={"prime": "The ", "n": 10**7, "seed": 1,
+                                                      "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: start"
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+            rest = "\n".join(lines)
+        assert "event: text" in rest
+        assert "event: error" in rest and "shutting down" in rest
+    assert proc.wait(timeout=20) == 0
+    err = proc.stderr.read()
+    assert "Stopped (SIGINT)" in err and "Traceback" not in err
+    wait_until(lambda: not any(alive(w) for w in workers), timeout=10)
+
+
+@needs_proc
+def test_a_killed_batch_process_ends_its_streams_and_later_requests_get_a_clear_503(trained, gru_ckpt, reap):
+    """A batch process killed from outside (the out-of-memory killer, kill -9):
+    its streams end with an error event that says to restart, new requests for
+    that model get 503 saying the same, and the rest of the server goes on: the
+    other model, /v1/models, /v1/score, and a clean exit on SIGTERM."""
+    proc, url = start_server(trained.best, str(gru_ckpt), "--max-n", "10000000")
+    reap(proc)
+    with httpx.Client(base_url=url, timeout=20) as http:
+        before = set(batch_processes(proc.pid))
+        with http.stream("POST", "v1/generate", json={"model": "best", "prime": "The ", "n": 10**7, "seed": 1,
+                                                      "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: start"
+            wait_until(lambda: http.get("v1/models").json()["models"][0]["streams"] == 1)
+            # best's batch process is the one of the two using CPU while its stream runs
+            ticks = {w: cpu_ticks(w) for w in before}
+            time.sleep(0.5)
+            victim = max(before, key=lambda w: cpu_ticks(w) - ticks[w])
+            os.kill(victim, signal.SIGKILL)
+            rest = "\n".join(lines)
+        assert "event: error" in rest and "restart charnn serve" in rest and "signal 9" in rest
+        r = http.post("v1/generate", json={"model": "best", "prime": "The ", "n": 5})
+        assert r.status_code == 503 and "restart charnn serve" in r.json()["error"]["message"]
+        other = http.post("v1/generate", json={"model": "tiny-gru", "prime": "ab", "n": 5, "seed": 1})
+        assert other.status_code == 200 and len(other.json()["samples"][0]["text"]) == 7
+        assert http.get("v1/models").status_code == 200
+        score = http.post("v1/score", json={"model": "best", "text": "The cat"})
+        assert score.status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "Traceback" not in proc.stderr.read()
+
+
+@needs_proc
+def test_the_batch_process_does_not_outlive_a_server_killed_with_sigkill(trained, reap):
+    proc, url = start_server(trained.best)
+    reap(proc)
+    workers = batch_processes(proc.pid)
+    assert len(workers) == 1
+    with httpx.Client(base_url=url, timeout=20) as http:
+        assert http.post("v1/generate", json={"prime": "The ", "n": 20, "seed": 3}).status_code == 200
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not alive(workers[0]), timeout=10)
 
 
 def test_serve_without_the_extra_says_how_to_install(trained, tmp_path):

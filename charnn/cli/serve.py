@@ -35,6 +35,11 @@ def serve(
         metavar="N", callback=at_least(1),
         help="CPU threads for torch. 1 leaves a core for HTTP, and rounds the batched numbers as charnn "
              "sample does (see the README).")] = 1,
+    batch_in_process: Annotated[bool, typer.Option(
+        "--batch-in-process",
+        help="Step each model's batch on a thread of the server process instead of a child process of its "
+             "own (less memory; on a machine with 2 or more cores, slower under load: HTTP and the batch then "
+             "share one interpreter lock).")] = False,
     grace: Annotated[float, typer.Option(
         metavar="SECONDS", callback=at_least(0),
         help="On Ctrl-C or SIGTERM: how long in-flight streams may take to finish before they are ended.")] = 10.0,
@@ -56,8 +61,13 @@ def serve(
                         max_samples=max_samples, max_text=max_text)
         set_threads(threads)
         models = load_models(checkpoints)
-        application = create_app(models, limits)
+        application = create_app(models, limits, batch_process=not batch_in_process)
         sock = bind(host, port)
+        try:
+            application.state.server.start()  # the batch processes, before the address is announced
+        except BaseException:
+            application.state.server.close()
+            raise
         url = url_of(sock)
         say(f"Serving {', '.join(m.name for m in models)} at {url} (API under {url}v1/; Ctrl-C to stop)")
         stopped_by = run(application, sock, grace=grace)

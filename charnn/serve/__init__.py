@@ -2,7 +2,7 @@
 models loaded once at start. An optional extra: ``pip install 'charnn[serve]'``
 (Starlette on uvicorn); nothing else in charnn needs it.
 
-Four modules:
+Five modules:
 
 - :mod:`.api` -- the limits, the models loaded at start, each request checked
   with an error that says what to change, and scoring (``charnn eval``'s
@@ -29,6 +29,11 @@ Four modules:
   character changes only if its two best candidates tie to within ~1e-6
   (none in 38,400 characters measured). From 4 samples on, with one thread,
   the rows are bit-for-bit ``charnn sample``'s.
+- :mod:`.worker`, :class:`ProcessEngine` -- the same engine in a child process per
+  model (the default), so that the batched steps and HTTP do not share one
+  interpreter lock: the batch runs on one core, HTTP on another. The model
+  goes to the child in memory; the child ignores Ctrl-C (the server decides
+  how to stop) and exits when the server's pipe closes.
 - :mod:`.app`, :func:`create_app` -- the ASGI app: ``GET /`` (the page), ``GET /v1/models``,
   ``POST /v1/generate`` (JSON, or server-sent events with ``"stream": true``),
   ``POST /v1/score`` (the numbers of ``charnn eval``).
@@ -44,8 +49,9 @@ from .api import (DEFAULTS, INSTALL_HINT, MAX_TOP, ApiError, Busy, GenerateSpec,
 from .app import FLUSH_INTERVAL, PAGE_FILE, Server, create_app, page_html
 from .engine import PRIME_CACHE, Channel, Engine, Group, PrimeCache
 from .listen import bind, run, url_of
+from .worker import ProcessEngine
 
 __all__ = ["DEFAULTS", "FLUSH_INTERVAL", "INSTALL_HINT", "MAX_TOP", "PAGE_FILE", "PRIME_CACHE", "ApiError", "Busy",
-           "Channel", "Engine", "GenerateSpec", "Group", "Limits", "PrimeCache", "ServeError", "ServedModel",
+           "Channel", "Engine", "GenerateSpec", "Group", "Limits", "PrimeCache", "ProcessEngine", "ServeError", "ServedModel",
            "Server", "bind", "create_app", "load_models", "page_html",
            "parse_generate", "parse_score", "require_extra", "run", "score_text", "url_of"]

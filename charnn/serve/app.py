@@ -12,7 +12,8 @@ from typing import Any
 from ..errors import CharnnError
 from .api import (DEFAULTS, ApiError, GenerateSpec, Limits, ServedModel, parse_generate, parse_score,
                   require_extra, score_text)
-from .engine import Channel, Engine, Group
+from .engine import Channel, Engine
+from .worker import ProcessEngine
 
 PAGE_FILE = "serve_page.html"
 FLUSH_INTERVAL = 0.05  # seconds between two sends of one stream (the first character goes at once)
@@ -29,21 +30,29 @@ def page_html() -> str:
 
 
 class Server:
-    """The engines, limits and scoring pool behind one app."""
+    """The engines, limits and scoring pool behind one app. ``batch_process``
+    (the default): each model's batch runs in a child process
+    (:class:`ProcessEngine`), so it does not share the interpreter lock with
+    HTTP; False: a thread of this process (:class:`Engine`)."""
 
-    def __init__(self, models: list[ServedModel], limits: Limits | None = None):
+    def __init__(self, models: list[ServedModel], limits: Limits | None = None, batch_process: bool = True):
         self.models = {m.name: m for m in models}
         self.limits = limits or Limits()
-        self.engines = {m.name: Engine(m, self.limits) for m in models}
+        self.batch_process = batch_process
+        self.engines = {m.name: (ProcessEngine if batch_process else Engine)(m, self.limits) for m in models}
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="charnn-score")
         self._scores_waiting = 0
         self.started = False
 
     def start(self) -> None:
+        """Start every engine and wait until each serves (a child process takes a few seconds)."""
         if not self.started:
             self.started = True
             for e in self.engines.values():
                 e.start()
+            for e in self.engines.values():
+                if isinstance(e, ProcessEngine):
+                    e.wait_ready()
 
     def cancel_streams(self, message: str) -> None:
         for e in self.engines.values():
@@ -66,8 +75,9 @@ class Server:
             self._scores_waiting -= 1
 
 
-def create_app(models: list[ServedModel], limits: Limits | None = None) -> Any:
-    """The Starlette app serving ``models``; its lifespan starts and stops the engines."""
+def create_app(models: list[ServedModel], limits: Limits | None = None, batch_process: bool = True) -> Any:
+    """The Starlette app serving ``models``; its lifespan starts (unless started
+    already: ``app.state.server.start()``) and stops the engines."""
     require_extra()
     import contextlib
 
@@ -76,7 +86,7 @@ def create_app(models: list[ServedModel], limits: Limits | None = None) -> Any:
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    server = Server(models, limits)
+    server = Server(models, limits, batch_process)
     page = page_html()
 
     def error_response(e: ApiError) -> JSONResponse:
@@ -129,7 +139,7 @@ def create_app(models: list[ServedModel], limits: Limits | None = None) -> Any:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(request, spec, group, channel)
 
-    async def _events(spec: GenerateSpec, group: Group, channel: Channel):
+    async def _events(spec: GenerateSpec, group: Any, channel: Channel):
         try:
             yield _sse("start", {"model": spec.model, "seed": spec.seed, "seeds": group.seeds, "prime": spec.prime,
                                  "num_samples": spec.num_samples, "dropped": spec.dropped})
@@ -162,7 +172,7 @@ def create_app(models: list[ServedModel], limits: Limits | None = None) -> Any:
         finally:
             group.cancelled = True  # a client that went away frees its rows at the next step
 
-    async def _collect(request: Request, spec: GenerateSpec, group: Group, channel: Channel) -> Response:
+    async def _collect(request: Request, spec: GenerateSpec, group: Any, channel: Channel) -> Response:
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass

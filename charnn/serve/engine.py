@@ -315,14 +315,35 @@ class Engine:
         except BaseException:
             self.unreserve()
             raise
+        self.queue(group)
+        return group
+
+    def queue(self, group: Group) -> None:
+        """Put a primed group in line for the batch (or end it if the server is closing)."""
         with self._cond:
             if self._closing:
                 self._waiting -= 1
                 group.fail(self._cancel_message or "the server is shutting down")
-                return group
+                self.dequeued(group)
+                return
             self._pending.append(group)
             self._cond.notify()
-        return group
+
+    def dequeued(self, group: Group) -> None:
+        """Called as a group leaves the queue (joins the batch, or is dropped).
+        A hook for the batch worker process (:mod:`.worker`), which reports it."""
+
+    def after_step(self) -> None:
+        """Called after each batched step has handed out its characters. A hook
+        for the batch worker process, which sends them to the HTTP process."""
+
+    @property
+    def prime_reads(self) -> int:
+        """Primes read by the model so far (the rest were copies from the cache)."""
+        return self.primes.reads
+
+    def reset_stats(self) -> None:
+        self.max_rows = 0
 
     def queued(self) -> int:
         with self._cond:
@@ -349,6 +370,8 @@ class Engine:
             if self._closing:
                 for g in list(self._pending) + active:
                     g.fail(self._cancel_message or "the server is shutting down")
+                for g in self._pending:
+                    self.dequeued(g)
                 self._waiting -= len(self._pending)
                 self._pending.clear()
                 return []
@@ -357,6 +380,7 @@ class Engine:
             while self._pending and rows + self._pending[0].k <= self.limits.max_batch:
                 g = self._pending.popleft()
                 self._waiting -= 1
+                self.dequeued(g)
                 if g.cancelled:
                     continue
                 joining.append(g)
@@ -392,6 +416,7 @@ class Engine:
         while True:
             joining = self._admit(active)
             if self._closing:
+                self.after_step()
                 return
             try:
                 with torch.inference_mode():
@@ -432,6 +457,7 @@ class Engine:
                             ids = ids.index_select(0, torch.cat(ids_at))
                         active = keep_groups
                     self.rows = sum(g.k for g in active)
+                    self.after_step()  # the characters go out before the next step is computed
                     if active:
                         logits = self.packed.step(ids, state)  # (B, V); state updated in place
                         self.steps += 1
@@ -440,3 +466,4 @@ class Engine:
                     g.fail(f"internal error while generating ({type(e).__name__}: {e}); this is a bug in charnn", 500)
                 active, state, logits = [], [], None
                 self.rows = 0
+                self.after_step()
