@@ -45,7 +45,7 @@ from typing import Any
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel, ServeError
 from .engine import Channel, Engine, Group
 
-START_TIMEOUT = 120.0  # seconds the child may take to start (import torch, build the model)
+START_TIMEOUT = 300.0  # seconds the child may take to start (import torch, build the model), even on a busy machine
 
 
 # ---------------------------------------------------------------------------
