@@ -38,7 +38,6 @@ class Server:
     def __init__(self, models: list[ServedModel], limits: Limits | None = None, batch_process: bool = True):
         self.models = {m.name: m for m in models}
         self.limits = limits or Limits()
-        self.batch_process = batch_process
         self.engines = {m.name: (ProcessEngine if batch_process else Engine)(m, self.limits) for m in models}
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="charnn-score")
         self._scores_waiting = 0

@@ -377,8 +377,8 @@ class ProcessEngine:
     # -- the results reader (its own thread) -------------------------------------
     def _read(self, conn: Any) -> None:
         try:
-            first = pickle.loads(conn.recv_bytes())
-            assert first[0] == "ready"
+            if pickle.loads(conn.recv_bytes())[0] != "ready":  # not a batch process: treat it as gone
+                return
             self._ready.set()
             while True:
                 items, stats = pickle.loads(conn.recv_bytes())
