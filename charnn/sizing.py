@@ -7,7 +7,11 @@ limits, then sets dropout by how many times the run will see its text:
 - **compute**: a shape is only worth its size if the budget buys enough
   steps to train it. A time budget is turned into steps per shape from a short
   throughput probe on this device (:func:`step_seconds`, done by the trainer);
-  ``--max-steps`` and ``--epochs`` give the steps directly;
+  ``--max-steps`` and ``--epochs`` give the steps directly. A shape that would
+  stop before reading the whole text once needs more steps per weight, and is
+  not chosen when a smaller shape would read all of it (the batcher's streams
+  each read one stretch of the text in order, so a run that stops short of one
+  epoch never sees the end of every stretch);
 - **data**: more parameters than the text can support overfit; the largest
   shape allowed grows with the training characters;
 - **dropout** rises with the epochs the budget buys.
@@ -70,8 +74,26 @@ LADDER = (
 # texts on a knife edge: the probe's estimate and the steps a run then makes
 # differ by 0.84-1.64x as the machine's speed moves, so the Jargon File got
 # 2x192 with dropout 0.1 and lost 3.7%. 3,000 keeps 2x256 on the English texts
-# with a margin; the source's 2x256 is the known loss (see the README).
+# (1.5-3.1 epochs) with a margin. What does separate the two groups is whether
+# the shape reads its text once; the two limits below use that.
 STEPS_PER_MPARAM = 3000
+# The compute limit for a shape that would stop before one epoch: every step
+# is on text the model has not seen, so the steps a smaller model adds are
+# worth more than on repeated text. At 5 minutes on the two texts too large to read once (the
+# docs, 0.45-0.7 epochs; the source, 0.2-0.3): 2x256 with 3.8-4.5k steps per
+# million lost to 2x192 with 10-12k by 0.9% and 3.3-4.7%. 6,000 is between
+# the two with a margin of 1.3-1.7x either way, wider than the probe's error.
+STEPS_PER_MPARAM_PART = 6000
+# And one whole epoch first: when some shape would read the text at least
+# once, a shape that would not is not chosen. At 20 minutes on the source,
+# 2x192 (1.39 epochs) beat 2x256 (0.88, 16k steps per million) by 1.8% and
+# 2x320 (0.60) by 5.2%; at 5 minutes on War and Peace 2x256 (1.5) beat 2x320
+# (0.89) by 3%, and at 1 minute on the Jargon File 2x128 (1.4) beat 2x192
+# (0.84) by 1.6%. Where it is a near tie it costs little: the docs at 5
+# minutes, 2x128 (1.07 epochs) 0.4% behind 2x192 (0.70). Not measured: a
+# text so large that no shape reads it once at a long budget, where only the
+# rule above limits the size.
+#
 # Data: at most this many recurrent parameters per training character.
 PARAMS_PER_CHAR = 2.0
 # A text too small for every shape (the Chinese poems: 35k characters, a
@@ -166,6 +188,7 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
         shape = Shape(int(given["hidden_size"]), int(given["num_layers"]), int(given["embedding_dim"]))
         return SizeChoice(shape, float(given["dropout"]), None, None,
                           f"{shape.name}, embedding {shape.embedding_dim}, dropout {given['dropout']:g}: all given")
+    one_epoch_possible = False
     for i, shape in enumerate(() if fully_given else LADDER):
         p = recurrent_params(shape, vocab_size, cell)
         if p > data_cap:  # decided without timing it
@@ -174,11 +197,20 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
             else:
                 why = f"{shape.name} would overfit this text"
             break
-        need = math.ceil(STEPS_PER_MPARAM * p / 1e6)
         n = budget_steps(shape)
-        if n is not None and n < need:
+        if n is None:  # no budget: only the text limits the size
+            chosen = shape
+            continue
+        passes = n * tokens_per_step / train_chars
+        need = math.ceil((STEPS_PER_MPARAM if passes >= 1 else STEPS_PER_MPARAM_PART) * p / 1e6)
+        if n < need:
             why = (f"{shape.name} would get {n:,} steps, it needs about {need:,}" if i else
                    "the smallest; the budget is short for any model")
+            break
+        if i == 0:  # the smallest shape makes the most steps
+            one_epoch_possible = passes >= 1
+        elif one_epoch_possible and passes < 1:
+            why = f"{shape.name} would read {passes:.0%} of the text, {chosen.name} all of it"
             break
         chosen = shape
     shape = Shape(int(given.get("hidden_size", chosen.hidden_size)), int(given.get("num_layers", chosen.num_layers)),
