@@ -34,6 +34,7 @@ SHARED_DATA = HERE.parents[1] / "shared" / "data"  # the project's shared/ besid
 FORTUNES = Path("/usr/share/games/fortunes")
 PY_DOC_SOURCES = Path(f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/_sources")
 JARGON = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
+LLVM_HEADERS = Path("/usr/include/llvm-14")
 SOURCE_CAP_CHARS = 21_000_000  # "source code over 20 MB": the sorted stdlib, cut after this
 HOLDOUT_CHARS = 1_000_000  # the held-out KJV slice: whole lines up to this many characters
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -136,6 +137,10 @@ def _jargon() -> str:
     return normalise(gzip.decompress(_need(JARGON, "jargon-text").read_bytes()).decode("utf-8"))
 
 
+def _llvm_headers() -> str:
+    return concat_files(_need(LLVM_HEADERS, "llvm-14-dev"), ".h", "// ===== {path} =====")
+
+
 def _kjv() -> str:
     if shutil.which("bible") is None or not Path("/usr/lib/bible.data").exists():
         raise MissingSource("the bible program or its KJV text is missing: install the Debian "
@@ -188,6 +193,10 @@ CORPORA = [
                "numbers dropped, first 1,000,000 characters (whole lines)",
                "Debian bible-kjv + bible-kjv-text", "public domain (1611 text)", _kjv,
                debs=("bible-kjv", "bible-kjv-text"), role="holdout"),
+    CorpusSpec("llvm-headers", "source code (C++ headers, 15 MB)",
+               "LLVM 14's C++ headers, /usr/include/llvm-14/**/*.h in sorted path order, a "
+               "'// ===== path =====' line before each", "Debian llvm-14-dev",
+               "Apache-2.0 WITH LLVM-exception", _llvm_headers, debs=("llvm-14-dev",), role="holdout"),
 ]
 BY_NAME = {c.name: c for c in CORPORA}
 

@@ -379,13 +379,18 @@ def mean_losses(rows: list[dict], corpus: CorpusFile, budget: str) -> dict[str, 
     return {c: statistics.fmean(v) for c, v in by.items()}
 
 
-def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict]) -> tuple[list[str], str, int]:
+def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict],
+                  asked: list[str] | None = None) -> tuple[list[str], str, int]:
     """The configs a phase runs on a corpus, a note (why, or what is missing),
-    and how many grid configs the previous phase has yet to choose."""
+    and how many grid configs the previous phase has yet to choose. A held-out
+    corpus runs the baselines, and grid configs only when ``asked`` names them
+    (to check auto's choice there; the rule is never fitted on them)."""
     grid = [name for name, *_ in GRID]
     base = [*BASELINES, *(REFERENCES if phase.references else ())]
     if corpus.spec.role == "holdout":
-        return base, "held out: the baselines only, never the grid", 0
+        checks = [c for c in grid if c in (asked or ())]
+        return [*base, *checks], ("held out: the baselines" + (", and the grid configs asked for" if checks
+                                                              else " only, never the grid")), 0
     if not phase.top:
         return [*base, *grid], "the whole grid", 0
     prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous).items() if c in grid}
@@ -419,7 +424,7 @@ def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs:
     for corpus in corpora:
         if phase.long_only and not corpus.spec.long_runs:
             continue
-        chosen, note, missing = phase_configs(phase, corpus, rows)
+        chosen, note, missing = phase_configs(phase, corpus, rows, configs)
         notes.append(f"{corpus.spec.name}: {note}: {', '.join(chosen)}"
                      + (f"; {missing} still to be chosen from {phase.previous}" if missing else ""))
         for config in chosen:

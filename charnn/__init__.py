@@ -25,7 +25,7 @@ _EXPORTS = {
     "CharTokenizer": "tokenizer",
     "ModelConfig": "config", "TrainConfig": "config",
     "CharRNN": "model",
-    "read_corpus": "data",
+    "read_corpus": "reading",
     "load": "checkpoint", "load_model": "checkpoint", "save": "checkpoint",
     "Trainer": "train", "train": "train",
     "generate": "sample", "generate_samples": "sample", "sample_text": "sample", "Sample": "sample",

@@ -25,7 +25,7 @@ from . import __version__
 from .config import ModelConfig
 from .errors import CharnnError, CheckpointError, ConfigError, safe_display
 from .model import CharRNN, available_memory, format_bytes, parameter_shapes
-from .runfolder import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
+from .safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
 from .tokenizer import CharTokenizer
 
 FORMAT = "charnn-checkpoint"
@@ -86,7 +86,7 @@ def build_payload(
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write atomically: temp file in the same folder, fsync, ``os.replace``,
-    fsync of the folder (:func:`charnn.runfolder.write_atomic`).
+    fsync of the folder (:func:`charnn.safe_files.write_atomic`).
 
     On failure (disk full, file size limit, read-only, ...) the previous file
     at ``path`` is untouched, no temp file is left, and a

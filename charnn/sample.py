@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char
-from .data import decode_bytes, normalize_newlines
+from .reading import decode_bytes, normalize_newlines
 from .devices import cpu_has_bf16
 from .fastrnn import SAFE_MAGNITUDE, PackedRNN
 from .model import GATES, CharRNN, available_memory, format_bytes

@@ -210,7 +210,7 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
         if i == 0:  # the smallest shape makes the most steps
             one_epoch_possible = passes >= 1
         elif one_epoch_possible and passes < 1:
-            why = f"{shape.name} would read {passes:.0%} of the text, {chosen.name} all of it"
+            why = f"{shape.name} would read {math.floor(passes * 100)}% of the text, {chosen.name} all of it"
             break
         chosen = shape
     shape = Shape(int(given.get("hidden_size", chosen.hidden_size)), int(given.get("num_layers", chosen.num_layers)),

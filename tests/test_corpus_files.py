@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from charnn import data
+from charnn import data, reading
 from charnn.data import encode_corpus, read_corpus
 from charnn.errors import DataError
 from charnn.tokenizer import CharTokenizer
@@ -338,7 +338,7 @@ def test_train_dot_reads_only_the_text(tmp_path, monkeypatch):
 
 
 def test_progress_reports_long_reads_and_never_prints(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "READ_STATUS_FILES", 3)
+    monkeypatch.setattr(reading, "READ_STATUS_FILES", 3)
     root = _text_folder(tmp_path / "c")
     (root / "c.txt").write_text("gamma\n", encoding="utf-8")
     seen: list[str] = []

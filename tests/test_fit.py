@@ -217,6 +217,14 @@ def test_plan_and_phases_pick_the_best_of_the_previous_phase(tiny_corpus):
         tiny_corpus, 60, fit.CONFIGS["2x128-d0"]) > 60
 
 
+def test_a_held_out_corpus_runs_the_baselines_and_grid_configs_only_when_asked(tmp_path):
+    held = corpora.build(spec("held", lambda: make_text(20_000, seed=4), role="holdout"), tmp_path / "bench")
+    cells, _, notes = fit.phase_cells("5m", [held], [], None, [1337], has_size=True)
+    assert [c.config for c in cells] == ["v0.1", "auto", "nanogpt"] and "never the grid" in notes[0]
+    cells, _, notes = fit.phase_cells("5m", [held], [], ["auto", "2x128-d0", "2x192-d0"], [1337], has_size=True)
+    assert [c.config for c in cells] == ["auto", "2x128-d0", "2x192-d0"] and "asked for" in notes[0]
+
+
 def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
     lines = ["timing a 2x128 model on this device (--size auto)", "model: lstm 2x128, embedding 64",
              "hidden_size 320 --batch-size 16", "size: 17.7k chars, 2.55 s = ~83 steps -> 2x128, dropout 0.2"]

@@ -84,7 +84,7 @@ def test_a_shape_that_would_not_read_the_text_once_loses_to_one_that_would():
     # 2x128 reads the text 1.2 times; 2x192 would read 0.8 of it with steps
     # to spare by either compute limit: the smaller one is chosen, and why.
     chars = 10_000_000
-    steps = {"2x128": int(1.2 * chars / 1024), "2x192": int(0.8 * chars / 1024)}
+    steps = {"2x128": int(1.2 * chars / 1024), "2x192": math.ceil(0.8 * chars / 1024)}
     steps.update({s.name: 10 for s in sizing.LADDER[2:]})
     c = sizing.choose(train_chars=chars, vocab_size=100, tokens_per_step=1024, seconds=1.0,
                       step_time=_measured(steps))
