@@ -317,7 +317,7 @@ class Trainer:
         """Seconds per training step of a throwaway model of ``shape`` on this
         rank's share of the first batch. ``dropout``: the one given, else 0,
         the rule's choice wherever the shape is in doubt (under 3 epochs); a
-        step with dropout 0.1 takes 3-16% longer (measured on 2x128 and 2x192),
+        step with dropout 0.1 takes 3-13% longer (measured on 2x128 and 2x192),
         which once made the probe under-count the steps of every such run."""
         mc = ModelConfig(cell=cell, vocab_size=self.tokenizer.vocab_size, hidden_size=shape.hidden_size,
                          num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=dropout)

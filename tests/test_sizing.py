@@ -229,6 +229,27 @@ def test_a_time_budget_times_real_models_and_counts_the_time(text_file, tmp_path
     assert lrs[0] < 0.5 * max(lrs) and lrs.index(max(lrs)) > 0
 
 
+@pytest.mark.parametrize("given,probed", [({}, 0.0), ({"dropout": 0.25}, 0.25)])
+def test_the_probe_times_the_dropout_the_run_will_use(tmp_path, monkeypatch, given, probed):
+    # A spy, not a mock: the real timing runs; only the models it is handed are
+    # recorded. (A dropout-0.1 step is slower than a dropout-0 one, so timing
+    # 0.1 for a run that trains with 0 under-counted its steps.)
+    seen = []
+    real = sizing.time_training_steps
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.config.dropout)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sizing, "time_training_steps", spy)
+    big = tmp_path / "big.txt"  # enough text for the smallest shape: it is timed
+    big.write_text(make_text(200_000), encoding="utf-8")
+    cfg = TrainConfig(corpus=[str(big)], out=str(tmp_path / "probe"), sample_every=0, time_limit=4.0)
+    trainer = Trainer(cfg, dict(given))
+    trainer.close()
+    assert seen and set(seen) == {probed}
+
+
 def test_the_cli_says_the_choice_and_given_options_win(text_file, tmp_path):
     out = tmp_path / "cli"
     r = invoke("train", str(text_file), "--max-steps", "2", "-o", str(out), "--hidden-size", "48",
