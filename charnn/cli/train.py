@@ -9,6 +9,7 @@ run as it was, whatever today's defaults are.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -201,5 +202,13 @@ def train(
             say(f"Done: {plural(result.step, 'step')}, best validation loss {fmt_loss(result.best_val_loss)}.")
             say(f"Checkpoints in {safe_display(result.out_dir, None)}/")
             say(f"Next: charnn sample {shell_arg(best)} -n 500")
+        if trainer.dist.enabled:
+            # The process group is destroyed and every file is closed. Exit now:
+            # gloo's worker threads can abort the process while the interpreter
+            # tears down (pytorch/pytorch#190489), turning a finished run into
+            # exit -6 (seen once in this project's tests).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     run_command(body)
