@@ -202,13 +202,12 @@ def train(
             say(f"Done: {plural(result.step, 'step')}, best validation loss {fmt_loss(result.best_val_loss)}.")
             say(f"Checkpoints in {safe_display(result.out_dir, None)}/")
             say(f"Next: charnn sample {shell_arg(best)} -n 500")
-        if trainer.dist.enabled:
-            # The process group is destroyed and every file is closed. Exit now:
-            # gloo's worker threads can abort the process while the interpreter
-            # tears down (pytorch/pytorch#190489), turning a finished run into
-            # exit -6 (seen once in this project's tests).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        return trainer.dist.enabled
 
-    run_command(body)
+    if run_command(body):  # a finished torchrun rank, its output flushed (and checked) by run_command
+        # The process group is destroyed and every file is closed. Exit now:
+        # gloo's worker threads can abort the process while the interpreter
+        # tears down (pytorch/pytorch#190489), turning a finished run into
+        # exit -6 (seen once in this project's tests).
+        sys.stderr.flush()
+        os._exit(0)
