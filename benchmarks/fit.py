@@ -89,15 +89,41 @@ REFERENCES = ("nanogpt",)
 NANOGPT = Path(__file__).resolve().with_name("nanogpt.py")
 
 
-def config_options(config: str, has_size: bool) -> tuple[str, ...]:
+# How charnn reads its text: "shuffled" (blocks in a new random order each
+# epoch, charnn 0.2's default) or "in-order" (each stream one stretch, charnn
+# 0.1). A row's order is read from its options, so rows from before the
+# option existed (no flag) are in order, as charnn read them then. v0.1 is
+# always charnn 0.1 as it was: its shape, in order.
+ORDERS = ("shuffled", "in-order")
+
+
+def config_options(config: str, has_size: bool, order: str | None = None) -> tuple[str, ...]:
     """The options of a config for this charnn: with a --size option, auto
     asks for it and every other config says --size fixed, so that nothing
-    but the options given shapes the model."""
+    but the options given shapes the model; with ``order``, the flag that
+    says how it reads the text (v0.1: always --no-shuffle)."""
     if config in REFERENCES:
         return ()
-    if not has_size:
-        return CONFIGS[config]
-    return CONFIGS[config] + ("--size", "auto" if config == "auto" else "fixed")
+    opts = CONFIGS[config]
+    if has_size:
+        opts += ("--size", "auto" if config == "auto" else "fixed")
+    if order is not None:
+        opts += ("--shuffle",) if order == "shuffled" and config != "v0.1" else ("--no-shuffle",)
+    return opts
+
+
+def order_of(config: str, options: str | tuple[str, ...]) -> str:
+    """A cell's reading order from its charnn options; "" for what is not charnn."""
+    if config in REFERENCES or config == "bigram":
+        return ""
+    words = options.split() if isinstance(options, str) else options
+    return "shuffled" if "--shuffle" in words else "in-order"
+
+
+def row_in_order_table(r: dict, order: str) -> bool:
+    """Whether a results row belongs to the table of ``order``: charnn's rows
+    of that order, the references and the bigram, and v0.1 (always in order)."""
+    return order_of(r["config"], r.get("options", "")) in ("", order) or r["config"] == "v0.1"
 
 
 @dataclass(frozen=True)
@@ -149,11 +175,13 @@ class Cell:
     seed: int
 
     @property
-    def key(self) -> tuple[str, str, str, str, str]:
-        return (self.corpus.spec.name, self.corpus.sha256, self.budget, self.config, str(self.seed))
+    def key(self) -> tuple[str, str, str, str, str, str]:
+        return (self.corpus.spec.name, self.corpus.sha256, self.budget, self.config, str(self.seed),
+                order_of(self.config, self.options))
 
-    def label(self) -> str:
-        return f"{self.corpus.spec.name} {self.budget} {self.config} seed {self.seed}"
+    def label(self) -> str:  # also the log's name: rows from before --shuffle have no order in it
+        flag = " shuffled" if "--shuffle" in self.options else " in order" if "--no-shuffle" in self.options else ""
+        return f"{self.corpus.spec.name} {self.budget} {self.config}{flag} seed {self.seed}"
 
 
 # ---------------------------------------------------------------------------
@@ -204,8 +232,9 @@ def done_keys(rows: list[dict]) -> tuple[set, set]:
     return ok, failed
 
 
-def _key(r: dict) -> tuple[str, str, str, str, str]:
-    return (r["corpus"], r["corpus_sha256"], r["budget"], r["config"], r["seed"])
+def _key(r: dict) -> tuple[str, str, str, str, str, str]:
+    return (r["corpus"], r["corpus_sha256"], r["budget"], r["config"], r["seed"],
+            order_of(r["config"], r.get("options", "")))
 
 
 # ---------------------------------------------------------------------------
@@ -362,25 +391,31 @@ def _describe(row: dict, cell: Cell, run: Path, tmp: Path, log_path: Path) -> di
 # Choosing the cells
 # ---------------------------------------------------------------------------
 
-def charnn_has_size_option() -> bool:
-    """Whether `charnn train` has --size (the automatic choice of issue 12)."""
+def charnn_has_option(flag: str) -> bool:
+    """Whether `charnn train` has ``flag`` (--size: the automatic choice of
+    issue 12; --shuffle: the reading order)."""
     out = subprocess.run(charnn_cmd("train", "--help"), capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}).stdout
-    return re.search(r"(?<![\w-])--size\b", out) is not None
+    return re.search(rf"(?<![\w-]){re.escape(flag)}\b", out) is not None
 
 
-def mean_losses(rows: list[dict], corpus: CorpusFile, budget: str) -> dict[str, float]:
-    """Mean validation loss over seeds of each config, failed rows left out."""
+def charnn_has_size_option() -> bool:
+    return charnn_has_option("--size")
+
+
+def mean_losses(rows: list[dict], corpus: CorpusFile, budget: str, order: str | None = None) -> dict[str, float]:
+    """Mean validation loss over seeds of each config, failed rows left out
+    (with ``order``, only the rows of its table)."""
     by: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         if (r["corpus"], r["corpus_sha256"], r["budget"]) == (corpus.spec.name, corpus.sha256, budget) \
-                and not r["error"] and r["config"] != "bigram":
+                and not r["error"] and r["config"] != "bigram" and (order is None or row_in_order_table(r, order)):
             by[r["config"]].append(float(r["val_loss"]))
     return {c: statistics.fmean(v) for c, v in by.items()}
 
 
 def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict],
-                  asked: list[str] | None = None) -> tuple[list[str], str, int]:
+                  asked: list[str] | None = None, order: str | None = None) -> tuple[list[str], str, int]:
     """The configs a phase runs on a corpus, a note (why, or what is missing),
     and how many grid configs the previous phase has yet to choose. A held-out
     corpus runs the baselines, and grid configs only when ``asked`` names them
@@ -393,7 +428,7 @@ def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict],
                                                               else " only, never the grid")), 0
     if not phase.top:
         return [*base, *grid], "the whole grid", 0
-    prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous).items() if c in grid}
+    prev = {c: v for c, v in mean_losses(rows, corpus, phase.previous, order).items() if c in grid}
     best = sorted(prev, key=prev.get)[: phase.top]
     missing = phase.top - len(best) + (0 if best else phase.up)  # the rungs up come from the best
     note = f"best {phase.top} of {phase.previous}"
@@ -411,12 +446,16 @@ def phase_configs(phase: Phase, corpus: CorpusFile, rows: list[dict],
             note += f" and {len(added)} rung{'s' * (len(added) > 1)} up ({', '.join(added)})"
     if len(prev) < len(grid):
         note += f" ({len(prev)} of {len(grid)} grid configs measured in {phase.previous})"
+    asked_extra = [c for c in grid if c in (asked or ()) and c not in best]
+    if asked_extra:  # named with --config: run whatever the previous phase says
+        best += asked_extra
+        note += f", and asked for: {', '.join(asked_extra)}"
     return [*base, *best], note, missing
 
 
 def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs: list[str] | None,
-                seeds: list[int], has_size: bool,
-                top: int | None = None) -> tuple[list[Cell], list[Cell], list[str]]:
+                seeds: list[int], has_size: bool, top: int | None = None,
+                order: str | None = None) -> tuple[list[Cell], list[Cell], list[str]]:
     """(cells to run, placeholders for configs the previous phase has yet to
     choose -- priced as v0.1 -- and one note per corpus)."""
     phase = PHASES[name] if top is None or not PHASES[name].top else replace(PHASES[name], top=top)
@@ -424,15 +463,15 @@ def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs:
     for corpus in corpora:
         if phase.long_only and not corpus.spec.long_runs:
             continue
-        chosen, note, missing = phase_configs(phase, corpus, rows, configs)
+        chosen, note, missing = phase_configs(phase, corpus, rows, configs, order)
         notes.append(f"{corpus.spec.name}: {note}: {', '.join(chosen)}"
                      + (f"; {missing} still to be chosen from {phase.previous}" if missing else ""))
         for config in chosen:
             if (configs is None or config in configs) and (has_size or config != "auto"):
-                options = config_options(config, has_size)
+                options = config_options(config, has_size, order)
                 cells += [Cell(corpus, name, phase.seconds, config, options, s) for s in seeds]
         if configs is None:
-            pending += [Cell(corpus, name, phase.seconds, "?", CONFIGS["v0.1"], s)
+            pending += [Cell(corpus, name, phase.seconds, "?", config_options("v0.1", has_size, order), s)
                         for _ in range(missing) for s in seeds]
     return cells, pending, notes
 
@@ -505,6 +544,8 @@ def _selected(args) -> tuple[list[str], list[CorpusFile], list[dict], list[int],
         if c not in BY_NAME:
             sys.exit(f"Error: unknown corpus {c!r}; choose from {', '.join(BY_NAME)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else SEEDS
+    if not charnn_has_option("--shuffle"):
+        sys.exit("Error: this charnn has no --shuffle option (it reads in order); check out charnn 0.2 or later")
     return phases, suite(args.corpus), read_rows(args.results), seeds, charnn_has_size_option()
 
 
@@ -519,7 +560,7 @@ def cmd_plan(args) -> int:
     total = 0.0
     print(_auto_note(has_size), end="")
     for name in phases:
-        cells, pending, notes = phase_cells(name, corpora, rows, args.config, seeds, has_size, args.top)
+        cells, pending, notes = phase_cells(name, corpora, rows, args.config, seeds, has_size, args.top, args.order)
         todo = [c for c in cells if c.key not in ok] + pending
         est = sum(estimate_s(c.corpus, c.seconds, c.options) for c in todo)
         total += est
@@ -617,7 +658,8 @@ def cmd_run(args) -> int:
     if args.phase == "all":
         sys.exit("Error: run one phase at a time (--phase 1m, then 5m, then 20m): each picks from the last")
     phases, corpora, rows, seeds, has_size = _selected(args)
-    cells, pending, notes = phase_cells(args.phase, corpora, rows, args.config, seeds, has_size, args.top)
+    cells, pending, notes = phase_cells(args.phase, corpora, rows, args.config, seeds, has_size, args.top,
+                                        args.order)
     if pending:
         print(f"Error: the {PHASES[args.phase].previous} phase has not measured enough configs to choose "
               f"from on some corpora; this run leaves those choices out", file=sys.stderr)
@@ -642,13 +684,14 @@ def cmd_run(args) -> int:
 # The tables
 # ---------------------------------------------------------------------------
 
-def _cells(rows: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+def _cells(rows: list[dict], order: str | None = None) -> dict[tuple[str, str, str], list[float]]:
     """(corpus, budget, config) -> losses over seeds, from the newest corpus
-    version of each corpus; configs that only failed get an empty list."""
+    version of each corpus (with ``order``, the rows of its table); configs
+    that only failed get an empty list."""
     latest = {r["corpus"]: r["corpus_sha256"] for r in rows}
     out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in rows:
-        if r["corpus_sha256"] != latest[r["corpus"]]:
+        if r["corpus_sha256"] != latest[r["corpus"]] or (order is not None and not row_in_order_table(r, order)):
             continue
         losses = out[(r["corpus"], r["budget"], r["config"])]
         if not r["error"]:
@@ -656,8 +699,8 @@ def _cells(rows: list[dict]) -> dict[tuple[str, str, str], list[float]]:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
-    cells = _cells(rows)
+def markdown(rows: list[dict], order: str | None = None) -> str:
+    cells = _cells(rows, order)
     corpora = [c.name for c in CORPORA if any(k[0] == c.name for k in cells)]
     budgets = [b for b in PHASES if any(k[1] == b for k in cells)]
     bigram = {k[0]: v[0] for k, v in cells.items() if k[2] == "bigram" and v}
@@ -683,7 +726,11 @@ def markdown(rows: list[dict]) -> str:
         out.append("\n\\* v0.1's figure: no auto cell was run (charnn train had no --size option, so "
                    "no size options meant v0.1).")
     out.append("\nValidation loss (nats/char) on the whole held-out split (last 10%), mean over seeds; "
-               "bold: the best of its budget.")
+               "bold: the best of its budget."
+               + ("" if order is None else " charnn's configs read the text "
+                  + ("in shuffled blocks (--shuffle, the default since charnn 0.2)" if order == "shuffled"
+                     else "each stream in order (--no-shuffle, as charnn 0.1 did)")
+                  + "; v0.1 is charnn 0.1 as it was: its shape and dropout, reading in order."))
     configs = ["bigram", *REFERENCES, *CONFIGS]
     for b in budgets:  # one matrix per budget: a row per config, a column per corpus
         here = [c for c in corpora if any(k[:2] == (c, b) for k in cells)]
@@ -718,7 +765,7 @@ def cmd_table(args) -> int:
     rows = read_rows(args.results)
     if not rows:
         sys.exit(f"Error: no results in {args.results} yet; run `python benchmarks/fit.py run --phase 1m`")
-    print(markdown(rows))
+    print(markdown(rows, args.order))
     return 0
 
 
@@ -752,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--results", type=Path, default=RESULTS, help="results CSV (default: %(default)s)")
+    common.add_argument("--order", choices=ORDERS, default="shuffled",
+                        help="how charnn's configs read the text: shuffled blocks (--shuffle) or each stream "
+                             "in order (--no-shuffle, charnn 0.1); v0.1 always reads in order (default: "
+                             "%(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("corpora", help="build the corpus suite and print its table")
     for name in ("plan", "run"):

@@ -98,6 +98,10 @@ class TrainConfig:
     # size probe, timing the evaluation): the budget includes it, the warmup
     # counts from after it. Filled in by the trainer.
     setup_seconds: float = 0.0
+    # Read the text in blocks dealt to the batch rows in a new random order
+    # each epoch (charnn.data.BlockBatcher); False: each row reads one stretch
+    # of the text in order, as every run before charnn 0.2 did.
+    shuffle: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,6 +120,8 @@ class TrainConfig:
             kwargs["eval_chars"] = 0  # charnn 0.1 scored the whole validation split
         if "size" not in data:
             kwargs["size"] = "fixed"  # before --size auto, every run had the fixed default shape
+        if "shuffle" not in data:
+            kwargs["shuffle"] = False  # before charnn 0.2, every run read its text in order
         return cls(**kwargs).validate()
 
     def validate(self) -> "TrainConfig":
@@ -156,6 +162,8 @@ class TrainConfig:
         if not isinstance(self.size_reason, str):
             raise ConfigError(f"size_reason must be text, got {type(self.size_reason).__name__}")
         check("setup_seconds", num, 0)
+        if not isinstance(self.shuffle, bool):
+            raise ConfigError(f"shuffle must be true or false, got {self.shuffle!r}")
         check("min_lr_ratio", num, 0, at_most=1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
             raise ConfigError(f"--seed must be a whole number from 0 to {2 ** 64 - 1} (64 bits), got {self.seed!r}")
@@ -186,7 +194,7 @@ RESUME_APPLIED = ("precision", "grad_clip")
 # ...and these cannot change without making it another run: the data layout,
 # the randomness, the optimizer and its schedule.
 RESUME_FIXED = ("seq_len", "batch_size", "val_fraction", "seed", "encoding", "lr", "weight_decay",
-                "betas", "warmup_steps", "min_lr_ratio", "size")
+                "betas", "warmup_steps", "min_lr_ratio", "size", "shuffle")
 BUDGETS = ("max_steps", "epochs", "time_limit")
 
 
@@ -225,7 +233,7 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
     values = dict(given)
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
-    clashes = [f"{_flag(k)} {_show(values[k], k)} (this run: {_show(getattr(saved, k), k)})"
+    clashes = [_clash(k, values[k], getattr(saved, k))
                for k in RESUME_FIXED if k in values and values[k] != getattr(saved, k)]
     if clashes:
         raise ConfigError(
@@ -248,6 +256,14 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
     if "corpus" in values:
         merged.corpus = list(values["corpus"])
     return merged, changed
+
+
+def _clash(name: str, given: Any, saved: Any) -> str:
+    if isinstance(given, bool):  # a --flag/--no-flag pair
+        def spell(v: bool) -> str:
+            return _flag(name) if v else "--no-" + name.replace("_", "-")
+        return f"{spell(given)} (this run: {spell(saved)})"
+    return f"{_flag(name)} {_show(given, name)} (this run: {_show(saved, name)})"
 
 
 def _show(value: Any, name: str = "") -> str:

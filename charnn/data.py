@@ -324,7 +324,8 @@ def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
 # TBPTT batching
 # ---------------------------------------------------------------------------
 #
-# The training text is cut into B contiguous streams, one per batch row, each
+# In order (--no-shuffle, and every run from before charnn 0.2): the training
+# text is cut into B contiguous streams, one per batch row, each
 # read left to right in chunks of T characters; the state carried out of chunk
 # c of row b is exactly the context of chunk c+1 of row b:
 #
@@ -362,20 +363,106 @@ class StreamBatcher:
     def __len__(self) -> int:
         return self.chunks_per_epoch
 
-    def chunk(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of chunk ``index`` of an epoch: two (B, T) int64."""
+    def chunk(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of chunk ``index`` of an epoch (every epoch is the same): two (B, T) int64."""
         lo = index * self.seq_len
         hi = min(lo + self.seq_len, self.stream_len)
         pos = self.starts[:, None] + np.arange(lo, hi)[None, :]  # (B, T)
-        valid = pos < self.ends[:, None]
-        safe = np.where(valid, pos, 0)
-        x = torch.from_numpy(np.asarray(self.ids[safe], dtype=np.int64))
-        y = torch.from_numpy(np.asarray(self.ids[safe + 1], dtype=np.int64))
-        if not valid.all():
-            y[torch.from_numpy(~valid)] = IGNORE_INDEX
-        return x, y
+        return _gather(self.ids, pos, pos < self.ends[:, None])
 
-    def epoch(self, start: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+    def starts_block(self, index: int) -> bool:
+        """Whether chunk ``index`` starts new text in every row (the carried state is reset)."""
+        return index == 0
+
+    def epoch(self, start: int = 0, epoch: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
         for i in range(start, self.chunks_per_epoch):
-            x, y = self.chunk(i)
+            x, y = self.chunk(i, epoch)
             yield i, x, y
+
+
+def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    safe = np.where(valid, pos, 0)
+    x = torch.from_numpy(np.asarray(ids[safe], dtype=np.int64))
+    y = torch.from_numpy(np.asarray(ids[safe + 1], dtype=np.int64))
+    if not valid.all():
+        y[torch.from_numpy(~valid)] = IGNORE_INDEX
+    return x, y
+
+
+# Shuffled blocks (the default since charnn 0.2). Read in order, a run that
+# stops before one epoch has seen only the first part of each of the B
+# stretches, and its last steps were all on one neighbourhood of each: on
+# text that changes along its length (source files in path order,
+# documentation by topic) the model is then fitted to wherever the budget
+# happened to end. So the training text is cut into blocks of K chunks
+# (K*T characters), every epoch deals them out to the rows in a fresh random
+# order (from the run's seed and the epoch: an exact resume needs only the
+# position), and each row reads its blocks in turn, every block left to
+# right with the state carried from chunk to chunk:
+#
+#   blocks:  A B C D E F G   (the text, cut every K*T characters)
+#   epoch 0: row 0: F A D     row 1: C G B     row 2: E - -   ("-": padding)
+#   epoch 1: another order
+#
+# All rows start a block at the same chunk, so the state is reset for the
+# whole batch there (the model learns to start from a zero state, as the
+# sampler does). Every training character is a target exactly once per
+# epoch; the padding (fewer than B blocks' worth, plus the end of the text's
+# last block) is skipped by the loss.
+BLOCK_CHUNKS = 32  # chunks per block: 2,048 characters at the default --seq-len 64
+MIN_BLOCKS_PER_ROW = 16  # smaller blocks for a small text, so the padding stays under 1/16 of an epoch
+
+
+class BlockBatcher:
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int):
+        check = StreamBatcher(ids, batch_size, seq_len)  # the same limits and messages
+        self.ids = ids
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_targets = check.n_targets
+        chunks_per_row = check.chunks_per_epoch
+        self.block_chunks = max(1, min(BLOCK_CHUNKS, chunks_per_row // MIN_BLOCKS_PER_ROW))
+        self.block_len = self.block_chunks * seq_len
+        self.n_blocks = -(-self.n_targets // self.block_len)
+        self.blocks_per_row = -(-self.n_blocks // batch_size)
+        self.chunks_per_epoch = self.blocks_per_row * self.block_chunks
+        self._layout: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.chunks_per_epoch
+
+    def layout(self, epoch: int) -> np.ndarray:
+        """(B, blocks per row): the blocks each row reads in ``epoch``, -1 for padding."""
+        if self._layout is None or self._layout[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            order = np.full(self.batch_size * self.blocks_per_row, -1, dtype=np.int64)
+            order[: self.n_blocks] = rng.permutation(self.n_blocks)
+            # dealt round-robin: the padding slots are the last block of the last rows
+            self._layout = (epoch, order.reshape(self.blocks_per_row, self.batch_size).T.copy())
+        return self._layout[1]
+
+    def starts_block(self, index: int) -> bool:
+        return index % self.block_chunks == 0
+
+    def chunk(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of chunk ``index`` of ``epoch``: two (B, T) int64."""
+        blocks = self.layout(epoch)[:, index // self.block_chunks]  # (B,)
+        lo = (index % self.block_chunks) * self.seq_len
+        pos = blocks[:, None] * self.block_len + np.arange(lo, lo + self.seq_len)[None, :]  # (B, T)
+        valid = (blocks[:, None] >= 0) & (pos < self.n_targets)
+        return _gather(self.ids, pos, valid)
+
+    def epoch(self, start: int = 0, epoch: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+        for i in range(start, self.chunks_per_epoch):
+            x, y = self.chunk(i, epoch)
+            yield i, x, y
+
+
+def make_batcher(ids: np.ndarray, batch_size: int, seq_len: int, *, shuffle: bool,
+                 seed: int) -> "StreamBatcher | BlockBatcher":
+    """The batcher of a run: shuffled blocks, or (``shuffle=False``, and every
+    run from before charnn 0.2) each row one stretch of the text in order."""
+    if shuffle:
+        return BlockBatcher(ids, batch_size, seq_len, seed)
+    return StreamBatcher(ids, batch_size, seq_len)

@@ -30,8 +30,8 @@ from torch import nn
 from . import checkpoint as ckpt_mod
 from . import sizing, train_state
 from .config import ModelConfig, TrainConfig, given_options, merge_resume
-from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, StreamBatcher, builtin_corpus_path, cache_dir,
-                   corpus_name, encode_corpus, read_corpus, split_ids)
+from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, builtin_corpus_path, cache_dir,
+                   corpus_name, encode_corpus, make_batcher, read_corpus, split_ids)
 from .devices import resolve_device
 from .errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
                      RunFolderError, TrainingError, safe_display, shell_arg)
@@ -213,7 +213,7 @@ class Trainer:
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                               f"processes ({self.dist.world_size}); each takes an equal share of streams")
-        self.batcher = StreamBatcher(self.train_ids, cfg.batch_size, cfg.seq_len)
+        self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=cfg.shuffle, seed=cfg.seed)
         self.budget = Budget(cfg, len(self.batcher))
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
@@ -663,9 +663,9 @@ class Trainer:
                     self.chunk = 0
                     self.state = None
                     continue
-                x, y = self.batcher.chunk(self.chunk)
+                x, y = self.batcher.chunk(self.chunk, self.epoch)
                 n_valid = int((y != IGNORE_INDEX).sum())
-                if self.chunk == 0:
+                if self.batcher.starts_block(self.chunk):  # new text in every row
                     self.state = None
                 loss, norm, finite = self._train_step(x, y, n_valid)
                 self.chunk += 1

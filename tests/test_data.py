@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from charnn import data
-from charnn.data import (IGNORE_INDEX, StreamBatcher, builtin_corpus_files, builtin_corpus_path,
+from charnn.data import (IGNORE_INDEX, BlockBatcher, StreamBatcher, builtin_corpus_files, builtin_corpus_path,
                          encode_corpus, read_corpus, split_ids)
 from charnn.errors import CharnnError, DataError
 from charnn.tokenizer import CharTokenizer
@@ -347,6 +347,58 @@ def test_batcher_padding_only_at_end_of_last_stream():
     assert y0.tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]]
     assert y1.tolist() == [[5, 6], [11, IGNORE_INDEX]]
     assert x1.tolist()[0] == [4, 5]
+
+
+def _block_order(b: BlockBatcher, epoch: int) -> list[int]:
+    """The text blocks in the order the rows start them in ``epoch``."""
+    return [int(v) for v in b.layout(epoch).T.ravel() if v >= 0]
+
+
+def test_block_batcher_new_order_each_epoch_same_for_same_seed():
+    ids = np.arange(600_001)
+    b = BlockBatcher(ids, 16, 64, seed=7)
+    assert b.block_chunks == 32 and b.block_len == 2048
+    orders = [_block_order(b, e) for e in range(3)]
+    assert all(sorted(o) == list(range(b.n_blocks)) for o in orders)
+    assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(b.n_blocks))
+    assert _block_order(BlockBatcher(ids, 16, 64, seed=7), 1) == orders[1]  # what a resume rebuilds
+    assert _block_order(BlockBatcher(ids, 16, 64, seed=8), 1) != orders[1]
+    assert _block_order(BlockBatcher(ids, 16, 64, seed=2 ** 64 - 1), 0) != orders[0]  # the largest seed works
+
+
+def test_block_batcher_part_of_an_epoch_reads_all_of_the_text():
+    """The point of shuffling: a run that stops at a quarter of an epoch has
+    read from every part of the text (in order, it would have read only the
+    first quarter of each row's stretch, none of the text's last stretch's end)."""
+    n = 1_000_001
+    b = BlockBatcher(np.arange(n), 16, 64, seed=1337)
+    tenths = np.zeros(10, dtype=int)
+    for _, x, y in b.epoch(0, 0):
+        if _ >= len(b) // 4:
+            break
+        t = y[y != IGNORE_INDEX].numpy()
+        np.add.at(tenths, (t - 1) * 10 // (n - 1), 1)
+    share = tenths / tenths.sum()
+    assert share.min() > 0.06 and share.max() < 0.14, share  # about a tenth from each tenth
+    in_order = StreamBatcher(np.arange(n), 16, 64)
+    _, y = in_order.chunk(len(in_order) // 4 - 1)
+    assert int(y.max()) < n - 1 - (n // 16) * 0.7  # what --no-shuffle would have reached by then
+
+
+def test_block_batcher_small_text_uses_small_blocks_with_little_padding():
+    """A small text gets blocks short enough that every row has at least
+    MIN_BLOCKS_PER_ROW of them, so padding stays a small share of the epoch."""
+    for n, batch, seq in [(35_000, 16, 64), (5_000, 16, 64), (1_025, 16, 64), (300_000, 32, 100)]:
+        b = BlockBatcher(np.arange(n), batch, seq, seed=1)
+        waste = 1 - (n - 1) / (len(b) * batch * seq)
+        assert b.block_chunks >= 1 and waste < 0.13, (n, b.block_chunks, waste)
+        if b.block_chunks > 1:
+            assert b.blocks_per_row >= data.MIN_BLOCKS_PER_ROW
+
+
+def test_block_batcher_too_short_error_is_the_same():
+    with pytest.raises(DataError, match="too short"):
+        BlockBatcher(np.arange(50), 4, 16, seed=0)
 
 
 def test_batcher_too_short_error():

@@ -225,6 +225,45 @@ def test_a_held_out_corpus_runs_the_baselines_and_grid_configs_only_when_asked(t
     assert [c.config for c in cells] == ["auto", "2x128-d0", "2x192-d0"] and "asked for" in notes[0]
 
 
+def test_reading_orders_are_separate_cells_and_separate_tables(tmp_path, tiny_corpus):
+    """Rows from before --shuffle (no flag) read in order; a shuffled cell is
+    another cell; each order's table has its own grid rows, and both have
+    v0.1 (charnn 0.1 as it was: in order), the bigram and nanoGPT."""
+    shuffled = fit.config_options("2x128-d0", True, "shuffled")
+    assert shuffled[-1] == "--shuffle" and fit.config_options("v0.1", True, "shuffled")[-1] == "--no-shuffle"
+    assert fit.config_options("auto", True, "in-order") == ("--size", "auto", "--no-shuffle")
+    assert fit.config_options("nanogpt", True, "shuffled") == ()
+    results = tmp_path / "fit.csv"
+    base = {"corpus": "tiny", "corpus_sha256": tiny_corpus.sha256, "budget": "1m", "seed": "1337", "error": ""}
+    for corpus in ("tiny", "war-and-peace"):  # the table lists the suite's corpora only
+        for config, options, loss in [("bigram", "", 2.5), ("nanogpt", "", 1.9), ("v0.1", "--size fixed", 1.8),
+                                      ("2x128-d0", "--size fixed", 1.7),
+                                      ("2x128-d0", "--size fixed --shuffle", 1.6),
+                                      ("auto", "--size auto --shuffle", 1.62)]:
+            fit.append_row(results, {**base, "corpus": corpus, "budget": "-" if config == "bigram" else "1m",
+                                     "config": config, "options": options, "val_loss": loss})
+    rows = fit.read_rows(results)
+    ok, _ = fit.done_keys(rows)
+    cell = lambda order: fit.Cell(tiny_corpus, "1m", 60, "2x128-d0",  # noqa: E731
+                                  fit.config_options("2x128-d0", True, order), 1337)
+    assert cell("shuffled").key in ok and cell("in-order").key in ok and cell("shuffled").key != cell("in-order").key
+    assert "shuffled" in cell("shuffled").label() and "in order" in cell("in-order").label()
+    table = fit.markdown(rows, "shuffled")
+    assert "| war-and-peace | 1m | 2.5000 | 1.9000 | 1.8000 | 1.6200 | 2x128-d0 | 1.6000 | +1.3% |" in table
+    assert "shuffled blocks" in table
+    in_order = fit.markdown(rows, "in-order")
+    assert "| war-and-peace | 1m | 2.5000 | 1.9000 | 1.8000 | 1.8000* | 2x128-d0 | 1.7000 | +5.9% |" in in_order
+    assert fit.mean_losses(rows, tiny_corpus, "1m", "shuffled") == {"v0.1": 1.8, "2x128-d0": 1.6, "auto": 1.62,
+                                                                     "nanogpt": 1.9}
+
+
+def test_a_config_asked_for_runs_in_a_later_phase_whatever_the_last_chose(tiny_corpus):
+    cells, _, notes = fit.phase_cells("5m", [tiny_corpus], [], ["2x256-d0"], [1337], has_size=True,
+                                      order="shuffled")
+    assert [c.config for c in cells] == ["2x256-d0"] and "asked for: 2x256-d0" in notes[0]
+    assert cells[0].options[-1] == "--shuffle"
+
+
 def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
     lines = ["timing a 2x128 model on this device (--size auto)", "model: lstm 2x128, embedding 64",
              "hidden_size 320 --batch-size 16", "size: 17.7k chars, 2.55 s = ~83 steps -> 2x128, dropout 0.2"]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from charnn.data import IGNORE_INDEX, StreamBatcher, normalize_newlines, read_corpus
+from charnn.data import IGNORE_INDEX, BlockBatcher, StreamBatcher, normalize_newlines, read_corpus
 from charnn.errors import DataError, VocabError
 from charnn.tokenizer import CharTokenizer
 
@@ -153,3 +153,48 @@ def test_stream_batcher_per_rank_rows_partition_the_streams(n, per_rank, seq_len
             yr = y[rows]
             seen.extend(yr[yr != IGNORE_INDEX].tolist())
     assert sorted(seen) == list(range(1, n))
+
+
+@SETTINGS
+@given(st.integers(2, 3000), st.integers(1, 9), st.integers(1, 24), st.integers(0, 2 ** 64 - 1),
+       st.integers(0, 5), st.integers(1, 3))
+def test_block_batcher_every_target_once_per_epoch_in_blocks(n, batch_size, seq_len, seed, epoch, world):
+    """Shuffled blocks: every target exactly once per epoch, whichever epoch;
+    each row reads whole blocks left to right, a block starting exactly where
+    starts_block says (the trainer resets the state there); the ranks' rows
+    together are the whole batch; resuming mid-epoch gives the same chunks."""
+    ids = np.arange(n, dtype=np.int64)
+    if n - 1 < batch_size * seq_len:
+        with pytest.raises(DataError):
+            BlockBatcher(ids, batch_size, seq_len, seed)
+        return
+    b = BlockBatcher(ids, batch_size, seq_len, seed)
+    chunks = list(b.epoch(0, epoch))
+    assert [i for i, _, _ in chunks] == list(range(len(b)))
+    rows: list[list[list[int]]] = [[] for _ in range(batch_size)]  # per row, its blocks' targets
+    for i, x, y in chunks:
+        assert x.shape == y.shape == (batch_size, seq_len)
+        valid = y != IGNORE_INDEX
+        assert bool((y[valid] == x[valid] + 1).all())
+        for r in range(batch_size):
+            if b.starts_block(i):
+                rows[r].append([])
+            rows[r][-1].extend(y[r][valid[r]].tolist())
+    blocks = [blk for row in rows for blk in row if blk]
+    for blk in blocks:  # one contiguous stretch, read in order, within one block of the text
+        assert blk == list(range(blk[0], blk[0] + len(blk)))
+        assert (blk[0] - 1) // b.block_len == (blk[-1] - 1) // b.block_len
+    everything = sorted(t for blk in blocks for t in blk)
+    assert everything == list(range(1, n)), "a target missing or repeated"
+    per_rank = batch_size // world
+    if per_rank and batch_size % world == 0:
+        seen = []
+        for rank in range(world):
+            for _, _, y in b.epoch(0, epoch):
+                yr = y[rank * per_rank:(rank + 1) * per_rank]
+                seen.extend(yr[yr != IGNORE_INDEX].tolist())
+        assert sorted(seen) == list(range(1, n))
+    mid = len(b) // 2
+    fresh = BlockBatcher(ids, batch_size, seq_len, seed)  # a resumed run builds its own batcher
+    for (i1, x1, y1), (i2, x2, y2) in zip(chunks[mid:], fresh.epoch(mid, epoch)):
+        assert i1 == i2 and bool((x1 == x2).all()) and bool((y1 == y2).all())

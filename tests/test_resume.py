@@ -252,6 +252,44 @@ def test_a_new_output_folder_takes_the_run(run_copy, tmp_path):
     assert checkpoint.load(tmp_path / "moved" / "last.pt").train_state["step"] == STEPS
 
 
+def test_the_reading_order_is_kept_on_resume(corpus, tmp_path, monkeypatch):
+    """--no-shuffle (each stream in order) is part of the run: the printed
+    resume command continues it in order, bit for bit; --shuffle on resume is
+    refused, nothing written."""
+    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS, "--no-shuffle"]
+    straight = invoke(*args, "--out", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    assert "each stream in order" in " ".join(straight.stderr.split())
+    assert checkpoint.load(tmp_path / "straight" / "last.pt").train_config["shuffle"] is False
+    with monkeypatch.context() as m:
+        stop_at(m, 7)
+        stopped = invoke(*args, "--out", tmp_path / "stopped")
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    refused = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--shuffle")
+    assert refused.exit_code == 1, refused.output
+    text = " ".join(refused.stderr.split())
+    assert "--shuffle (this run: --no-shuffle)" in text and "--init-from" in text, text
+    assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_state["step"] == 7
+    resumed = invoke(*printed_resume(stopped.stderr))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
+    # and in order is not the same training as shuffled
+    shuffled = invoke("train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS,
+                      "--out", tmp_path / "shuffled")
+    assert shuffled.exit_code == 0, shuffled.output
+    assert checkpoint.load(tmp_path / "shuffled" / "last.pt").train_config["shuffle"] is True
+    assert not all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "shuffled" / "last.pt").values(),
+                                                     weights(tmp_path / "straight" / "last.pt").values()))
+
+
+def test_a_run_from_before_shuffling_reads_in_order():
+    """train_config of charnn 0.1 has no "shuffle": such a run was read in
+    order, and resuming it must go on in order."""
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "shuffle"}
+    assert TrainConfig.from_dict(old).shuffle is False
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).shuffle is True
+
+
 @pytest.mark.parametrize("option,value", [("--cell", "lstm"), ("--hidden-size", "32"), ("--num-layers", "1"),
                                           ("--embedding-dim", "8"), ("--dropout", "0.3")])
 def test_a_model_option_is_refused(run_copy, option, value):

@@ -59,15 +59,40 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert a.data["optimizer_state"]["state"][0]["step"] == b.data["optimizer_state"]["state"][0]["step"]
 
 
-def test_resume_across_an_epoch_boundary_is_exact(corpus, tmp_path):
-    # Tiny text: one epoch is a few chunks, so the run crosses epoch resets.
-    c = cfg(corpus, tmp_path / "a", max_steps=30, keep=6, batch_size=8, seq_len=32)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_resume_across_an_epoch_boundary_is_exact(corpus, tmp_path, shuffle):
+    # Tiny text: one epoch is a few chunks, so the run crosses epoch resets
+    # (shuffled: each epoch deals the blocks out in a new order).
+    c = cfg(corpus, tmp_path / "a", max_steps=30, keep=6, batch_size=8, seq_len=32, shuffle=shuffle)
     Trainer(c, TINY, handle_sigint=False).run()
     epochs = checkpoint.load(tmp_path / "a" / "last.pt").train_state["epoch"]
     assert epochs >= 1
-    train(cfg(corpus, tmp_path / "b", max_steps=30, batch_size=8, seq_len=32), TINY,
+    train(cfg(corpus, tmp_path / "b", max_steps=30, batch_size=8, seq_len=32, shuffle=shuffle), TINY,
           resume=tmp_path / "a" / "step-0000015.pt", handle_sigint=False)
     assert max_diff(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")) == 0.0
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_state_is_carried_within_a_block_and_reset_where_one_starts(corpus, tmp_path, shuffle):
+    """Shuffled, the next chunk of a row is the next stretch of text only
+    within a block: the state is carried there and reset where every row
+    starts a new block (in order: only at an epoch's start)."""
+    t = Trainer(cfg(corpus, tmp_path / "a", max_steps=100, batch_size=4, seq_len=8, shuffle=shuffle), TINY,
+                handle_sigint=False)
+    seen = []
+    original = t._train_step
+
+    def spy(x, y, n):  # records what the real step is given; changes nothing
+        seen.append((t.epoch, t.chunk, t.state is None))
+        return original(x, y, n)
+
+    t._train_step = spy
+    t.run()
+    assert len(seen) == 100 and len({e for e, _, _ in seen}) >= 2  # crosses an epoch
+    if shuffle:
+        assert 1 < t.batcher.block_chunks < len(t.batcher)
+    for epoch, chunk, reset in seen:
+        assert reset == (chunk % t.batcher.block_chunks == 0 if shuffle else chunk == 0), (epoch, chunk)
 
 
 def test_resume_with_a_different_architecture_is_a_clear_error(corpus, tmp_path):

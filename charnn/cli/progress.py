@@ -187,7 +187,9 @@ class TrainReporter:
         budget = [plural(cfg["max_steps"], "step") if cfg.get("max_steps") else "",
                   plural(cfg["epochs"], "epoch") if cfg.get("epochs") else "",
                   fmt_span(cfg["time_limit"]) if cfg.get("time_limit") else ""]
-        self.print(f"batch {cfg['batch_size']} x {cfg['seq_len']} characters, lr {cfg['lr']:g}, budget "
+        self.print(f"batch {cfg['batch_size']} x {cfg['seq_len']} characters"
+                   + (", shuffled blocks" if cfg.get("shuffle") else ", each stream in order")
+                   + f", lr {cfg['lr']:g}, budget "
                    f"{' or '.join(b for b in budget if b) or 'none'}", wrap=True)
         self.print(f"device {e['device']}, precision {e['precision']}"
                    + (f", {e['world_size']} processes" if e.get("world_size", 1) > 1 else "")

@@ -97,6 +97,11 @@ def train(
     batch_size: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
         help="Contiguous streams of text trained side by side." + _d(_TD.batch_size))] = None,
+    shuffle: Annotated[Optional[bool], typer.Option(
+        "--shuffle/--no-shuffle", show_default=False,
+        help="Read the text in blocks of up to 32 chunks (2,048 characters at --seq-len 64), dealt to the "
+             "streams in a new random order each "
+             "epoch; --no-shuffle reads each stream's stretch in order (charnn 0.1)." + _d("--shuffle"))] = None,
     lr: Annotated[Float, typer.Option(
         metavar="LR", callback=lambda v: v if v is None else positive(v), show_default=False,
         help="Peak learning rate (AdamW)." + _d(_TD.lr))] = None,
@@ -172,7 +177,7 @@ def train(
             "eval_chars": eval_chars, "log_every": log_every, "val_fraction": val_fraction,
             "patience": patience, "keep": keep, "sample_every": sample_every, "seed": seed,
             "device": device, "precision": precision.value if precision else None, "encoding": encoding,
-            "size": size.value if size else None,
+            "size": size.value if size else None, "shuffle": shuffle,
         }
         given = {k: v for k, v in given.items() if v is not None}
         budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))
