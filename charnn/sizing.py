@@ -8,10 +8,7 @@ limits, then sets dropout by how many times the run will see its text:
   steps to train it. A time budget is turned into steps per shape from a short
   throughput probe on this device (:func:`step_seconds`, done by the trainer);
   ``--max-steps`` and ``--epochs`` give the steps directly. A shape that would
-  stop before reading the whole text once needs more steps per weight, and is
-  not chosen when a smaller shape would read all of it (the batcher's streams
-  each read one stretch of the text in order, so a run that stops short of one
-  epoch never sees the end of every stretch);
+  stop before reading the whole text once needs more steps per weight;
 - **data**: more parameters than the text can support overfit; the largest
   shape allowed grows with the training characters;
 - **dropout** rises with the epochs the budget buys.
@@ -82,20 +79,22 @@ STEPS_PER_MPARAM = 3000
 # worth more than on repeated text. At 5 minutes on the two texts too large
 # to read once (the docs, 0.45-0.7 epochs; the source, 0.2-0.3): 2x256 with
 # 3.8-4.5k steps per million lost to 2x192 with 10-12k by 0.9% and 3.3-4.7%.
-# 6,000 is between the two with a margin of 1.3-1.7x either way. It does not
-# carry to the held-out C++ headers: there it let 2x192 through (about 12k
-# per million, 0.49 epochs) and 2x128 (0.84 epochs) was 3.6% better (README,
-# "Model size, measured"); the next rule should re-decide from the run itself.
+# 6,000 is between the two with a margin of 1.3-1.7x either way.
+#
+# Those runs read each stream's stretch in order (charnn 0.1's batcher). Since
+# charnn 0.2 reads shuffled blocks, and measured again that way at 5 minutes
+# (seed 1337): the docs, 2x256 (4.2k per million, 0.41 epochs) 2.1% behind
+# 2x192 (12.6k, 0.67); the held-out C++ headers, 2x128, 2x192 and 2x256
+# within 0.4% of each other (1.161-1.166), so the limit costs at most that
+# there; Python's source, 2x256 (4.1k per million, 0.23 epochs) 1.5% behind
+# 2x192 (10k, 0.32).
 STEPS_PER_MPARAM_PART = 6000
-# And one whole epoch first: when some shape would read the text at least
-# once, a shape that would not is not chosen. At 20 minutes on the source,
-# 2x192 (1.39 epochs) beat 2x256 (0.88, 16k steps per million) by 1.8% and
-# 2x320 (0.60) by 5.2%; at 5 minutes on War and Peace 2x256 (1.5) beat 2x320
-# (0.89) by 3%, and at 1 minute on the Jargon File 2x128 (1.4) beat 2x192
-# (0.84) by 1.6%. Where it is a near tie it costs little: the docs at 5
-# minutes, 2x128 (1.07 epochs) 0.4% behind 2x192 (0.70). Not measured: a
-# text so large that no shape reads it once at a long budget, where only the
-# rule above limits the size.
+# Read in order, a shape that would not read its text once also lost to a
+# smaller one that would (1.6-5.2%: the source at 20 minutes, War and Peace
+# at 5, the Jargon File at 1), and the rule then refused such a shape. That
+# was the batcher, not the shape: a run stopped short of one epoch had never
+# seen the end of any stream's stretch. Read in shuffled blocks it reverses:
+# on the docs at 5 minutes, 2x128 (1.12 epochs) lost to 2x192 (0.67) by 4.8%.
 #
 # Data: at most this many recurrent parameters per training character.
 PARAMS_PER_CHAR = 2.0
@@ -191,7 +190,6 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
         shape = Shape(int(given["hidden_size"]), int(given["num_layers"]), int(given["embedding_dim"]))
         return SizeChoice(shape, float(given["dropout"]), None, None,
                           f"{shape.name}, embedding {shape.embedding_dim}, dropout {given['dropout']:g}: all given")
-    one_epoch_possible = False
     for i, shape in enumerate(() if fully_given else LADDER):
         p = recurrent_params(shape, vocab_size, cell)
         if p > data_cap:  # decided without timing it
@@ -209,11 +207,6 @@ def choose(*, train_chars: int, vocab_size: int, tokens_per_step: int, cell: str
         if n < need:
             why = (f"{shape.name} would get {n:,} steps, it needs about {need:,}" if i else
                    "the smallest; the budget is short for any model")
-            break
-        if i == 0:  # the smallest shape makes the most steps
-            one_epoch_possible = passes >= 1
-        elif one_epoch_possible and passes < 1:
-            why = f"{shape.name} would read {math.floor(passes * 100)}% of the text, {chosen.name} all of it"
             break
         chosen = shape
     shape = Shape(int(given.get("hidden_size", chosen.hidden_size)), int(given.get("num_layers", chosen.num_layers)),
