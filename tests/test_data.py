@@ -357,7 +357,7 @@ def _block_order(b: BlockBatcher, epoch: int) -> list[int]:
 def test_block_batcher_new_order_each_epoch_same_for_same_seed():
     ids = np.arange(600_001)
     b = BlockBatcher(ids, 16, 64, seed=7)
-    assert b.block_chunks == 32 and b.block_len == 2048
+    assert 16 <= b.block_chunks <= 32 and b.block_len == b.block_chunks * 64
     orders = [_block_order(b, e) for e in range(3)]
     assert all(sorted(o) == list(range(b.n_blocks)) for o in orders)
     assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(b.n_blocks))
@@ -385,15 +385,20 @@ def test_block_batcher_part_of_an_epoch_reads_all_of_the_text():
     assert int(y.max()) < n - 1 - (n // 16) * 0.7  # what --no-shuffle would have reached by then
 
 
-def test_block_batcher_small_text_uses_small_blocks_with_little_padding():
-    """A small text gets blocks short enough that every row has at least
-    MIN_BLOCKS_PER_ROW of them, so padding stays a small share of the epoch."""
-    for n, batch, seq in [(35_000, 16, 64), (5_000, 16, 64), (1_025, 16, 64), (300_000, 32, 100)]:
+def test_block_batcher_blocks_fill_the_rows_with_little_padding():
+    """Blocks of at most 32 chunks (a little less where that fills the rows
+    evenly), never tiny: a small text gets one block per row, so the state is
+    reset only where an epoch starts, as in order."""
+    for n, batch, seq in [(35_000, 16, 64), (32_929, 16, 64), (5_000, 16, 64), (1_025, 16, 64),
+                          (300_000, 32, 100), (2_000_001, 16, 64)]:
         b = BlockBatcher(np.arange(n), batch, seq, seed=1)
         waste = 1 - (n - 1) / (len(b) * batch * seq)
-        assert b.block_chunks >= 1 and waste < 0.13, (n, b.block_chunks, waste)
-        if b.block_chunks > 1:
-            assert b.blocks_per_row >= data.MIN_BLOCKS_PER_ROW
+        per_row = -(-len(StreamBatcher(np.arange(n), batch, seq)) // data.BLOCK_CHUNKS)
+        assert b.block_chunks == -(-len(StreamBatcher(np.arange(n), batch, seq)) // per_row)
+        assert data.BLOCK_CHUNKS // 2 <= b.block_chunks <= data.BLOCK_CHUNKS or per_row == 1
+        assert waste < 0.06, (n, b.block_chunks, waste)
+    tiny = BlockBatcher(np.arange(30_000), 16, 64, seed=1)  # 30 chunks per row
+    assert tiny.blocks_per_row == 1 and tiny.block_chunks == len(StreamBatcher(np.arange(30_000), 16, 64)) == 30
 
 
 def test_block_batcher_too_short_error_is_the_same():
