@@ -340,7 +340,23 @@ def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
 # long, so every training character is a target exactly once per epoch; the
 # last stream is padded with IGNORE_INDEX targets that the loss skips.
 
-class StreamBatcher:
+class _Batcher:
+    """What both batchers share: ``chunks_per_epoch`` chunks an epoch, walked in order."""
+    chunks_per_epoch: int
+
+    def __len__(self) -> int:
+        return self.chunks_per_epoch
+
+    def chunk(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def epoch(self, start: int = 0, epoch: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+        for i in range(start, self.chunks_per_epoch):
+            x, y = self.chunk(i, epoch)
+            yield i, x, y
+
+
+class StreamBatcher(_Batcher):
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int):
         n_targets = len(ids) - 1
         if batch_size < 1 or seq_len < 1:
@@ -360,9 +376,6 @@ class StreamBatcher:
         self.ends = np.minimum(self.starts + self.stream_len, n_targets)  # (B,)
         self.chunks_per_epoch = -(-self.stream_len // seq_len)
 
-    def __len__(self) -> int:
-        return self.chunks_per_epoch
-
     def chunk(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of chunk ``index`` of an epoch (every epoch is the same): two (B, T) int64."""
         lo = index * self.seq_len
@@ -373,11 +386,6 @@ class StreamBatcher:
     def starts_block(self, index: int) -> bool:
         """Whether chunk ``index`` starts new text in every row (the carried state is reset)."""
         return index == 0
-
-    def epoch(self, start: int = 0, epoch: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
-        for i in range(start, self.chunks_per_epoch):
-            x, y = self.chunk(i, epoch)
-            yield i, x, y
 
 
 def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,9 +405,10 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
 # happened to end. So the training text is cut into blocks of K chunks
 # (K*T characters: K is 32, or a little less so that the blocks fill the rows
 # evenly; a text with fewer than 32 chunks per row gets one block per row),
-# every epoch deals them out to the rows in a fresh random order (from the run's seed and the epoch: an exact resume needs only the
-# position), and each row reads its blocks in turn, every block left to
-# right with the state carried from chunk to chunk:
+# every epoch deals them out to the rows in a fresh random order (from the
+# run's seed and the epoch: an exact resume needs only the position), and
+# each row reads its blocks in turn, every block left to right with the
+# state carried from chunk to chunk:
 #
 #   blocks:  A B C D E F G   (the text, cut every K*T characters)
 #   epoch 0: row 0: F A D     row 1: C G B     row 2: E - -   ("-": padding)
@@ -420,7 +429,7 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
 BLOCK_CHUNKS = 32  # chunks per block at most: 2,048 characters at the default --seq-len 64
 
 
-class BlockBatcher:
+class BlockBatcher(_Batcher):
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int):
         check = StreamBatcher(ids, batch_size, seq_len)  # the same limits and messages
         self.ids = ids
@@ -436,9 +445,6 @@ class BlockBatcher:
         self.blocks_per_row = -(-self.n_blocks // batch_size)
         self.chunks_per_epoch = self.blocks_per_row * self.block_chunks
         self._layout: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return self.chunks_per_epoch
 
     def layout(self, epoch: int) -> np.ndarray:
         """(B, blocks per row): the blocks each row reads in ``epoch``, -1 for padding."""
@@ -460,11 +466,6 @@ class BlockBatcher:
         pos = blocks[:, None] * self.block_len + np.arange(lo, lo + self.seq_len)[None, :]  # (B, T)
         valid = (blocks[:, None] >= 0) & (pos < self.n_targets)
         return _gather(self.ids, pos, valid)
-
-    def epoch(self, start: int = 0, epoch: int = 0) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
-        for i in range(start, self.chunks_per_epoch):
-            x, y = self.chunk(i, epoch)
-            yield i, x, y
 
 
 def make_batcher(ids: np.ndarray, batch_size: int, seq_len: int, *, shuffle: bool,
