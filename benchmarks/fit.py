@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import functools
 import importlib.util
 import json
 import math
@@ -397,12 +398,17 @@ def _describe(row: dict, cell: Cell, run: Path, tmp: Path, log_path: Path) -> di
 # Choosing the cells
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
+def _train_help() -> str:
+    """`charnn train --help`, asked once per run of this script."""
+    return subprocess.run(charnn_cmd("train", "--help"), capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}).stdout
+
+
 def charnn_has_option(flag: str) -> bool:
     """Whether `charnn train` has ``flag`` (--size: the automatic choice of
     issue 12; --shuffle: the reading order)."""
-    out = subprocess.run(charnn_cmd("train", "--help"), capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}).stdout
-    return re.search(rf"(?<![\w-]){re.escape(flag)}\b", out) is not None
+    return re.search(rf"(?<![\w-]){re.escape(flag)}\b", _train_help()) is not None
 
 
 def charnn_has_size_option() -> bool:
