@@ -426,6 +426,11 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
 # read in order reached 5.21 and 4.89); blocks of 256 chunks instead of 32
 # did no better on the Jargon File or the docs at 1 minute (1.799 and 1.796
 # against 1.771 and 1.794).
+#
+# Known cost: on the Jargon File shuffled runs often stall on the first
+# plateau (each character's overall frequency) where runs reading in order
+# leave it by step ~90, and stay 6-9% behind at 1,500 steps; it is not the
+# resets (benchmarks/reading_order.py; README, "The Jargon File").
 BLOCK_CHUNKS = 32  # chunks per block at most: 2,048 characters at the default --seq-len 64
 
 

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 
 from conftest import make_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
 import bigram  # noqa: E402
 import corpora  # noqa: E402
 import fit  # noqa: E402
@@ -343,3 +345,22 @@ def test_nanogpt_scores_every_character_of_the_split_once():
         for p in model.parameters():
             p.zero_()  # every logit 0: a uniform guess over 10 characters
     assert nanogpt.whole_split_loss(model, ids, 16)[0] == pytest.approx(math.log(10), abs=1e-6)
+
+
+def test_reading_order_benchmark_runs_each_variant_for_the_steps_asked(tmp_path):
+    """benchmarks/reading_order.py (the README's reading-order table): a real
+    run per variant on a small text, scored by charnn eval; an unknown variant
+    is refused before anything runs."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    script = str(BENCH / "reading_order.py")
+    out = subprocess.run([sys.executable, script, "--corpus", str(text), "--steps", "3", "--seeds", "1",
+                          "--variants", "in-order-resets,shuffled-no-reset", "--shape", "16,1,8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("t 3 steps")]
+    assert [ln.split()[3] for ln in lines] == ["in-order-resets", "shuffled-no-reset"]
+    assert all(0 < float(ln.split()[-1]) < 10 for ln in lines)
+    bad = subprocess.run([sys.executable, script, "--corpus", str(text), "--variants", "sorted"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr
