@@ -90,12 +90,14 @@ REFERENCES = ("nanogpt",)
 NANOGPT = Path(__file__).resolve().with_name("nanogpt.py")
 
 
-# How charnn reads its text: "shuffled" (blocks in a new random order each
-# epoch, charnn 0.2's default) or "in-order" (each stream one stretch, charnn
+# How charnn reads its text: "auto" (charnn chooses from the epochs the
+# budget buys: the default since charnn 0.2.1), "shuffled" (blocks in a new
+# random order each epoch) or "in-order" (each stream one stretch, charnn
 # 0.1). A row's order is read from its options, so rows from before the
 # option existed (no flag) are in order, as charnn read them then. v0.1 is
 # always charnn 0.1 as it was: its shape, in order.
-ORDERS = ("shuffled", "in-order")
+ORDERS = ("auto", "shuffled", "in-order")
+ORDER_FLAGS = {"auto": ("--order", "auto"), "shuffled": ("--shuffle",), "in-order": ("--no-shuffle",)}
 
 
 def config_options(config: str, has_size: bool, order: str | None = None) -> tuple[str, ...]:
@@ -109,7 +111,7 @@ def config_options(config: str, has_size: bool, order: str | None = None) -> tup
     if has_size:
         opts += ("--size", "auto" if config == "auto" else "fixed")
     if order is not None:
-        opts += ("--shuffle",) if order == "shuffled" and config != "v0.1" else ("--no-shuffle",)
+        opts += ORDER_FLAGS["in-order" if config == "v0.1" else order]
     return opts
 
 
@@ -117,14 +119,14 @@ def order_of(config: str, options: str | tuple[str, ...]) -> str:
     """A cell's reading order from its charnn options; "" for what is not charnn."""
     if config in REFERENCES or config == "bigram":
         return ""
-    words = options.split() if isinstance(options, str) else options
+    words = list(options.split() if isinstance(options, str) else options)
+    if "--order" in words[:-1]:
+        return words[words.index("--order") + 1]
     return "shuffled" if "--shuffle" in words else "in-order"
 
 
-def order_label(order: str, other: bool = False) -> str:
-    if other:
-        order = next(o for o in ORDERS if o != order)
-    return "shuffled" if order == "shuffled" else "in order"
+def order_label(order: str) -> str:
+    return {"auto": "order auto", "shuffled": "shuffled", "in-order": "in order"}[order]
 
 
 def row_in_order_table(r: dict, order: str) -> bool:
@@ -187,7 +189,8 @@ class Cell:
                 order_of(self.config, self.options))
 
     def label(self) -> str:  # also the log's name: rows from before --shuffle have no order in it
-        flag = " shuffled" if "--shuffle" in self.options else " in order" if "--no-shuffle" in self.options else ""
+        flag = f" {order_label(order_of(self.config, self.options))}" if any(
+            f in self.options for f in ("--shuffle", "--no-shuffle", "--order")) else ""
         return f"{self.corpus.spec.name} {self.budget} {self.config}{flag} seed {self.seed}"
 
 
@@ -556,8 +559,8 @@ def _selected(args) -> tuple[list[str], list[CorpusFile], list[dict], list[int],
         if c not in BY_NAME:
             sys.exit(f"Error: unknown corpus {c!r}; choose from {', '.join(BY_NAME)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else SEEDS
-    if not charnn_has_option("--shuffle"):
-        sys.exit("Error: this charnn has no --shuffle option (it reads in order); check out charnn 0.2 or later")
+    if not charnn_has_option("--order"):
+        sys.exit("Error: this charnn has no --order option; check out charnn 0.2.1 or later")
     return phases, suite(args.corpus), read_rows(args.results), seeds, charnn_has_size_option()
 
 
@@ -717,7 +720,7 @@ def markdown(rows: list[dict], order: str | None = None) -> str:
     # in the cell, however it read the text (marked), so a cell whose grid was
     # only run the other way still has a real best to compare auto with
     others = {} if order is None else {
-        k: statistics.fmean(v) for k, v in _cells(rows, next(o for o in ORDERS if o != order)).items()
+        (*k, o): statistics.fmean(v) for o in ORDERS if o != order for k, v in _cells(rows, o).items()
         if v and k[2] not in (*REFERENCES, "bigram", "v0.1")}
     corpora = [c.name for c in CORPORA if any(k[0] == c.name for k in cells)]
     budgets = [b for b in PHASES if any(k[1] == b for k in cells)]
@@ -733,10 +736,10 @@ def markdown(rows: list[dict], order: str | None = None) -> str:
                 continue
             best = min(here, key=here.get)  # of charnn's configs
             best_loss, best_name = here[best], best
-            other = {k[2]: v for k, v in others.items() if k[:2] == (corpus, budget)}
+            other = {k[2:]: v for k, v in others.items() if k[:2] == (corpus, budget) and k[2] != "auto"}
             if other and min(other.values()) < best_loss:
-                best_name = min(other, key=other.get)
-                best_loss, best_name = other[best_name], f"{best_name} ({order_label(order, other=True)})"
+                (name, o) = min(other, key=other.get)
+                best_loss, best_name = other[(name, o)], f"{name} ({order_label(o)})"
             auto = here.get("auto")
             auto_text = _num(auto)
             if auto is None and "v0.1" in here and order is None:
@@ -751,8 +754,10 @@ def markdown(rows: list[dict], order: str | None = None) -> str:
     out.append("\nValidation loss (nats/char) on the whole held-out split (last 10%), mean over seeds; "
                "bold: the best of its budget."
                + ("" if order is None else " charnn's configs read the text "
-                  + ("in shuffled blocks (--shuffle, the default since charnn 0.2)" if order == "shuffled"
-                     else "each stream in order (--no-shuffle, as charnn 0.1 did)")
+                  + {"auto": "in the order charnn chooses from the budget (--order auto, the default): in "
+                             "order when it reads the text at least once, shuffled blocks when not",
+                     "shuffled": "in shuffled blocks (--order shuffled)",
+                     "in-order": "each stream in order (--order in-order, as charnn 0.1 did)"}[order]
                   + "; v0.1 is charnn 0.1 as it was: its shape and dropout, reading in order."))
     configs = ["bigram", *REFERENCES, *CONFIGS]
     for b in budgets:  # one matrix per budget: a row per config, a column per corpus
@@ -822,9 +827,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--results", type=Path, default=RESULTS, help="results CSV (default: %(default)s)")
-    common.add_argument("--order", choices=ORDERS, default="shuffled",
-                        help="how charnn's configs read the text: shuffled blocks (--shuffle) or each stream "
-                             "in order (--no-shuffle, charnn 0.1); v0.1 always reads in order (default: "
+    common.add_argument("--order", choices=ORDERS, default="auto",
+                        help="how charnn's configs read the text: chosen by charnn from the budget (--order "
+                             "auto), shuffled blocks (--shuffle) or each stream in order (--no-shuffle, "
+                             "charnn 0.1); v0.1 always reads in order (default: "
                              "%(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("corpora", help="build the corpus suite and print its table")

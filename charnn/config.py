@@ -100,8 +100,10 @@ class TrainConfig:
     setup_seconds: float = 0.0
     # Read the text in blocks dealt to the batch rows in a new random order
     # each epoch (charnn.data.BlockBatcher); False: each row reads one stretch
-    # of the text in order, as every run before charnn 0.2 did.
-    shuffle: bool = True
+    # of the text in order, as every run before charnn 0.2 did. None = chosen
+    # by the trainer at start from the epochs the budget buys
+    # (charnn.sizing.choose_order); the checkpoint records the choice.
+    shuffle: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -162,8 +164,8 @@ class TrainConfig:
         if not isinstance(self.size_reason, str):
             raise ConfigError(f"size_reason must be text, got {type(self.size_reason).__name__}")
         check("setup_seconds", num, 0)
-        if not isinstance(self.shuffle, bool):
-            raise ConfigError(f"shuffle must be true or false, got {self.shuffle!r}")
+        if self.shuffle is not None and not isinstance(self.shuffle, bool):
+            raise ConfigError(f"shuffle must be true, false or null (chosen at start), got {self.shuffle!r}")
         check("min_lr_ratio", num, 0, at_most=1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
             raise ConfigError(f"--seed must be a whole number from 0 to {2 ** 64 - 1} (64 bits), got {self.seed!r}")
@@ -259,6 +261,10 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
 
 
 def _clash(name: str, given: Any, saved: Any) -> str:
+    if name == "shuffle":  # --order
+        def order(v: bool) -> str:
+            return "--order shuffled" if v else "--order in-order"
+        return f"{order(given)} (this run: {order(saved)})"
     if isinstance(given, bool):  # a --flag/--no-flag pair
         def spell(v: bool) -> str:
             return _flag(name) if v else "--no-" + name.replace("_", "-")

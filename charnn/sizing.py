@@ -115,6 +115,29 @@ SMALL_TEXT_SHAPE = Shape(256, 2, 96)
 DROPOUT_BY_EPOCHS = ((3.0, 0.0), (10.0, 0.1), (25.0, 0.2), (math.inf, 0.3))
 
 
+# Reading order (charnn.data): a run the budget lets read its text at least
+# this many times reads each stream in order; a shorter one reads shuffled
+# blocks. Shuffling buys coverage: read in order, a run short of an epoch has
+# seen only the start of each stream's stretch, and on the code texts short
+# of an epoch shuffled blocks gained 4-8% (C++ headers, Python's source, 1 and
+# 5 minutes). A run that reads its text once sees all of it either way, and
+# there the order cost nothing beyond the seed spread (War and Peace, the
+# King James text, the Chinese poems at 1.5-62 epochs) or cost the shuffled
+# run 5-8% (the Jargon File: shuffled runs stall on the first plateau; README,
+# "The Jargon File"; benchmarks/reading_order.py).
+ORDER_EPOCHS = 1.0
+
+
+def choose_order(epochs: float | None) -> tuple[bool, str]:
+    """(shuffle, why) for a run whose budget buys ``epochs`` passes over its
+    text (None: not known, read shuffled)."""
+    if epochs is None:
+        return True, "shuffled blocks (the epochs the budget buys are not known)"
+    if epochs >= ORDER_EPOCHS:
+        return False, f"each stream in order (the budget reads the text {epochs:.3g} times)"
+    return True, f"shuffled blocks (the budget reads {epochs:.2g} of the text)"
+
+
 def recurrent_params(shape: Shape, vocab_size: int, cell: str = "lstm") -> int:
     """Weights that cost compute each step: the recurrent layers and the head
     (the embedding is a lookup). The trainer's step time grows with this."""

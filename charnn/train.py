@@ -213,7 +213,12 @@ class Trainer:
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                               f"processes ({self.dist.world_size}); each takes an equal share of streams")
-        self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=cfg.shuffle, seed=cfg.seed)
+        if resumed is not None and cfg.shuffle is None:  # only a hand-made file: charnn records its choice
+            cfg.shuffle = False
+        # With the order still to choose (below), the first batch and the
+        # budget's epochs come from the in-order batcher until then.
+        self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=bool(cfg.shuffle),
+                                    seed=cfg.seed)
         self.budget = Budget(cfg, len(self.batcher))
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
@@ -229,6 +234,7 @@ class Trainer:
 
         # -- the model: the run's own, the one started from, or a new one ----
         probe_seconds = 0.0
+        auto_epochs = None  # the epochs --size auto estimated its budget buys
         if resumed is not None:
             model = resumed.build_model("cpu")
         elif not init_from:
@@ -240,12 +246,22 @@ class Trainer:
                     cfg.setup_seconds = round(probe_seconds, 6)
                 overrides = {**overrides, **choice.overrides()}
                 cfg.size_reason = choice.reason
+                auto_epochs = choice.epochs
                 self.notes.append(f"size: {choice.reason}")
             mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
             mc.vocab_size = tokenizer.vocab_size
             check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank
             model = CharRNN(mc)
+        if cfg.shuffle is None:  # a new run: the reading order follows the epochs its budget buys
+            started = time.perf_counter()
+            cfg.shuffle = self._choose_order(model.config, auto_epochs)
+            probe_seconds += time.perf_counter() - started
+            if cfg.time_limit:
+                cfg.setup_seconds = round(probe_seconds, 6)
+            self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=cfg.shuffle,
+                                        seed=cfg.seed)
+            self.budget = Budget(cfg, len(self.batcher))
         self.model = model.to(self.device).train()
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -312,6 +328,38 @@ class Trainer:
             dist.broadcast_object_list(shared, src=0)
             choice = shared[0]
         return choice
+
+    def _choose_order(self, config: ModelConfig, epochs: float | None) -> bool:
+        """Whether a new run reads shuffled blocks (:func:`charnn.sizing.choose_order`):
+        ``epochs`` is what --size auto estimated; for a shape given (or
+        --init-from) it comes from --max-steps/--epochs, and for --time-limit
+        from timing a few steps of a throwaway model of that shape. Under
+        torchrun rank 0's choice holds for every rank."""
+        cfg = self.cfg
+        if epochs is None:
+            tokens = cfg.batch_size * cfg.seq_len
+            steps = self.budget.planned_steps()
+            if cfg.time_limit:
+                rng = torch.get_rng_state()  # the run's own random stream stays as it was
+                try:
+                    self._status("timing the model on this device (to choose the reading order)")
+                    mc = ModelConfig(**config.to_dict())
+                    check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
+                    x, y = self.batcher.chunk(0)
+                    t = sizing.time_training_steps(CharRNN(mc), lambda m: _make_optimizer(m, cfg),
+                                                   x[self.rows], y[self.rows], self.device, self.precision)
+                finally:
+                    torch.set_rng_state(rng)
+                by_time = int(sizing.training_seconds(cfg.time_limit) / max(t, 1e-6))
+                steps = by_time if steps is None else min(steps, by_time)
+            epochs = None if steps is None else steps * tokens / max(len(self.train_ids), 1)
+        shuffle, why = sizing.choose_order(epochs)
+        if self.dist.enabled:
+            shared = [(shuffle, why)]
+            dist.broadcast_object_list(shared, src=0)
+            shuffle, why = shared[0]
+        self.notes.append(f"reading: {why}")
+        return shuffle
 
     def _probe_step_time(self, shape: sizing.Shape, cell: str, dropout: float) -> float:
         """Seconds per training step of a throwaway model of ``shape`` on this

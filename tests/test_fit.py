@@ -261,6 +261,32 @@ def test_reading_orders_are_separate_cells_and_separate_tables(tmp_path, tiny_co
                                                                      "nanogpt": 1.9}
 
 
+def test_the_order_charnn_chooses_is_a_third_order_with_its_own_table(tmp_path, tiny_corpus):
+    """--order auto rows (the default) are their own cells and table; "best"
+    is the best grid config of any order, marked with how it read."""
+    assert fit.config_options("auto", True, "auto") == ("--size", "auto", "--order", "auto")
+    assert fit.config_options("v0.1", True, "auto")[-1] == "--no-shuffle"
+    assert fit.order_of("auto", "--size auto --order auto") == "auto"
+    assert fit.order_of("auto", "--size auto") == "in-order"  # from before the option
+    results = tmp_path / "fit.csv"
+    base = {"corpus": "war-and-peace", "corpus_sha256": tiny_corpus.sha256, "budget": "1m", "seed": "1337",
+            "error": ""}
+    for config, options, loss in [("v0.1", "--size fixed --no-shuffle", 1.8),
+                                  ("2x128-d0", "--size fixed --no-shuffle", 1.55),
+                                  ("2x128-d0", "--size fixed --shuffle", 1.6),
+                                  ("auto", "--size auto --shuffle", 1.62),
+                                  ("auto", "--size auto --order auto", 1.56)]:
+        fit.append_row(results, {**base, "config": config, "options": options, "val_loss": loss})
+    rows = fit.read_rows(results)
+    auto_cell = fit.Cell(tiny_corpus, "1m", 60, "auto", fit.config_options("auto", True, "auto"), 1337)
+    assert "order auto" in auto_cell.label()
+    table = fit.markdown(rows, "auto")
+    assert "| war-and-peace | 1m |  |  | 1.8000 | 1.5600 | 2x128-d0 (in order) | 1.5500 | +0.6% |" in table, table
+    assert "--order auto" in table
+    shuffled = fit.markdown(rows, "shuffled")
+    assert "| war-and-peace | 1m |  |  | 1.8000 | 1.6200 | 2x128-d0 (in order) | 1.5500 | +4.5% |" in shuffled
+
+
 def test_a_config_asked_for_runs_in_a_later_phase_whatever_the_last_chose(tiny_corpus):
     cells, _, notes = fit.phase_cells("5m", [tiny_corpus], [], ["2x256-d0"], [1337], has_size=True,
                                       order="shuffled")

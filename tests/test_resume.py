@@ -253,10 +253,10 @@ def test_a_new_output_folder_takes_the_run(run_copy, tmp_path):
 
 
 def test_the_reading_order_is_kept_on_resume(corpus, tmp_path, monkeypatch):
-    """--no-shuffle (each stream in order) is part of the run: the printed
-    resume command continues it in order, bit for bit; --shuffle on resume is
-    refused, nothing written."""
-    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS, "--no-shuffle"]
+    """--order in-order (each stream in order) is part of the run: the printed
+    resume command continues it in order, bit for bit; --order shuffled (or
+    its old spelling --shuffle) on resume is refused, nothing written."""
+    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS, "--order", "in-order"]
     straight = invoke(*args, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
     assert "each stream in order" in " ".join(straight.stderr.split())
@@ -265,29 +265,75 @@ def test_the_reading_order_is_kept_on_resume(corpus, tmp_path, monkeypatch):
         stop_at(m, 7)
         stopped = invoke(*args, "--out", tmp_path / "stopped")
     assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
-    refused = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--shuffle")
-    assert refused.exit_code == 1, refused.output
-    text = " ".join(refused.stderr.split())
-    assert "--shuffle (this run: --no-shuffle)" in text and "--init-from" in text, text
+    for flag in (["--order", "shuffled"], ["--shuffle"]):
+        refused = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", *flag)
+        assert refused.exit_code == 1, refused.output
+        text = " ".join(refused.stderr.split())
+        assert "--order shuffled (this run: --order in-order)" in text and "--init-from" in text, text
     assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_state["step"] == 7
     resumed = invoke(*printed_resume(stopped.stderr))
     assert resumed.exit_code == 0, resumed.output
     assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
     # and in order is not the same training as shuffled
     shuffled = invoke("train", corpus, *MODEL, *RUN, "--precision", "fp32", "--max-steps", STEPS,
-                      "--out", tmp_path / "shuffled")
+                      "--order", "shuffled", "--out", tmp_path / "shuffled")
     assert shuffled.exit_code == 0, shuffled.output
     assert checkpoint.load(tmp_path / "shuffled" / "last.pt").train_config["shuffle"] is True
     assert not all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "shuffled" / "last.pt").values(),
                                                      weights(tmp_path / "straight" / "last.pt").values()))
 
 
+@pytest.mark.parametrize("budget,shuffled", [(["--max-steps", "30"], True), (["--max-steps", "90"], False),
+                                             (["--epochs", "0.5"], True), (["--epochs", "1"], False)])
+def test_the_order_is_chosen_from_the_budget_and_kept(corpus, tmp_path, monkeypatch, budget, shuffled):
+    """With no --order, a run whose budget reads its text at least once reads
+    it in order, a shorter one shuffled (this corpus: ~75 steps an epoch);
+    it says which and why, records it, and its printed resume command keeps
+    it, bit for bit, even with a budget on resume that would choose the other."""
+    args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", *budget]
+    straight = invoke(*args, "--out", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    said = " ".join(straight.stderr.split())
+    assert ("reading: shuffled blocks (the budget reads 0." in said) == shuffled, said
+    assert ("reading: each stream in order (the budget reads the text " in said) == (not shuffled), said
+    assert checkpoint.load(tmp_path / "straight" / "last.pt").train_config["shuffle"] is shuffled
+    with monkeypatch.context() as m:
+        stop_at(m, 7)
+        stopped = invoke(*args, "--out", tmp_path / "stopped")
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    resumed = invoke(*printed_resume(stopped.stderr))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
+    longer = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--max-steps", "200")
+    assert longer.exit_code == 0, longer.output
+    assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_config["shuffle"] is shuffled
+
+
+def test_a_time_budget_with_a_given_shape_times_it_to_choose_the_order(corpus, tmp_path):
+    """--size fixed and --time-limit: the trainer times the shape to know the
+    epochs; 4 seconds of a tiny model read this small text many times."""
+    result = invoke("train", corpus, *MODEL, *RUN, "--size", "fixed", "--time-limit", "4s",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "reading: each stream in order (the budget reads the text" in " ".join(result.stderr.split())
+    assert checkpoint.load(tmp_path / "run" / "last.pt").train_config["shuffle"] is False
+
+
+def test_order_options_that_disagree_are_refused(corpus, tmp_path):
+    result = invoke("train", corpus, *MODEL, *RUN, "--max-steps", "3", "--order", "in-order", "--shuffle",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    assert "disagree" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_run_from_before_shuffling_reads_in_order():
     """train_config of charnn 0.1 has no "shuffle": such a run was read in
-    order, and resuming it must go on in order."""
+    order, and resuming it must go on in order; a recorded choice is kept."""
     old = {k: v for k, v in TrainConfig().to_dict().items() if k != "shuffle"}
     assert TrainConfig.from_dict(old).shuffle is False
-    assert TrainConfig.from_dict(TrainConfig().to_dict()).shuffle is True
+    assert TrainConfig().shuffle is None  # chosen at start
+    for recorded in (True, False):
+        assert TrainConfig.from_dict(TrainConfig(shuffle=recorded).to_dict()).shuffle is recorded
 
 
 @pytest.mark.parametrize("option,value", [("--cell", "lstm"), ("--hidden-size", "32"), ("--num-layers", "1"),

@@ -73,6 +73,13 @@ class Size(str, Enum):
     fixed = "fixed"
 
 
+class Order(str, Enum):
+    """How the trainer reads the text: chosen from the budget, shuffled blocks, each stream in order."""
+    auto = "auto"
+    shuffled = "shuffled"
+    in_order = "in-order"
+
+
 class Device(str, Enum):
     """Kept for ``train`` until it moves to ``DEVICE_OPTION`` (``--device cuda:1``)."""
 

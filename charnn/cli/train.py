@@ -17,7 +17,7 @@ import typer
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import safe_display, shell_arg
-from .common import (DEVICE_HELP, THREADS_HELP, Cell, Precision, Size, app, at_least, between, fmt_loss, parse_device,
+from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
 
@@ -97,11 +97,14 @@ def train(
     batch_size: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
         help="Contiguous streams of text trained side by side." + _d(_TD.batch_size))] = None,
+    order: Annotated[Optional[Order], typer.Option(
+        metavar="[auto|shuffled|in-order]", show_default=False,
+        help="How the text is read: shuffled cuts it into blocks of up to 32 chunks (2,048 characters at "
+             "--seq-len 64) dealt to the streams in a new random order each epoch; in-order gives each "
+             "stream one stretch, read in order (charnn 0.1); auto reads in order when the budget reads "
+             "the text at least once, shuffled when not (says which at start)." + _d("auto"))] = None,
     shuffle: Annotated[Optional[bool], typer.Option(
-        "--shuffle/--no-shuffle", show_default=False,
-        help="Read the text in blocks of up to 32 chunks (2,048 characters at --seq-len 64), dealt to the "
-             "streams in a new random order each "
-             "epoch; --no-shuffle reads each stream's stretch in order (charnn 0.1)." + _d("--shuffle"))] = None,
+        "--shuffle/--no-shuffle", hidden=True, help="The same as --order shuffled / --order in-order.")] = None,
     lr: Annotated[Float, typer.Option(
         metavar="LR", callback=lambda v: v if v is None else positive(v), show_default=False,
         help="Peak learning rate (AdamW)." + _d(_TD.lr))] = None,
@@ -167,6 +170,13 @@ def train(
         from ..schedule import parse_duration
         from ..train import Trainer
 
+        from ..errors import ConfigError
+        ordered = None if order in (None, Order.auto) else order == Order.shuffled
+        if order is not None and shuffle is not None and ordered != shuffle:
+            raise ConfigError(f"--order {order.value} and {'--shuffle' if shuffle else '--no-shuffle'} disagree; "
+                              "pass one of them")
+        if shuffle is not None:
+            ordered = shuffle
         given: dict[str, Any] = {
             "corpus": [os.path.abspath(p) for p in corpus] if corpus else None,
             "out": str(out) if out is not None else None,
@@ -177,7 +187,7 @@ def train(
             "eval_chars": eval_chars, "log_every": log_every, "val_fraction": val_fraction,
             "patience": patience, "keep": keep, "sample_every": sample_every, "seed": seed,
             "device": device, "precision": precision.value if precision else None, "encoding": encoding,
-            "size": size.value if size else None, "shuffle": shuffle,
+            "size": size.value if size else None, "shuffle": ordered,
         }
         given = {k: v for k, v in given.items() if v is not None}
         budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))
