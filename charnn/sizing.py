@@ -13,6 +13,10 @@ limits, then sets dropout by how many times the run will see its text:
   shape allowed grows with the training characters;
 - **dropout** rises with the epochs the budget buys.
 
+The reading order (``--order auto``, :func:`choose_order`) follows the same
+estimate: in order when the run reads its text at least once, shuffled
+blocks when not.
+
 The constants come from the measurement suite in ``benchmarks/fit.py`` (its
 results are in ``benchmarks/results/fit.csv``; the README shows the table).
 Options given explicitly always win: they replace the chosen values.
