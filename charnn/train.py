@@ -254,11 +254,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank
             model = CharRNN(mc)
         if cfg.shuffle is None:  # a new run: the reading order follows the epochs its budget buys
-            started = time.perf_counter()
-            cfg.shuffle = self._choose_order(model.config, auto_epochs)
-            probe_seconds += time.perf_counter() - started
-            if cfg.time_limit:
-                cfg.setup_seconds = round(probe_seconds, 6)
+            cfg.shuffle = self._choose_order(auto_epochs)
             self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=cfg.shuffle,
                                         seed=cfg.seed)
             self.budget = Budget(cfg, len(self.batcher))
@@ -329,30 +325,17 @@ class Trainer:
             choice = shared[0]
         return choice
 
-    def _choose_order(self, config: ModelConfig, epochs: float | None) -> bool:
+    def _choose_order(self, epochs: float | None) -> bool:
         """Whether a new run reads shuffled blocks (:func:`charnn.sizing.choose_order`):
         ``epochs`` is what --size auto estimated; for a shape given (or
-        --init-from) it comes from --max-steps/--epochs, and for --time-limit
-        from timing a few steps of a throwaway model of that shape. Under
+        --init-from) it comes from --max-steps/--epochs. A given shape with
+        only a time budget is not timed for this (the probe would eat a short
+        budget), so its epochs are not known and it reads shuffled. Under
         torchrun rank 0's choice holds for every rank."""
         cfg = self.cfg
         if epochs is None:
-            tokens = cfg.batch_size * cfg.seq_len
             steps = self.budget.planned_steps()
-            if cfg.time_limit:
-                rng = torch.get_rng_state()  # the run's own random stream stays as it was
-                try:
-                    self._status("timing the model on this device (to choose the reading order)")
-                    mc = ModelConfig(**config.to_dict())
-                    check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
-                    x, y = self.batcher.chunk(0)
-                    t = sizing.time_training_steps(CharRNN(mc), lambda m: _make_optimizer(m, cfg),
-                                                   x[self.rows], y[self.rows], self.device, self.precision)
-                finally:
-                    torch.set_rng_state(rng)
-                by_time = int(sizing.training_seconds(cfg.time_limit) / max(t, 1e-6))
-                steps = by_time if steps is None else min(steps, by_time)
-            epochs = None if steps is None else steps * tokens / max(len(self.train_ids), 1)
+            epochs = None if steps is None else steps * cfg.batch_size * cfg.seq_len / max(len(self.train_ids), 1)
         shuffle, why = sizing.choose_order(epochs)
         if self.dist.enabled:
             shared = [(shuffle, why)]
