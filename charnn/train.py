@@ -330,17 +330,13 @@ class Trainer:
         ``epochs`` is what --size auto estimated; for a shape given (or
         --init-from) it comes from --max-steps/--epochs. A given shape with
         only a time budget is not timed for this (the probe would eat a short
-        budget), so its epochs are not known and it reads shuffled. Under
-        torchrun rank 0's choice holds for every rank."""
+        budget), so its epochs are not known and it reads shuffled. Every
+        torchrun rank computes the same choice (--size auto's is broadcast)."""
         cfg = self.cfg
         if epochs is None:
             steps = self.budget.planned_steps()
             epochs = None if steps is None else steps * cfg.batch_size * cfg.seq_len / max(len(self.train_ids), 1)
         shuffle, why = sizing.choose_order(epochs)
-        if self.dist.enabled:
-            shared = [(shuffle, why)]
-            dist.broadcast_object_list(shared, src=0)
-            shuffle, why = shared[0]
         self.notes.append(f"reading: {why}")
         return shuffle
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import safe_display, shell_arg
+from ..errors import ConfigError, safe_display, shell_arg
 from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
@@ -170,7 +170,6 @@ def train(
         from ..schedule import parse_duration
         from ..train import Trainer
 
-        from ..errors import ConfigError
         ordered = None if order in (None, Order.auto) else order == Order.shuffled
         if order is not None and shuffle is not None and ordered != shuffle:
             raise ConfigError(f"--order {order.value} and {'--shuffle' if shuffle else '--no-shuffle'} disagree; "
