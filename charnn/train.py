@@ -285,6 +285,7 @@ class Trainer:
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
         self._seconds_per_char = 0.0  # evaluation speed, measured at start
+        self._auto_eval_chars = cfg.eval_chars is None
 
     # -- setup helpers ---------------------------------------------------------
     def _choose_size(self, overrides: dict[str, Any]) -> sizing.SizeChoice:
@@ -481,6 +482,7 @@ class Trainer:
             seconds_per_char = seconds_per_char.to(self.device)
             dist.broadcast(seconds_per_char, src=0)
         spc = float(seconds_per_char)
+        self._auto_eval_chars = cfg.eval_chars is None
         if cfg.eval_chars is None:
             cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
         self._seconds_per_char = spc
@@ -616,12 +618,30 @@ class Trainer:
             if self.step == 0 and reserve >= 0.5 * left:
                 raise ConfigError(
                     f"--time-limit {cfg.time_limit:g}s is too short to train: the final evaluation and save "
-                    f"alone take about {reserve:.1f}s here; give at least {math.ceil(4 * reserve)}s")
+                    f"alone take about {reserve:.1f}s here"
+                    + (f" and choosing the model took {self.elapsed:.1f}s" if self.elapsed >= 0.1 else "")
+                    + f"; give at least {self._shortest_time_limit(seconds_per_char)}s")
         if cfg.eval_every is not None:
             note = patience_note(cfg, cfg.eval_every, total, self.step)
             if note:
                 self.notes.append(note)
         return reserve
+
+    def _shortest_time_limit(self, seconds_per_char: float) -> int:
+        """A --time-limit this run would train under, with a margin: the time
+        before the first step (the size probe grows with the budget, up to
+        PROBE_SHARE of it) plus four times the final evaluation and save, whose
+        automatic slice also grows with the budget."""
+        cfg = self.cfg
+        val = len(self.val_ids) if cfg.val_fraction > 0 else 0
+        limit = cfg.time_limit
+        for _ in range(20):  # a fixed point: each term grows by at most a few % of the limit
+            chars = (auto_eval_chars(val, limit, seconds_per_char) if self._auto_eval_chars
+                     else len(self._eval_slice())) if val else 0
+            reserve = 1.2 * seconds_per_char * chars + 0.5
+            probe = sizing.PROBE_SHARE * limit if self.elapsed else 0.0  # a size probe ran
+            limit = max(limit, self.elapsed + probe + 4 * reserve)
+        return math.ceil(limit)
 
     def _choose_eval_every(self, seconds: float, steps: int, reserve: float) -> None:
         """--time-limit with automatic --eval-every: after the first steps,

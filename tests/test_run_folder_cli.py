@@ -8,7 +8,9 @@ The faults are real: real processes and locks, kill -9, a read-only tmpfs.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +128,33 @@ def test_a_budget_too_short_to_train_is_an_error_not_success(tmp_path, budget):
     assert "too short" in text or "no training step" in text, text
     assert "Done:" not in text
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("shape", ["given", "auto"])
+def test_the_time_limit_a_too_short_budget_suggests_trains(tmp_path, shape):
+    """The command the error asks for works: the same run with the suggested
+    --time-limit trains and finishes. With --size auto the suggestion counts
+    the time the size probe took (it once suggested 3s for a refused 3s)."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=3000)
+    options = (list(TINY_TRAIN) if shape == "given"
+               else ["--device", "cpu", "--precision", "fp32", "--sample-every", "0"])
+    def charnn_train(limit: str) -> subprocess.CompletedProcess:
+        # A fresh process, as the user runs it: its first model build and
+        # kernel selection are part of what the probe costs.
+        return subprocess.run([sys.executable, "-m", "charnn", "train", str(corpus), *options,
+                               "--time-limit", limit, "--out", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=120)
+
+    first = charnn_train("0.5s")
+    assert first.returncode == 1, first.stdout + first.stderr
+    text = " ".join(first.stderr.split())
+    suggested = re.search(r"give at least (\d+)s", text)
+    assert "too short" in text and suggested and "Traceback" not in text, text
+    seconds = int(suggested.group(1))
+    assert seconds > 0.5
+    second = charnn_train(f"{seconds}s")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Done:" in second.stdout + second.stderr and (tmp_path / "run" / "best.pt").is_file()
 
 
 def test_a_run_still_reading_its_corpus_already_owns_its_folder(tmp_path, monkeypatch):
