@@ -64,8 +64,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # max global L2 norm of the gradients (0 = off)
     # Linear warmup before the cosine decay. None = automatic: it ends at 100
-    # steps or 5% of the budget, whichever comes first, so a short budget still
-    # reaches the set learning rate.
+    # steps or a quarter of the budget, whichever comes first, so a short
+    # budget still reaches the set learning rate.
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_steps: int = 0  # 0 = no step budget

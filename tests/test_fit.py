@@ -390,3 +390,23 @@ def test_reading_order_benchmark_runs_each_variant_for_the_steps_asked(tmp_path)
     bad = subprocess.run([sys.executable, script, "--corpus", str(text), "--variants", "sorted"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def test_warmup_benchmark_runs_each_warmup_for_the_steps_asked(tmp_path):
+    """benchmarks/warmup.py (the README's first-plateau figures): a real run
+    per warmup on a small text, scored by charnn eval; the warmup reaches the
+    run (different warmups, different losses); a bad value is refused."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    script = str(BENCH / "warmup.py")
+    out = subprocess.run([sys.executable, script, "--corpus", str(text), "--steps", "4", "--seeds", "1",
+                          "--warmups", "1,auto,40", "--shape", "16,1,8", "--dropout", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("t 4 steps")]
+    assert [ln.split()[5] for ln in lines] == ["1", "auto", "40"]
+    losses = [float(ln.split()[-1]) for ln in lines]
+    assert all(0 < x < 10 for x in losses) and len(set(losses)) == 3
+    bad = subprocess.run([sys.executable, script, "--corpus", str(text), "--warmups", "soon"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--warmups" in bad.stderr
