@@ -20,8 +20,8 @@ from .errors import ConfigError, shell_arg
 # Chinese poems, 1 minute) then warmed up for ~22 steps, and one seed in three
 # never left the first plateau (the characters' frequencies; 6.24 nats/char,
 # worse than a bigram count model). 100 steps of warmup got all three off it
-# (4.91-4.94; 2x256, fixed 450 steps, benchmarks/warmup.py). Runs of 2,000 steps
-# and more warm up for 100 steps either way.
+# (4.91-4.94; 22 steps: 4.95-5.45; 2x256, fixed 450 steps, benchmarks/warmup.py).
+# Runs of 2,000 steps and more warm up for 100 steps either way.
 AUTO_WARMUP_STEPS = 100
 AUTO_WARMUP_SHARE = 0.25
 AUTO_EVALS = 8  # automatic --eval-every: about this many evaluations per run
