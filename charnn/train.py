@@ -285,7 +285,7 @@ class Trainer:
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
         self._seconds_per_char = 0.0  # evaluation speed, measured at start
-        self._auto_eval_chars = cfg.eval_chars is None
+        self._auto_eval_chars = cfg.eval_chars is None  # before _calibrate_eval sets it
 
     # -- setup helpers ---------------------------------------------------------
     def _choose_size(self, overrides: dict[str, Any]) -> sizing.SizeChoice:
@@ -482,7 +482,6 @@ class Trainer:
             seconds_per_char = seconds_per_char.to(self.device)
             dist.broadcast(seconds_per_char, src=0)
         spc = float(seconds_per_char)
-        self._auto_eval_chars = cfg.eval_chars is None
         if cfg.eval_chars is None:
             cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
         self._seconds_per_char = spc
