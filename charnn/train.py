@@ -7,7 +7,8 @@ DDP-aware: under ``torchrun`` each rank trains its own share of the streams
 and rank 0 alone evaluates, writes and reports. The budget and schedule live
 in ``schedule``, the output folder in ``runfolder``, the run's position in
 and out of a checkpoint in ``train_state``, resume's option merging next to
-``TrainConfig``, the model size rule in ``sizing``.
+``TrainConfig``, the model size rule in ``sizing`` (fed this run's facts by
+``choices``), and what evaluating costs and when it happens in ``validation``.
 """
 
 from __future__ import annotations
@@ -28,29 +29,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt_mod
-from . import sizing, train_state
+from . import choices, train_state
 from .config import ModelConfig, TrainConfig, given_options, merge_resume
 from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, builtin_corpus_path, cache_dir,
                    corpus_name, encode_corpus, make_batcher, read_corpus, split_ids)
 from .devices import resolve_device
 from .errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
                      RunFolderError, TrainingError, safe_display, shell_arg)
-from .evaluate import evaluate_ids
 from .finetune import check_arch, fine_tune_start
 from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state
 from .runfolder import RunFolder, choose_out_dir
 from .safe_files import serialize
 # DistInfo, resolve_precision, parse_duration and lr_factor are re-exported for the API and the tests.
-from .runtime import (AUTOCAST_DTYPE, DistInfo, StopSignals, autocast, emulated_bf16,  # noqa: F401
-                      kernels_for, resolve_precision, setup_distributed)
-from .schedule import (SPEED_PROBE_STEPS, Budget, auto_eval_chars, auto_eval_every, lr_factor,  # noqa: F401
-                       parse_duration, patience_note)
+from .runtime import (DistInfo, StopSignals, autocast, emulated_bf16, kernels_for,  # noqa: F401
+                      resolve_precision, setup_distributed)
+from .schedule import SPEED_PROBE_STEPS, Budget, lr_factor, parse_duration  # noqa: F401
 from .tokenizer import CharTokenizer
+from .validation import Validation
 
 Callback = Callable[[dict[str, Any]], None]
 MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
 TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state")  # in last.pt and step files, not best.pt
-CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
 
 
 class TrainingInterrupted(CharnnError):
@@ -86,10 +85,6 @@ def _make_optimizer(model: CharRNN, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 class Trainer:
@@ -240,7 +235,12 @@ class Trainer:
         elif not init_from:
             if cfg.size == "auto":
                 started = time.perf_counter()
-                choice = self._choose_size(overrides)
+                x, y = self.batcher.chunk(0)
+                probe = choices.ProbeSetup(x[self.rows], y[self.rows], self.device, self.precision,
+                                           lambda m: _make_optimizer(m, cfg))
+                choice = choices.choose_size(cfg, overrides, planned_steps=self.budget.planned_steps(),
+                                             train_chars=len(self.train_ids), vocab_size=tokenizer.vocab_size,
+                                             probe=probe, dist_info=self.dist, status=self._status)
                 probe_seconds = time.perf_counter() - started
                 if cfg.time_limit:  # the scheduler's first factor (below) already skips it; run() adds the rest
                     cfg.setup_seconds = round(probe_seconds, 6)
@@ -254,7 +254,9 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # identical initial weights on every rank
             model = CharRNN(mc)
         if cfg.shuffle is None:  # a new run: the reading order follows the epochs its budget buys
-            cfg.shuffle = self._choose_order(auto_epochs)
+            cfg.shuffle, why = choices.choose_order(cfg, epochs=auto_epochs, train_chars=len(self.train_ids),
+                                                    planned_steps=self.budget.planned_steps())
+            self.notes.append(f"reading: {why}")
             self.batcher = make_batcher(self.train_ids, cfg.batch_size, cfg.seq_len, shuffle=cfg.shuffle,
                                         seed=cfg.seed)
             self.budget = Budget(cfg, len(self.batcher))
@@ -284,76 +286,9 @@ class Trainer:
             train_state.restore(self, resumed)
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
-        self._seconds_per_char = 0.0  # evaluation speed, measured at start
-        self._auto_eval_chars = cfg.eval_chars is None  # before _calibrate_eval sets it
+        self.validation = Validation(cfg, self.val_ids, self.dist, self.device, self.precision)
 
     # -- setup helpers ---------------------------------------------------------
-    def _choose_size(self, overrides: dict[str, Any]) -> sizing.SizeChoice:
-        """``--size auto``: the shape and dropout for this text and budget (see
-        :mod:`charnn.sizing`). A time budget is turned into steps per shape by
-        timing a few training steps of each candidate on this device; under
-        torchrun rank 0's choice holds for every rank."""
-        cfg = self.cfg
-        cell = overrides.get("cell") or ModelConfig.cell
-        given = {k: overrides.get(k) for k in ("hidden_size", "num_layers", "embedding_dim", "dropout")}
-        steps = self.budget.planned_steps()  # what --max-steps and --epochs allow
-        timings: dict[sizing.Shape, float] = {}
-        started = time.perf_counter()
-
-        def step_time(shape: sizing.Shape) -> float:
-            if shape in timings:
-                return timings[shape]
-            if time.perf_counter() - started > sizing.PROBE_SHARE * cfg.time_limit:
-                # Timing more would eat the budget: estimate from the largest shape timed.
-                estimate = sizing.scaled_step_time(shape, timings, self.tokenizer.vocab_size, cell)
-                if estimate is not None:
-                    timings[shape] = estimate
-                    return estimate
-            self._status(f"timing a {shape.name} model on this device (--size auto)")
-            try:
-                timings[shape] = self._probe_step_time(shape, cell, given["dropout"] or 0.0)
-            except ConfigError:  # too big for this machine's memory: it buys no steps
-                timings[shape] = math.inf
-            return timings[shape]
-
-        seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None
-        choice = sizing.choose(train_chars=len(self.train_ids), vocab_size=self.tokenizer.vocab_size,
-                               tokens_per_step=cfg.batch_size * cfg.seq_len, cell=cell, steps=steps,
-                               seconds=seconds, step_time=step_time if seconds else None, given=given)
-        if self.dist.enabled:
-            shared = [choice]
-            dist.broadcast_object_list(shared, src=0)
-            choice = shared[0]
-        return choice
-
-    def _choose_order(self, epochs: float | None) -> bool:
-        """Whether a new run reads shuffled blocks (:func:`charnn.sizing.choose_order`):
-        ``epochs`` is what --size auto estimated; for a shape given (or
-        --init-from) it comes from --max-steps/--epochs. A given shape with
-        only a time budget is not timed for this (the probe would eat a short
-        budget), so its epochs are not known and it reads shuffled. Every
-        torchrun rank computes the same choice (--size auto's is broadcast)."""
-        cfg = self.cfg
-        if epochs is None:
-            steps = self.budget.planned_steps()
-            epochs = None if steps is None else steps * cfg.batch_size * cfg.seq_len / max(len(self.train_ids), 1)
-        shuffle, why = sizing.choose_order(epochs)
-        self.notes.append(f"reading: {why}")
-        return shuffle
-
-    def _probe_step_time(self, shape: sizing.Shape, cell: str, dropout: float) -> float:
-        """Seconds per training step of a throwaway model of ``shape`` on this
-        rank's share of the first batch. ``dropout``: the one given, else 0,
-        the rule's choice wherever the shape is in doubt (under 3 epochs); a
-        step with dropout 0.1 takes 3-13% longer (measured on 2x128 and 2x192),
-        which once made the probe under-count the steps of every such run."""
-        mc = ModelConfig(cell=cell, vocab_size=self.tokenizer.vocab_size, hidden_size=shape.hidden_size,
-                         num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=dropout)
-        check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
-        x, y = self.batcher.chunk(0)
-        return sizing.time_training_steps(CharRNN(mc), lambda m: _make_optimizer(m, self.cfg),
-                                          x[self.rows], y[self.rows], self.device, self.precision)
-
     def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:
         cfg = self.cfg
         exclude = [self.out_dir, cache_dir()]
@@ -448,48 +383,13 @@ class Trainer:
         return written[0]
 
     # -- evaluation -----------------------------------------------------------------------
-    def _eval_slice(self) -> Any:
-        n = self.cfg.eval_chars
-        return self.val_ids if not n or n >= len(self.val_ids) else self.val_ids[:n]
-
     def evaluate(self) -> float:
         """Validation loss over the evaluation slice, state carried; agreed by all ranks."""
-        loss = torch.tensor(math.nan)
-        if self.dist.is_main and len(self.val_ids) >= 2:
-            with kernels_for(self.device, self.precision):
-                # A NaN here is the divergence guard's to handle, not an error.
-                loss = torch.tensor(evaluate_ids(self.model, self._eval_slice(), device=self.device,
-                                                 autocast_dtype=AUTOCAST_DTYPE[self.precision],
-                                                 check_finite=False).loss)
-        if self.dist.enabled:
-            loss = loss.to(self.device)
-            dist.broadcast(loss, src=0)
-        return float(loss)
-
-    def _calibrate_eval(self) -> float:
-        """Seconds per validation character, from timing a short slice; sets
-        the automatic evaluation slice. Agreed by all ranks."""
-        cfg = self.cfg
-        seconds_per_char = torch.tensor(0.0)
-        if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or cfg.eval_chars is None):
-            n = min(len(self.val_ids), CALIBRATION_CHARS)
-            t0 = time.perf_counter()
-            with kernels_for(self.device, self.precision):
-                evaluate_ids(self.model, self.val_ids[:n], device=self.device,
-                             autocast_dtype=AUTOCAST_DTYPE[self.precision], check_finite=False)
-            seconds_per_char = torch.tensor((time.perf_counter() - t0) / n)
-        if self.dist.enabled:
-            seconds_per_char = seconds_per_char.to(self.device)
-            dist.broadcast(seconds_per_char, src=0)
-        spc = float(seconds_per_char)
-        if cfg.eval_chars is None:
-            cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
-        self._seconds_per_char = spc
-        return spc
+        return self.validation.evaluate(self.model)
 
     def _evaluate_and_save(self) -> Path | None:
         self._last_eval_step = self.step
-        if self.cfg.val_fraction > 0 and self._seconds_per_char * len(self._eval_slice()) > 1.0:
+        if self.validation.seconds() > 1.0:
             self._status(f"evaluating at step {self.step:,}")  # only when it takes a while
         val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan
         improved = math.isfinite(val) and val < self.best_val
@@ -601,73 +501,12 @@ class Trainer:
             dist.barrier()  # no rank tears down gloo while another still talks to it
             dist.destroy_process_group()
 
-    def _plan(self, seconds_per_char: float) -> float:
-        """Before the first step: the automatic evaluation interval where the
-        budget tells the number of steps, the reserve for the final evaluation
-        under --time-limit, and a clear error when no step can fit."""
-        cfg = self.cfg
-        total = self.budget.planned_steps()
-        if cfg.eval_every is None and total is not None:
-            cfg.eval_every = auto_eval_every(total, self.budget.chunks_per_epoch)
-        reserve = 0.0
-        if cfg.time_limit:
-            eval_chars = len(self._eval_slice()) if cfg.val_fraction > 0 else 0
-            reserve = 1.2 * seconds_per_char * eval_chars + 0.5  # + the checkpoint write
-            left = cfg.time_limit - self.elapsed
-            if self.step == 0 and reserve >= 0.5 * left:
-                raise ConfigError(
-                    f"--time-limit {cfg.time_limit:g}s is too short to train: the final evaluation and save "
-                    f"alone take about {reserve:.1f}s here"
-                    + (f" and choosing the model took {self.elapsed:.1f}s" if self.elapsed >= 0.1 else "")
-                    + f"; give at least {self._shortest_time_limit(seconds_per_char)}s")
-        if cfg.eval_every is not None:
-            note = patience_note(cfg, cfg.eval_every, total, self.step)
-            if note:
-                self.notes.append(note)
-        return reserve
-
-    def _shortest_time_limit(self, seconds_per_char: float) -> int:
-        """A --time-limit this run would train under, with a margin: the time
-        before the first step (the size probe grows with the budget, up to
-        PROBE_SHARE of it) plus four times the final evaluation and save, whose
-        automatic slice also grows with the budget."""
-        cfg = self.cfg
-        val = len(self.val_ids) if cfg.val_fraction > 0 else 0
-        limit = cfg.time_limit
-        for _ in range(20):  # a fixed point: each term grows by at most a few % of the limit
-            chars = (auto_eval_chars(val, limit, seconds_per_char) if self._auto_eval_chars
-                     else len(self._eval_slice())) if val else 0
-            reserve = 1.2 * seconds_per_char * chars + 0.5
-            probe = sizing.PROBE_SHARE * limit if self.elapsed else 0.0  # a size probe ran
-            limit = max(limit, self.elapsed + probe + 4 * reserve)
-        return math.ceil(limit)
-
-    def _choose_eval_every(self, seconds: float, steps: int, reserve: float) -> None:
-        """--time-limit with automatic --eval-every: after the first steps,
-        from their measured speed (the choice is recorded in the checkpoint)."""
-        cfg = self.cfg
-        per_step = seconds / max(1, steps)
-        total = self.step + max(0.0, cfg.time_limit - self.elapsed - reserve) / max(per_step, 1e-9)
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        if self.dist.enabled:  # rank 0's measurement decides: evaluations are collective
-            shared = torch.tensor([total], dtype=torch.float64, device=self.device)
-            dist.broadcast(shared, src=0)
-            total = float(shared.item())
-        eval_seconds = self._seconds_per_char * len(self._eval_slice()) if cfg.val_fraction > 0 else 0.0
-        cfg.eval_every = auto_eval_every(total, self.budget.chunks_per_epoch, eval_seconds / max(per_step, 1e-9))
-        self._emit("note", message=f"evaluating every {_plural(cfg.eval_every, 'step')} "
-                                   f"(about {_plural(int(total), 'step')} fit the budget at "
-                                   f"{per_step * 1000:.0f} ms/step)")
-        note = patience_note(cfg, cfg.eval_every, total, self.step)
-        if note:
-            self._emit("note", message=note)
-
     def run(self) -> TrainResult:
         cfg = self.cfg  # (a budget is checked in __init__, before the folder is opened)
         run_start, elapsed_base = time.perf_counter(), self.elapsed
-        seconds_per_char = self._calibrate_eval()
-        guessed_reserve = self._plan(seconds_per_char)
+        self.validation.calibrate(self.model)
+        guessed_reserve, notes = self.validation.plan(self.budget, self.step, self.elapsed)
+        self.notes.extend(notes)
         spent = self._budget_left(guessed_reserve)  # a resumed run's budget may be used up
         if spent:
             raise TrainingError(self.budget.spent_message(spent, self.step, self.elapsed,
@@ -675,7 +514,7 @@ class Trainer:
         self._emit("start", config=cfg.to_dict(), model_config=self.model.config.to_dict(),
                    parameters=self.model.num_parameters(), device=str(self.device),
                    precision=self.precision, train_chars=len(self.train_ids), val_chars=len(self.val_ids),
-                   eval_chars=len(self._eval_slice()) if cfg.val_fraction > 0 else 0,
+                   eval_chars=self.validation.chars(),
                    files=list(self.corpus.files), skipped=list(self.corpus.skipped),
                    vocab_size=self.tokenizer.vocab_size, out_dir=str(self.out_dir),
                    resumed_at=self.step, world_size=self.dist.world_size,
@@ -735,7 +574,10 @@ class Trainer:
                 window_steps += 1
                 window_chars += n_valid
                 if cfg.eval_every is None and self.step - start_step >= SPEED_PROBE_STEPS:
-                    self._choose_eval_every(time.perf_counter() - probe_start, self.step - start_step, reserve)
+                    for message in self.validation.choose_every(self.budget, self.step, self.elapsed,
+                                                                time.perf_counter() - probe_start,
+                                                                self.step - start_step, reserve):
+                        self._emit("note", message=message)
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     row = {"step": self.step, "epoch": self.epochs_done(),

@@ -1,0 +1,159 @@
+"""A training run's validation: the held-out slice each evaluation scores,
+what one evaluation costs on this device, how often to evaluate, and the
+seconds a --time-limit keeps back for the final evaluation and save.
+
+The trainer owns the loop and decides *when* an evaluation happens; this
+module knows what one costs and scores it. Under torchrun rank 0 alone
+evaluates and every measurement is broadcast, so all ranks plan alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import sizing
+from .config import TrainConfig
+from .errors import ConfigError
+from .evaluate import evaluate_ids
+from .runtime import AUTOCAST_DTYPE, DistInfo, kernels_for
+from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
+
+CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
+SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
+RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for load
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+class Validation:
+    """The validation side of one run. ``val_ids`` is the held-out part of
+    the text; ``cfg.eval_chars`` None means the slice is chosen here (and
+    written back to ``cfg``, so a checkpoint records it)."""
+
+    def __init__(self, cfg: TrainConfig, val_ids: Any, dist_info: DistInfo, device: torch.device,
+                 precision: str):
+        self.cfg = cfg
+        self.val_ids = val_ids
+        self.dist = dist_info
+        self.device = device
+        self.precision = precision
+        self.seconds_per_char = 0.0  # measured by calibrate()
+        self.auto_chars = cfg.eval_chars is None  # before calibrate() chooses it
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.val_fraction > 0
+
+    def slice(self) -> Any:
+        """What each evaluation scores: the first ``eval_chars`` of the split."""
+        n = self.cfg.eval_chars
+        return self.val_ids if not n or n >= len(self.val_ids) else self.val_ids[:n]
+
+    def chars(self) -> int:
+        return len(self.slice()) if self.enabled else 0
+
+    def seconds(self) -> float:
+        """One evaluation's predicted time (after calibrate)."""
+        return self.seconds_per_char * self.chars()
+
+    def final_reserve(self) -> float:
+        """Seconds kept back from a --time-limit for the final evaluation and save."""
+        return RESERVE_MARGIN * self.seconds() + SAVE_SECONDS
+
+    def _run(self, model: torch.nn.Module, ids: Any) -> float:
+        with kernels_for(self.device, self.precision):
+            # A NaN here is the divergence guard's to handle, not an error.
+            return evaluate_ids(model, ids, device=self.device, autocast_dtype=AUTOCAST_DTYPE[self.precision],
+                                check_finite=False).loss
+
+    def _shared(self, value: float, dtype: torch.dtype = torch.float32) -> float:
+        """Rank 0's ``value`` on every rank."""
+        if not self.dist.enabled:
+            return value
+        t = torch.tensor([value], dtype=dtype, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Validation loss over the slice, state carried; agreed by all ranks."""
+        loss = math.nan
+        if self.dist.is_main and len(self.val_ids) >= 2:
+            loss = self._run(model, self.slice())
+        return self._shared(loss)
+
+    def calibrate(self, model: torch.nn.Module) -> float:
+        """Seconds per validation character, from timing a short slice; sets
+        the automatic evaluation slice. Agreed by all ranks."""
+        cfg = self.cfg
+        spc = 0.0
+        if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or cfg.eval_chars is None):
+            n = min(len(self.val_ids), CALIBRATION_CHARS)
+            t0 = time.perf_counter()
+            self._run(model, self.val_ids[:n])
+            spc = (time.perf_counter() - t0) / n
+        spc = self._shared(spc)
+        if cfg.eval_chars is None:
+            cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
+        self.seconds_per_char = spc
+        return spc
+
+    def plan(self, budget: Budget, step: int, elapsed: float) -> tuple[float, list[str]]:
+        """Before the first step: the automatic evaluation interval where the
+        budget tells the number of steps, and the reserve for the final
+        evaluation under --time-limit (a clear error when no step can fit).
+        Returns the reserve and the notes to show."""
+        cfg = self.cfg
+        total = budget.planned_steps()
+        if cfg.eval_every is None and total is not None:
+            cfg.eval_every = auto_eval_every(total, budget.chunks_per_epoch)
+        reserve = 0.0
+        if cfg.time_limit:
+            reserve = self.final_reserve()
+            if step == 0 and reserve >= 0.5 * (cfg.time_limit - elapsed):
+                raise ConfigError(
+                    f"--time-limit {cfg.time_limit:g}s is too short to train: the final evaluation and save "
+                    f"alone take about {reserve:.1f}s here"
+                    + (f" and choosing the model took {elapsed:.1f}s" if elapsed >= 0.1 else "")
+                    + f"; give at least {self.shortest_time_limit(elapsed)}s")
+        note = patience_note(cfg, cfg.eval_every, total, step) if cfg.eval_every is not None else None
+        return reserve, [note] if note else []
+
+    def shortest_time_limit(self, setup_seconds: float) -> int:
+        """A --time-limit this run would train under, with a margin: the time
+        before the first step (``setup_seconds``; a size probe grows with the
+        budget, up to PROBE_SHARE of it) plus four times the final evaluation
+        and save, whose automatic slice also grows with the budget."""
+        cfg = self.cfg
+        val = len(self.val_ids) if self.enabled else 0
+        limit = cfg.time_limit
+        for _ in range(20):  # a fixed point: each term grows by at most a few % of the limit
+            chars = (auto_eval_chars(val, limit, self.seconds_per_char) if self.auto_chars
+                     else self.chars()) if val else 0
+            reserve = RESERVE_MARGIN * self.seconds_per_char * chars + SAVE_SECONDS
+            probe = sizing.PROBE_SHARE * limit if setup_seconds else 0.0  # a size probe ran
+            limit = max(limit, setup_seconds + probe + 4 * reserve)
+        return math.ceil(limit)
+
+    def choose_every(self, budget: Budget, step: int, elapsed: float, seconds: float, steps: int,
+                     reserve: float) -> list[str]:
+        """--time-limit with automatic --eval-every: after the first ``steps``
+        steps, which took ``seconds``, from their speed (the choice is written
+        to ``cfg`` and so recorded in the checkpoint). Returns the notes to show."""
+        cfg = self.cfg
+        per_step = seconds / max(1, steps)
+        total = step + max(0.0, cfg.time_limit - elapsed - reserve) / max(per_step, 1e-9)
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        total = self._shared(total, torch.float64)  # rank 0's measurement decides: evaluations are collective
+        cfg.eval_every = auto_eval_every(total, budget.chunks_per_epoch, self.seconds() / max(per_step, 1e-9))
+        notes = [f"evaluating every {plural(cfg.eval_every, 'step')} (about {plural(int(total), 'step')} fit "
+                 f"the budget at {per_step * 1000:.0f} ms/step)"]
+        note = patience_note(cfg, cfg.eval_every, total, step)
+        return notes + ([note] if note else [])
