@@ -543,7 +543,13 @@ def cmd_corpora(args) -> int:
     print(table)
     for m in missing:
         print(f"Error: {m}", file=sys.stderr)
-    if not missing:
+    changed = changed_texts(files, read_rows(args.results))
+    for line in changed:
+        print(f"Note: {line}", file=sys.stderr)
+    if changed:  # CORPORA.md describes the texts the results hold
+        print(f"{CORPORA_MD.relative_to(HERE.parent)} left as it is: it records the texts the results were "
+              "measured on", file=sys.stderr)
+    elif not missing:
         CORPORA_MD.parent.mkdir(parents=True, exist_ok=True)
         CORPORA_MD.write_text(CORPORA_DOC.format(table=table, val=f"{VAL_FRACTION:.0%}"))
         print(f"\nwritten to {CORPORA_MD.relative_to(HERE.parent)}")
@@ -574,6 +580,8 @@ def cmd_plan(args) -> int:
     ok, _ = done_keys(rows)
     total = 0.0
     print(_auto_note(has_size), end="")
+    for line in changed_texts(corpora, rows):
+        print(f"Note: {line}")
     for name in phases:
         cells, pending, notes = phase_cells(name, corpora, rows, args.config, seeds, has_size, args.top, args.order)
         todo = [c for c in cells if c.key not in ok] + pending
@@ -669,10 +677,50 @@ def run_cells(cells: list[Cell], results: Path, *, threads: int, retry_failed: b
     return len(todo)
 
 
+def recorded_sources(path: Path = CORPORA_MD) -> dict[tuple[str, str], str]:
+    """(corpus, first 12 hex digits of its sha256) -> the packages it was
+    built from, as CORPORA.md records them for the texts measured."""
+    out = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 9 and re.fullmatch(r"[0-9a-f]{12}", cells[5]):
+                out[(cells[0], cells[5])] = cells[7]
+    return out
+
+
+def changed_texts(corpora: list[CorpusFile], rows: list[dict], sources: Path = CORPORA_MD) -> list[str]:
+    """One line per corpus whose text here is not the one its newest results
+    were measured on (a Debian package updated since, say): the tables show
+    each corpus's newest text only, so a row for this one would hide them."""
+    out = []
+    recorded = recorded_sources(sources)
+    for corpus in corpora:
+        measured = [r for r in rows if r["corpus"] == corpus.spec.name and r["config"] != "bigram"]
+        if measured and measured[-1]["corpus_sha256"] != corpus.sha256:
+            old = measured[-1]["corpus_sha256"]
+            n = sum(r["corpus_sha256"] == old for r in measured)
+            chars = int(measured[-1].get("corpus_chars") or 0)
+            source = recorded.get((corpus.spec.name, old[:12]))
+            out.append(f"{corpus.spec.name}: this machine's text ({corpus.sha256[:12]}, {corpus.chars:,} characters"
+                       f"{', from ' + corpus.provided_by if corpus.provided_by else ''}) is not the one its "
+                       f"{n} newest results were measured on ({old[:12]}, {chars:,} characters"
+                       f"{', from ' + source + ' as ' + CORPORA_MD.name + ' records' if source else ''}); "
+                       "a row for it would start a new table for this corpus and hide those")
+    return out
+
+
 def cmd_run(args) -> int:
     if args.phase == "all":
         sys.exit("Error: run one phase at a time (--phase 1m, then 5m, then 20m): each picks from the last")
     phases, corpora, rows, seeds, has_size = _selected(args)
+    changed = changed_texts(corpora, rows)
+    if changed and not args.new_text and not args.dry_run:
+        sys.exit("Error: " + "\nError: ".join(changed) + "\nInstall the packages that built the measured "
+                 "text, leave the corpus out (--corpus), or pass --new-text to measure this text from scratch "
+                 "(the older rows stay in the file, out of the tables)")
+    for line in changed:
+        print(f"Note: {line}")
     cells, pending, notes = phase_cells(args.phase, corpora, rows, args.config, seeds, has_size, args.top,
                                         args.order)
     if pending:
@@ -833,7 +881,9 @@ def main(argv: list[str] | None = None) -> int:
                              "charnn 0.1); v0.1 always reads in order (default: "
                              "%(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("corpora", help="build the corpus suite and print its table")
+    corpora_cmd = sub.add_parser("corpora", help="build the corpus suite and print its table")
+    corpora_cmd.add_argument("--results", type=Path, default=RESULTS,
+                             help="results CSV whose texts CORPORA.md records (default: %(default)s)")
     for name in ("plan", "run"):
         s = sub.add_parser(name, parents=[common], help="the cells and their estimated time" if name == "plan"
                            else "run the cells not yet in the results")
@@ -847,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             s.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
             s.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+            s.add_argument("--new-text", action="store_true",
+                           help="run even where a corpus's text here differs from the one its results "
+                                "were measured on (its table starts again)")
             s.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
                            help="charnn --threads (default: %(default)s)")
             s.add_argument("--lock", default=LOCK, help="file locked while a cell runs; '' for none "

@@ -185,6 +185,47 @@ def test_results_resume_skips_done_cells_and_keeps_failures(tmp_path, tiny_corpu
     assert run(cells_for(other, "v0.1")) == 1
 
 
+def test_a_corpus_whose_text_changed_since_its_results_is_refused_until_asked(tmp_path, monkeypatch, capsys):
+    """A Debian package updated since the results were measured builds another
+    text (python3.11-doc did, between two sessions). The tables show each
+    corpus's newest text only, so one new row would hide every older one:
+    run refuses, naming both texts; --dry-run and plan say so and go on."""
+    monkeypatch.setenv("CHARNN_BENCH_DIR", str(tmp_path / "bench"))
+    monkeypatch.setitem(fit.BY_NAME, "tiny", spec("tiny", lambda: make_text(20_000, seed=3)))
+    results = tmp_path / "fit.csv"
+    measured = {"corpus": "tiny", "corpus_sha256": "0" * 64, "budget": "1m", "config": "v0.1", "seed": "1337",
+                "val_loss": 1.5, "corpus_chars": 19_000, "error": ""}
+    fit.append_row(results, measured)
+    fit.append_row(results, {**measured, "seed": "1"})
+    args = ["run", "--phase", "1m", "--corpus", "tiny", "--config", "v0.1", "--results", str(results)]
+    with pytest.raises(SystemExit) as e:
+        fit.main(args)
+    message = str(e.value)
+    assert message.startswith("Error: tiny: this machine's text (")
+    assert "is not the one its 2 newest results were measured on (000000000000, 19,000 characters)" in message
+    assert "--new-text" in message
+    assert len(fit.read_rows(results)) == 2  # nothing ran, not even the bigram floor
+
+    assert fit.main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Note: tiny: this machine's text" in out and "to run" in out
+    assert fit.main(["plan", "--phase", "1m", "--corpus", "tiny", "--results", str(results)]) == 0
+    assert "Note: tiny: this machine's text" in capsys.readouterr().out
+
+    # CORPORA.md's record of the measured text names the packages that built it.
+    built = fit.suite(["tiny"])
+    record = tmp_path / "CORPORA.md"
+    record.write_text("| name | role | kind | characters | vocabulary | sha256 | source | provided by | licence |\n"
+                      "| --- | --- | --- | ---: | ---: | --- | --- | --- | --- |\n"
+                      "| tiny | test | test text | 19,000 | 40 | 000000000000 | - | Debian tiny-text 1.0-1 | - |\n")
+    [line] = fit.changed_texts(built, fit.read_rows(results), record)
+    assert "(000000000000, 19,000 characters, from Debian tiny-text 1.0-1 as CORPORA.md records)" in line
+
+    # Rows of this text (the bigram's aside) make it the measured one: nothing to say.
+    fit.append_row(results, {**measured, "corpus_sha256": built[0].sha256, "corpus_chars": built[0].chars})
+    assert fit.changed_texts(built, fit.read_rows(results)) == []
+
+
 def test_table_shows_best_bigram_and_auto_gap_and_seed_spread(tmp_path):
     results = tmp_path / "fit.csv"
     base = {"corpus": "war-and-peace", "corpus_sha256": "s", "error": ""}
