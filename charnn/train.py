@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import signal
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -528,7 +529,12 @@ class Trainer:
         eval_time = None  # seconds one evaluation + save takes, measured
         consecutive_bad = 0
         window_loss, window_steps, window_chars = 0.0, 0, 0
-        window_start = probe_start = time.perf_counter()
+        window_start = loop_start = time.perf_counter()
+        # --time-limit with automatic --eval-every: the interval is chosen from the
+        # median time of the first steps, and may grow at each evaluation.
+        auto_every = cfg.eval_every is None
+        step_times: list[float] = []
+        eval_seconds = 0.0  # evaluations and saves in this loop, all told
         last_path: Path | None = None
         stopped = None
         signals = StopSignals() if self.handle_sigint else None
@@ -548,6 +554,7 @@ class Trainer:
                     self.chunk = 0
                     self.state = None
                     continue
+                t_step = time.perf_counter()
                 x, y = self.batcher.chunk(self.chunk, self.epoch)
                 n_valid = int((y != IGNORE_INDEX).sum())
                 if self.batcher.starts_block(self.chunk):  # new text in every row
@@ -555,6 +562,8 @@ class Trainer:
                 loss, norm, finite = self._train_step(x, y, n_valid)
                 self.chunk += 1
                 self.elapsed = elapsed_base + time.perf_counter() - run_start
+                if cfg.eval_every is None:
+                    step_times.append(time.perf_counter() - t_step)
                 if not finite:
                     self.nonfinite_skipped += 1
                     consecutive_bad += 1
@@ -575,8 +584,7 @@ class Trainer:
                 window_chars += n_valid
                 if cfg.eval_every is None and self.step - start_step >= SPEED_PROBE_STEPS:
                     for message in self.validation.choose_every(self.budget, self.step, self.elapsed,
-                                                                time.perf_counter() - probe_start,
-                                                                self.step - start_step, reserve):
+                                                                statistics.median(step_times), reserve):
                         self._emit("note", message=message)
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
@@ -596,7 +604,12 @@ class Trainer:
                     eval_time = time.perf_counter() - t_eval
                     self.elapsed = elapsed_base + time.perf_counter() - run_start
                     window_start += eval_time
-                    probe_start += eval_time
+                    eval_seconds += eval_time
+                    if auto_every:
+                        per_step = (time.perf_counter() - loop_start - eval_seconds) / (self.step - start_step)
+                        for message in self.validation.grow_every(self.budget, self.step, self.elapsed,
+                                                                  per_step, eval_time):
+                            self._emit("note", message=message)
                     if cfg.patience and self.evals_without_improvement >= cfg.patience:
                         stopped = "patience"
                         break

@@ -141,19 +141,43 @@ class Validation:
             limit = max(limit, setup_seconds + probe + 4 * reserve)
         return math.ceil(limit)
 
-    def choose_every(self, budget: Budget, step: int, elapsed: float, seconds: float, steps: int,
-                     reserve: float) -> list[str]:
-        """--time-limit with automatic --eval-every: after the first ``steps``
-        steps, which took ``seconds``, from their speed (the choice is written
-        to ``cfg`` and so recorded in the checkpoint). Returns the notes to show."""
+    def _interval(self, budget: Budget, step: int, elapsed: float, per_step: float,
+                  reserve: float) -> tuple[int, float]:
+        """The automatic interval for a run at ``step`` that takes ``per_step``
+        seconds a step, and the steps its --time-limit fits in all."""
         cfg = self.cfg
-        per_step = seconds / max(1, steps)
         total = step + max(0.0, cfg.time_limit - elapsed - reserve) / max(per_step, 1e-9)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
         total = self._shared(total, torch.float64)  # rank 0's measurement decides: evaluations are collective
-        cfg.eval_every = auto_eval_every(total, budget.chunks_per_epoch, self.seconds() / max(per_step, 1e-9))
+        return auto_eval_every(total, budget.chunks_per_epoch, self.seconds() / max(per_step, 1e-9)), total
+
+    def choose_every(self, budget: Budget, step: int, elapsed: float, per_step: float,
+                     reserve: float) -> list[str]:
+        """--time-limit with automatic --eval-every: after the first steps,
+        from their speed (``per_step``: the median of their times, so a pause
+        or a burst of other work in them does not multiply the evaluations).
+        The choice is written to ``cfg`` and so recorded in the checkpoint.
+        Returns the notes to show."""
+        cfg = self.cfg
+        cfg.eval_every, total = self._interval(budget, step, elapsed, per_step, reserve)
         notes = [f"evaluating every {plural(cfg.eval_every, 'step')} (about {plural(int(total), 'step')} fit "
                  f"the budget at {per_step * 1000:.0f} ms/step)"]
         note = patience_note(cfg, cfg.eval_every, total, step)
         return notes + ([note] if note else [])
+
+    def grow_every(self, budget: Budget, step: int, elapsed: float, per_step: float,
+                   reserve: float) -> list[str]:
+        """At an evaluation of a run whose interval was chosen automatically:
+        where the steps so far (``per_step``: their mean time, evaluations
+        excluded) say the budget fits more steps than the first ones did --
+        the machine was busier at the start -- the interval grows to match.
+        It never shrinks: fewer evaluations than planned cost no training time.
+        Returns the note to show, if it grew."""
+        cfg = self.cfg
+        every, total = self._interval(budget, step, elapsed, per_step, reserve)
+        if every <= cfg.eval_every:
+            return []
+        cfg.eval_every = every
+        return [f"evaluating every {plural(every, 'step')} from here: the run is faster than its first steps "
+                f"said (about {plural(int(total), 'step')} fit the budget at {per_step * 1000:.0f} ms/step)"]

@@ -4,16 +4,27 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from charnn.config import TrainConfig
-from charnn.schedule import (AUTO_WARMUP_SHARE, auto_eval_chars, auto_eval_every, lr_factor, nice_interval,
-                             nice_interval_below, patience_note, warmup_factor)
+from charnn.runtime import DistInfo
+from charnn.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
+                             nice_interval, nice_interval_below, patience_note, warmup_factor)
+from charnn.validation import Validation
 from robust_helpers import TINY_MODEL, write_corpus
 
 from conftest import invoke
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
          "--sample-every", "0"]
 
@@ -98,6 +109,58 @@ def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
     evals = [r for r in rows if "val_loss" in r]
     assert len(evals) >= 3  # chosen from the measured speed, not every 1000 steps
     assert "evaluating every" in " ".join(result.stderr.split())
+
+
+def test_a_pause_in_the_first_steps_does_not_multiply_the_evaluations(tmp_path):
+    """The automatic interval of a --time-limit run is chosen from its first
+    20 steps. A real pause there (SIGSTOP, 2 s, then SIGCONT: a laptop that
+    stalls, a burst of other work) once made them look ten times slower, so
+    the run planned a tenth of its steps and evaluated about ten times as
+    often as it should (40-odd evaluations here). The median step time
+    ignores the pause."""
+    corpus = write_corpus(tmp_path / "c.txt", n_words=100_000)  # ~600k characters: under an epoch
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "charnn", "train", str(corpus), "--hidden-size", "128",
+                             "--num-layers", "2", "--size", "fixed", "--precision", "fp32", "--device", "cpu",
+                             "--sample-every", "0", "--time-limit", "10s", "--log-every", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while not (metrics.is_file() and any(json.loads(r).get("step", 0) >= 2 and "train_loss" in r
+                                             for r in metrics.read_text().splitlines()[:5] if r.endswith("}"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    train = [r for r in rows if "train_loss" in r]  # a row per step (--log-every 1)
+    paused_at = [b["step"] for a, b in zip(train, train[1:]) if b["elapsed"] - a["elapsed"] >= 1.9]
+    assert paused_at and paused_at[0] <= 20  # the pause fell inside the steps that time the run
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(evals) <= AUTO_EVALS + 2, (len(evals), rows[-1]["step"], " ".join(err.split())[-600:])
+
+
+def test_the_automatic_interval_grows_when_the_run_turns_out_faster_and_never_shrinks():
+    cfg = TrainConfig(time_limit=100.0, eval_chars=1000)
+    v = Validation(cfg, np.zeros(5000, dtype=np.int64), DistInfo(), torch.device("cpu"), "fp32")
+    v.seconds_per_char = 1e-5  # an evaluation: 0.01 s
+    budget = Budget(cfg, chunks_per_epoch=10**6)
+    # The first steps looked slow (0.5 s): about 200 steps fit, every 50.
+    v.choose_every(budget, 20, 10.0, 0.5, 0.1)
+    assert cfg.eval_every == 50
+    # At the first evaluation the run has made 50 steps at 0.1 s: about 800 fit.
+    [note] = v.grow_every(budget, 50, 14.0, 0.1, 0.1)
+    assert cfg.eval_every == 200 and "every 200 steps from here" in note
+    # Slower again: it stays (fewer evaluations than planned cost no training).
+    assert v.grow_every(budget, 200, 40.0, 0.5, 0.1) == [] and cfg.eval_every == 200
 
 
 @pytest.mark.parametrize("value", ["two", "-1", "0x2", ""])
