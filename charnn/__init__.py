@@ -17,7 +17,7 @@ from typing import Any
 # charnn imports torch; a value the user set is kept. Costs a few % of speed.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 _EXPORTS = {
     "CharnnError": "errors", "DataError": "errors", "VocabError": "errors",

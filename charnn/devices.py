@@ -96,18 +96,38 @@ def busy_cores(window: float = 0.25) -> float:
         return 0.0
 
 
+def _env_count(name: str) -> int | None:
+    """A positive whole number from the environment, else None."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def max_threads(cores: int) -> int:
+    """Beyond this many threads OpenMP only thrashes (and 100,000 crash it)."""
+    return max(8, 4 * cores)
+
+
 def default_threads() -> int:
     """Threads for torch's CPU kernels when the user does not say.
 
-    OpenMP threads wait for each other at every operation: when another
-    process holds a core, a second thread stalls every step (4.5-23x slower
-    measured on 2 shared cores). So use only the cores that are idle now, and
-    never more than 4 (the small matrices of a char-level model gain little
-    beyond that). See the README's threads table.
+    OMP_NUM_THREADS, where set, is the user's choice (torchrun sets it to 1
+    for each rank unless told otherwise). Otherwise: OpenMP threads wait for
+    each other at every operation, so when another process holds a core a
+    second thread stalls every step (4.5-23x slower measured on 2 shared
+    cores). So use only the cores that are idle now, shared among the ranks
+    of a distributed run on this machine (LOCAL_WORLD_SIZE: two ranks of two
+    threads each on 2 cores stalled for 3 s every few steps, 85 steps in
+    20 s where one thread each made 1,201), and never more than 4 (the small
+    matrices of a char-level model gain little beyond that). See the
+    README's threads table.
     """
     cores = available_cores()
-    idle = int(cores - busy_cores() + 0.5)
-    return max(1, min(idle, cores, 4))
+    given = _env_count("OMP_NUM_THREADS")
+    if given is not None:
+        return min(given, max_threads(cores))
+    ranks = _env_count("LOCAL_WORLD_SIZE") or 1
+    idle = int((cores - busy_cores()) / ranks + 0.5)
+    return max(1, min(idle, cores // ranks, 4))
 
 
 def set_threads(requested: int | None) -> int:
@@ -117,7 +137,7 @@ def set_threads(requested: int | None) -> int:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ConfigError(f"--threads must be a positive whole number, got {requested!r}")
         cores = available_cores()
-        most = max(8, 4 * cores)  # beyond this OpenMP only thrashes (and 100,000 crashes it)
+        most = max_threads(cores)
         if requested > most:
             raise ConfigError(f"--threads {requested} is far more than the {cores} core{'' if cores == 1 else 's'} "
                               f"this process may use; pass at most {most} (or leave it out: charnn picks the "

@@ -144,6 +144,9 @@ class Trainer:
         if not (cfg.max_steps or cfg.epochs or cfg.time_limit):
             raise ConfigError("no training budget: pass --max-steps, --epochs or --time-limit")
         self.dist = setup_distributed(cfg.device)
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
+                              f"processes ({self.dist.world_size}); each takes an equal share of streams")
 
         # -- where it writes: chosen, locked and checked before reading (so the
         # corpus never includes it and no other run can take it meanwhile)
@@ -157,14 +160,38 @@ class Trainer:
             raise
 
     def _open_folder(self, resumed: ckpt_mod.Checkpoint | None, overwrite: bool) -> None:
+        """Rank 0 chooses, locks and checks the output folder; under torchrun
+        the other ranks take its choice (or its error). Checking the folder
+        themselves raced with rank 0's opening it: a busy machine made rank 1
+        find the folder rank 0 had just taken, and it refused ("already holds
+        a training run") or, for the default folder, chose the next one."""
+        cfg = self.cfg
+        failure: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                self._open_main_folder(resumed, overwrite)
+            except BaseException as e:  # the other ranks must hear of it, not wait for the folder
+                failure = e
+        if self.dist.enabled:
+            shared: list[str | None] = [None, None]
+            if self.dist.is_main:
+                shared = [None, str(failure)] if failure is not None else [str(self.out_dir), None]
+            dist.broadcast_object_list(shared, src=0)
+            if not self.dist.is_main:
+                if shared[1] is not None:
+                    raise RunFolderError(shared[1])  # (rank 0 says it)
+                self.out_dir = Path(shared[0])
+        if failure is not None:
+            raise failure
+        cfg.out = str(self.out_dir)
+
+    def _open_main_folder(self, resumed: ckpt_mod.Checkpoint | None, overwrite: bool) -> None:
         cfg = self.cfg
         requested = Path(cfg.out) if cfg.out else None
         default = Path("checkpoints") / (cfg.corpus_name or (corpus_name(cfg.corpus) if cfg.corpus else BUILTIN_NAME))
         for _ in range(100):
             self.out_dir, note = choose_out_dir(requested, default, resuming=resumed is not None,
                                                 overwrite=overwrite)
-            if not self.dist.is_main:
-                break
             step = int(resumed.train_state.get("step", 0)) if resumed is not None else None
             try:
                 self.folder = RunFolder(self.out_dir, resuming_at_step=step, overwrite=overwrite).open()
@@ -174,10 +201,8 @@ class Trainer:
                 continue  # another new run took the default folder a moment ago: the next one
             self.notes.extend([note] if note else [])
             self.notes.extend(self.folder.notes)
-            break
-        else:
-            raise RunFolderError(f"could not find a free output folder next to {default}; pass --out")
-        cfg.out = str(self.out_dir)
+            return
+        raise RunFolderError(f"could not find a free output folder next to {default}; pass --out")
 
     def _setup(self, resumed: ckpt_mod.Checkpoint | None, init_from: str | os.PathLike | None,
                overrides: dict[str, Any], extend_vocab: bool, cache: bool) -> None:
@@ -206,9 +231,6 @@ class Trainer:
         if cfg.val_fraction > 0 and len(self.val_ids) < 2:
             raise DataError(f"the corpus has {len(ids):,} characters: too few to hold out "
                             f"{cfg.val_fraction:.0%} for validation; add text or pass --val-fraction 0")
-        if cfg.batch_size % self.dist.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
-                              f"processes ({self.dist.world_size}); each takes an equal share of streams")
         if resumed is not None and cfg.shuffle is None:  # only a hand-made file: charnn records its choice
             cfg.shuffle = False
         # With the order still to choose (below), the first batch and the

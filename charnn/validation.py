@@ -73,13 +73,13 @@ class Validation:
             return evaluate_ids(model, ids, device=self.device, autocast_dtype=AUTOCAST_DTYPE[self.precision],
                                 check_finite=False).loss
 
-    def _shared(self, value: float, dtype: torch.dtype = torch.float32) -> float:
-        """Rank 0's ``value`` on every rank."""
-        if not self.dist.enabled:
-            return value
-        t = torch.tensor([value], dtype=dtype, device=self.device)
-        dist.broadcast(t, src=0)
-        return float(t.item())
+    def _shared(self, *values: float, dtype: torch.dtype = torch.float32) -> Any:
+        """Rank 0's ``values`` on every rank (one value: a float; several: a list)."""
+        if self.dist.enabled:
+            t = torch.tensor(values, dtype=dtype, device=self.device)
+            dist.broadcast(t, src=0)
+            values = tuple(t.tolist())
+        return values[0] if len(values) == 1 else list(values)
 
     def evaluate(self, model: torch.nn.Module) -> float:
         """Validation loss over the slice, state carried; agreed by all ranks."""
@@ -149,8 +149,12 @@ class Validation:
         total = step + max(0.0, cfg.time_limit - elapsed - reserve) / max(per_step, 1e-9)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        total = self._shared(total, torch.float64)  # rank 0's measurement decides: evaluations are collective
-        return auto_eval_every(total, budget.chunks_per_epoch, self.seconds() / max(per_step, 1e-9)), total
+        every = auto_eval_every(total, budget.chunks_per_epoch, self.seconds() / max(per_step, 1e-9))
+        # Rank 0's measurement decides: evaluations are collective, and every
+        # rank must evaluate at the same steps (each rank's own per_step once
+        # gave the ranks different intervals, and a run hung in its evaluation).
+        every, total = self._shared(every, total, dtype=torch.float64)
+        return int(every), total
 
     def choose_every(self, budget: Budget, step: int, elapsed: float, per_step: float,
                      reserve: float) -> list[str]:

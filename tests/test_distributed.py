@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,85 @@ def test_two_ranks_match_one_process(tmp_path):
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         ".charnn-run", ".charnn.lock", "best.pt", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@pytest.mark.parametrize("omp", [None, ""], ids=["torchrun-sets-OMP_NUM_THREADS", "OMP_NUM_THREADS-empty"])
+def test_ranks_share_the_cores_instead_of_stalling(tmp_path, omp):
+    """Two ranks under torchrun with charnn's default threads and a time
+    budget, as a user types it. Each rank once took every idle core: two
+    ranks of two threads on 2 cores, whose OpenMP threads waited on each
+    other for 3 s every few steps (85 steps in 20 s; 1,201 with one thread
+    each). Now a rank takes OMP_NUM_THREADS (torchrun sets 1 when it is not
+    set) or, with it empty, its share of the cores (LOCAL_WORLD_SIZE). The
+    check is a ratio within the run: no five steps take ten times as long as
+    five steps usually do."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 10, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["CHARNN_DATA_DIR"] = str(tmp_path / "data")
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "charnn",
+           "train", str(corpus), "--out", str(out), "--time-limit", "6s", "--hidden-size", "64",
+           "--num-layers", "2", "--size", "fixed", "--precision", "fp32", "--device", "cpu",
+           "--sample-every", "0", "--log-every", "5"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [b["elapsed"] - a["elapsed"] for a, b in zip(rows, rows[1:])
+            if "train_loss" in a and "train_loss" in b]  # five steps, no evaluation between
+    assert len(gaps) >= 10, proc.stderr[-2000:]
+    typical = sorted(gaps)[len(gaps) // 2]
+    assert max(gaps[1:]) < 10 * typical + 0.2, (typical, gaps)  # (the first five include warm-up)
+    assert rows[-1]["elapsed"] <= 6.0 + 0.5  # the budget holds, the final evaluation included
+
+
+LATE_RANK = """
+import os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from charnn.config import TrainConfig
+from charnn.train import train
+
+corpus, out = sys.argv[1], Path(sys.argv[2])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if rank == 1:  # a busy machine: rank 1 reaches the folder after rank 0 has opened it
+    deadline = time.monotonic() + 60
+    while not (out / ".charnn-run").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+result = train(TrainConfig(corpus=[corpus], out=str(out), max_steps=10, batch_size=16, seq_len=32,
+                           precision="fp32", device="cpu", eval_every=5, sample_every=0),
+               {"hidden_size": 32, "num_layers": 1}, handle_sigint=False)
+(out.parent / f"rank{rank}.txt").write_text(f"{result.step} {result.out_dir}")  # (the trainer left the group)
+"""
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_a_rank_that_reaches_the_folder_late_takes_rank_0s(tmp_path):
+    """Every rank once checked the output folder itself. On a busy machine
+    rank 1 got there after rank 0 had opened it, found "a training run" in
+    it and quit (silently: only rank 0 speaks), and torchrun killed rank 0.
+    Here rank 1 really is late (it waits for rank 0's folder before it
+    starts); the ranks must agree on rank 0's folder and train."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    script = tmp_path / "late_rank.py"
+    script.write_text(LATE_RANK, encoding="utf-8")
+    out = tmp_path / "run"
+    env = {**os.environ, "CHARNN_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(corpus), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"10 {out}"] * 2
+    assert checkpoint.load(out / "last.pt").train_state["step"] == 10
 
 
 def test_batch_size_must_split_evenly(tmp_path, monkeypatch):

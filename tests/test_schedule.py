@@ -163,6 +163,25 @@ def test_the_automatic_interval_grows_when_the_run_turns_out_faster_and_never_sh
     assert v.grow_every(budget, 200, 40.0, 0.5, 0.1) == [] and cfg.eval_every == 200
 
 
+def test_default_threads_follow_omp_num_threads_and_share_the_cores_among_local_ranks(monkeypatch):
+    from charnn.devices import available_cores, default_threads, max_threads
+
+    cores = available_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "100000")  # capped where --threads is
+    assert default_threads() == max_threads(cores)
+    for unusable in ("", "0", "2,1", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # as many ranks here as cores: one each
+        assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert 1 <= default_threads() <= min(cores, 4)
+
+
 @pytest.mark.parametrize("value", ["two", "-1", "0x2", ""])
 def test_a_malformed_world_size_is_a_clear_error(tmp_path, monkeypatch, value):
     corpus = write_corpus(tmp_path / "c.txt")

@@ -136,7 +136,8 @@ def between(low: int | float, high: int | float) -> Callable[[Any], Any]:
     return check
 
 
-THREADS_HELP = "CPU threads for torch.  [default: the idle cores, at most 4]"
+THREADS_HELP = ("CPU threads for torch.  [default: OMP_NUM_THREADS if set, else the idle cores, at most 4, "
+                "shared among torchrun's ranks on this machine]")
 
 
 def plural(n: int | float, word: str, many: str | None = None) -> str:
