@@ -680,12 +680,15 @@ def run_cells(cells: list[Cell], results: Path, *, threads: int, retry_failed: b
 def recorded_sources(path: Path = CORPORA_MD) -> dict[tuple[str, str], str]:
     """(corpus, first 12 hex digits of its sha256) -> the packages it was
     built from, as CORPORA.md records them for the texts measured."""
-    out = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 9 and re.fullmatch(r"[0-9a-f]{12}", cells[5]):
-                out[(cells[0], cells[5])] = cells[7]
+    out: dict[tuple[str, str], str] = {}
+    header: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if {"name", "sha256", "provided by"} <= set(cells):  # markdown_table's header
+            header = cells
+        elif header and len(cells) == len(header) and not cells[0].startswith("---"):
+            row = dict(zip(header, cells))
+            out[(row["name"], row["sha256"])] = row["provided by"]
     return out
 
 
@@ -705,7 +708,7 @@ def changed_texts(corpora: list[CorpusFile], rows: list[dict], sources: Path = C
             out.append(f"{corpus.spec.name}: this machine's text ({corpus.sha256[:12]}, {corpus.chars:,} characters"
                        f"{', from ' + corpus.provided_by if corpus.provided_by else ''}) is not the one its "
                        f"{n} newest results were measured on ({old[:12]}, {chars:,} characters"
-                       f"{', from ' + source + ' as ' + CORPORA_MD.name + ' records' if source else ''}); "
+                       f"{', from ' + source + ' as ' + sources.name + ' records' if source else ''}); "
                        "a row for it would start a new table for this corpus and hide those")
     return out
 

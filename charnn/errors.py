@@ -94,3 +94,9 @@ def shell_arg(value: object) -> str:
     import shlex
 
     return safe_display(shlex.quote(str(value)), limit=None)
+
+
+def plural(n: int | float, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1,000 characters``; ``many`` for irregular plurals."""
+    shown = f"{n:,}" if isinstance(n, int) else f"{n:,g}"
+    return f"{shown} {word if n == 1 else (many or word + 's')}"

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import sizing
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, plural
 from .evaluate import evaluate_ids
 from .runtime import AUTOCAST_DTYPE, DistInfo, kernels_for
 from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
@@ -26,10 +26,6 @@ from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
 SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
 RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for load
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 class Validation:
@@ -73,20 +69,21 @@ class Validation:
             return evaluate_ids(model, ids, device=self.device, autocast_dtype=AUTOCAST_DTYPE[self.precision],
                                 check_finite=False).loss
 
-    def _shared(self, *values: float, dtype: torch.dtype = torch.float32) -> Any:
-        """Rank 0's ``values`` on every rank (one value: a float; several: a list)."""
-        if self.dist.enabled:
-            t = torch.tensor(values, dtype=dtype, device=self.device)
-            dist.broadcast(t, src=0)
-            values = tuple(t.tolist())
-        return values[0] if len(values) == 1 else list(values)
+    def _shared(self, *values: float, dtype: torch.dtype = torch.float32) -> list[float]:
+        """Rank 0's ``values`` on every rank."""
+        if not self.dist.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=dtype, device=self.device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
 
     def evaluate(self, model: torch.nn.Module) -> float:
         """Validation loss over the slice, state carried; agreed by all ranks."""
         loss = math.nan
         if self.dist.is_main and len(self.val_ids) >= 2:
             loss = self._run(model, self.slice())
-        return self._shared(loss)
+        [loss] = self._shared(loss)
+        return loss
 
     def calibrate(self, model: torch.nn.Module) -> float:
         """Seconds per validation character, from timing a short slice; sets
@@ -98,7 +95,7 @@ class Validation:
             t0 = time.perf_counter()
             self._run(model, self.val_ids[:n])
             spc = (time.perf_counter() - t0) / n
-        spc = self._shared(spc)
+        [spc] = self._shared(spc)
         if cfg.eval_chars is None:
             cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
         self.seconds_per_char = spc

@@ -3,6 +3,7 @@ weights as one process with the same global batch and seed."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,8 +53,6 @@ def test_two_ranks_match_one_process(tmp_path):
     # The carried state of all 16 streams is saved, not one rank's share.
     assert ddp.train_state["carried_state"][0].shape == (2, 16, 32)
     # The logged training loss is the whole batch's, not rank 0's share of it.
-    import json
-
     def train_losses(folder):
         rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
         return [r["train_loss"] for r in rows if "train_loss" in r]
@@ -88,8 +87,6 @@ def test_ranks_share_the_cores_instead_of_stalling(tmp_path, omp):
            "--sample-every", "0", "--log-every", "5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [b["elapsed"] - a["elapsed"] for a, b in zip(rows, rows[1:])
             if "train_loss" in a and "train_loss" in b]  # five steps, no evaluation between

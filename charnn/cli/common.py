@@ -28,7 +28,7 @@ except ImportError:  # older typer runs on the click package
     from click import utils as click_utils
 from rich.console import Console
 
-from ..errors import safe_display
+from ..errors import plural, safe_display  # noqa: F401  (plural: the commands import it from here)
 from typer.core import TyperCommand
 
 # HELP CONVENTIONS (every command):
@@ -138,12 +138,6 @@ def between(low: int | float, high: int | float) -> Callable[[Any], Any]:
 
 THREADS_HELP = ("CPU threads for torch.  [default: OMP_NUM_THREADS if set, else the idle cores, at most 4, "
                 "shared among torchrun's ranks on this machine]")
-
-
-def plural(n: int | float, word: str, many: str | None = None) -> str:
-    """``1 step``, ``2 steps``, ``1,000 characters``; ``many`` for irregular plurals."""
-    shown = f"{n:,}" if isinstance(n, int) else f"{n:,g}"
-    return f"{shown} {word if n == 1 else (many or word + 's')}"
 
 
 def escape_text(text: str) -> str:

@@ -48,7 +48,7 @@ def inspect_command(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the gate saturation scatter as a PNG (needs matplotlib: pip install 'charnn[plot]').", show_default=False)] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone HTML page: the text coloured by any unit's activation, the top units per feature, the saturation scatter.", show_default=False)] = None,
     html_chars: Annotated[int, typer.Option(min=1, help="Characters shown on the --html page (the first ones; about 6 bytes per character per unit-state, e.g. 10 MB for 2,000 characters of a 2x320 LSTM).")] = HTML_CHARS_DEFAULT,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the idle cores, at most 4).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: OMP_NUM_THREADS if set, else the idle cores, at most 4).", show_default=False)] = None,
     encoding: Annotated[str, typer.Option(help="Text encoding of the files.")] = "utf-8",
     unknown: Annotated[Unknown, typer.Option(help="Characters outside the model's vocabulary: error (name them) or skip (drop them).")] = Unknown.error,
 ) -> None:

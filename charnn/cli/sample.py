@@ -78,8 +78,8 @@ def sample(
     device: Annotated[str, typer.Option(metavar="DEVICE", callback=parse_device, help=DEVICE_HELP)] = "cpu",
     threads: Annotated[Optional[int], typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
-        help="CPU threads for torch.  [default: 1 for fewer than 16 samples, else the idle "
-             "cores, at most 4]")] = None,
+        help="CPU threads for torch.  [default: 1 for fewer than 16 samples, else OMP_NUM_THREADS if "
+             "set, else the idle cores, at most 4]")] = None,
     precision: Annotated[SamplePrecision, typer.Option(
         metavar="[auto|fp32|bf16]",
         help="Weights in fp32 (exact) or bf16; auto picks bf16 only for 16 or more samples on "
