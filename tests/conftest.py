@@ -83,6 +83,44 @@ def train_tiny(corpus: Path, out: Path, model: dict[str, Any] | None = None, **c
     return Trained(out=Path(out), corpus=corpus, text=text, result=result, events=events)
 
 
+# -- The checkout is the user's: the suite must leave data/ and checkpoints/ as it found them.
+
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_GUARDED = ("data", "checkpoints")
+
+
+def _checkout_snapshot() -> dict[str, tuple[int, int]]:
+    found = {}
+    for name in _GUARDED:
+        for root, _dirs, files in os.walk(_CHECKOUT / name):
+            for f in files:
+                p = Path(root) / f
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                found[str(p.relative_to(_CHECKOUT))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._charnn_checkout = _checkout_snapshot()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = getattr(session.config, "_charnn_checkout", None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    after = _checkout_snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("FAILED: the test run changed the checkout's own files (tests must write only "
+                                "into temporary folders): " + ", ".join(changed[:20]), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory):
     """Point charnn's data folder at a temporary one for the whole session."""

@@ -26,7 +26,7 @@ OPTS = ["--max-steps", "20", "--batch-size", "16", "--seq-len", "32", "--hidden-
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_two_ranks_match_one_process(tmp_path):
+def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     env = {**os.environ, "CHARNN_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
@@ -36,13 +36,10 @@ def test_two_ranks_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("Done: 20 steps") == 1  # only rank 0 reports
 
-    os.environ["CHARNN_DATA_DIR"] = str(tmp_path / "data")
-    try:
-        train(TrainConfig(corpus=[str(corpus)], out=str(tmp_path / "one"), max_steps=20, batch_size=16,
-                          seq_len=32, precision="fp32", device="cpu", eval_every=10, sample_every=0),
-              {"hidden_size": 32, "num_layers": 2, "dropout": 0.0}, handle_sigint=False)
-    finally:
-        del os.environ["CHARNN_DATA_DIR"]
+    monkeypatch.setenv("CHARNN_DATA_DIR", str(tmp_path / "data"))
+    train(TrainConfig(corpus=[str(corpus)], out=str(tmp_path / "one"), max_steps=20, batch_size=16,
+                      seq_len=32, precision="fp32", device="cpu", eval_every=10, sample_every=0),
+          {"hidden_size": 32, "num_layers": 2, "dropout": 0.0}, handle_sigint=False)
     ddp = checkpoint.load(tmp_path / "ddp" / "last.pt")
     one = checkpoint.load(tmp_path / "one" / "last.pt")
     diff = max((ddp.data["model_state"][k] - one.data["model_state"][k]).abs().max().item()
