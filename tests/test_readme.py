@@ -68,11 +68,16 @@ def test_the_guarantees_cite_tests():
 
 # -- charnn commands ----------------------------------------------------------------
 
-def charnn_commands(text: str) -> list[list[str]]:
+def charnn_commands(text: str) -> list[tuple[list[str], bool]]:
     """Every `charnn ...` / `python3 -m charnn ...` command line in bash and
-    console blocks (a console block's `$ ` prompt dropped, output lines left)."""
+    console blocks (a console block's `$ ` prompt dropped, output lines left),
+    and every inline code span that starts with one. With each, whether it is
+    a whole command (a block's) or may be a mention (`charnn eval`, `--hidden-size H`)."""
     commands = []
-    for lang, block in re.findall(r"```(bash|console)\n(.*?)```", text, re.S):
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = [("inline", span) for span in re.findall(r"`((?:python3? -m )?charnn [^`]+)`", prose)
+             if not re.match(r"(python3? -m )?charnn [A-Z]", span)]  # `charnn COMMAND --help`: a placeholder
+    for lang, block in [*re.findall(r"```(bash|console)\n(.*?)```", text, re.S), *spans]:
         for line in block.replace("\\\n", " ").splitlines():
             if lang == "console":
                 line = line.strip()
@@ -90,13 +95,13 @@ def charnn_commands(text: str) -> list[list[str]]:
                 words = words[:cut]  # a redirection (`> s.json`) is the shell's, not the command's
                 for i, w in enumerate(words):
                     if w == "charnn" and (i == 0 or words[i - 1] in ("-m", "do", "then")):
-                        commands.append(words[i + 1:])
+                        commands.append((words[i + 1:], lang != "inline"))
                         break
     return commands
 
 
-def all_commands() -> list[tuple[str, list[str]]]:
-    return [(_rel(p), words) for p in pages() if p.is_file() for words in charnn_commands(read(p))]
+def all_commands() -> list[tuple[str, list[str], bool]]:
+    return [(_rel(p), words, whole) for p in pages() if p.is_file() for words, whole in charnn_commands(read(p))]
 
 
 def _command(name: str):
@@ -108,23 +113,24 @@ def _command(name: str):
     return group.get_command(None, name)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("page,words", all_commands(), ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else v)
-def test_every_command_shown_parses(page, words):
+@pytest.mark.parametrize("page,words,whole", all_commands(),
+                         ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else str(v))
+def test_every_command_shown_parses(page, words, whole):
     """The command exists, and its options and their values are the real ones:
     the words are parsed by the command's own click parser (types, choices,
-    ranges and callbacks), which runs nothing. A word with a shell variable
-    is checked by option name only."""
+    ranges and callbacks), which runs nothing. A mention in running text, or
+    a command with a shell variable, is checked by option names only."""
     from charnn.cli.common import click  # the click typer runs on (its own copy in new typer)
 
     if not words or words[0].startswith("-"):  # `charnn --help`, `charnn --version`
         return
     cmd = _command(words[0])
     assert cmd is not None, f"{page} shows `charnn {words[0]}`, which does not exist"
-    options = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+    options = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
     for w in words[1:]:
         if w.startswith("-") and not re.fullmatch(r"-\d.*", w):
             assert w.split("=")[0] in options, f"{page}: `charnn {words[0]}` has no option {w}"
-    if any("$" in w for w in words):
+    if not whole or any("$" in w for w in words):
         return
     try:
         cmd.make_context(words[0], list(words[1:]), resilient_parsing=False)
@@ -135,8 +141,8 @@ def test_every_command_shown_parses(page, words):
 
 
 def test_the_docs_show_commands():
-    assert len(all_commands()) >= 40
-    assert {w[0] for _, w in all_commands() if w} >= {"train", "sample", "eval", "inspect", "serve", "info"}
+    assert sum(whole for *_, whole in all_commands()) >= 40
+    assert {w[0] for _, w, _ in all_commands() if w} >= {"train", "sample", "eval", "inspect", "serve", "info"}
 
 
 # -- links ----------------------------------------------------------------------------
