@@ -71,13 +71,15 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no step budget
     epochs: float = 0.0  # 0 = no epoch budget
     time_limit: float = 0.0  # seconds of training, 0 = no time budget
-    # Steps between evaluations and checkpoints. None = automatic: about ten
-    # evaluations per run (25..1000 steps apart); for --time-limit it is set
-    # from the measured speed after the first steps.
+    # Steps between evaluations and checkpoints. None = automatic: about
+    # schedule.AUTO_EVALS (8) evaluations per run, at most MAX_EVAL_EVERY (1000)
+    # steps apart; for --time-limit it is set from the measured speed after the
+    # first steps.
     eval_every: int | None = None
     # Validation characters scored by each evaluation during training (the
     # start of the split; `charnn eval` scores all of it). None = automatic:
-    # at most 200k, and for --time-limit no more than ~5% of the budget.
+    # at most 200k, and for --time-limit no more than one evaluation can score
+    # in schedule.EVAL_BUDGET_SHARE (2%) of the budget.
     eval_chars: int | None = None
     log_every: int = 10  # steps between progress updates / log rows
     patience: int = 0  # stop after this many evaluations without improvement (0 = off)

@@ -121,3 +121,34 @@ def test_loss_curves_and_vocab_escaping():
             {"step": 20, "val_loss": 2.5, "val_bpc": 3.6}, {"step": 20, "train_loss": 2.7}]
     assert loss_curves(rows) == ([(10, 3.0), (20, 2.7)], [(20, 2.5)])
     assert escape_vocab(["a", "\n", "\\", "\x00", " "]) == "a\\n\\\\\\u0000 "
+
+
+def test_info_fits_80_columns_and_says_what_none_means(tmp_path):
+    """A vocabulary of thousands and a long size_reason are folded to the
+    terminal's width (the vocabulary cut after a few lines, saying how many
+    more --json holds); an automatic option (None) reads "auto"."""
+    chars = sorted({chr(0x4E00 + i) for i in range(3000)} | set("\nab\\ \u200b"))
+    tok = CharTokenizer(chars)
+    model = CharRNN(ModelConfig(vocab_size=len(chars), embedding_dim=3, hidden_size=5, num_layers=1))
+    reason = ("900k chars, 4.5 min = ~3,411 steps = 3.88 epochs -> 2x256 (2x320 would get 2,393 steps, "
+              "it needs about 4,263), dropout 0.1")
+    path = save(build_payload(model, tok, train_config={"warmup_steps": None, "size_reason": reason,
+                                                        "corpus": ["/a/" + "long-folder-name/" * 8 + "t.txt"]},
+                              train_state={"step": 3}), tmp_path / "wide.pt")
+    result = CliRunner().invoke(app, ["info", str(path)], env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    from rich.cells import cell_len
+
+    lines = result.stdout.splitlines()
+    assert max(cell_len(line) for line in lines) <= 80, [line for line in lines if cell_len(line) > 80]
+    vocab = [line for line in lines if line.startswith("vocabulary")]
+    assert vocab and f"{len(chars):,} characters: \\n \\\\ab\\u200b" in vocab[0]
+    block = lines[lines.index(vocab[0]):lines.index(vocab[0]) + 4]
+    assert all(line.startswith(" " * 12) for line in block[1:])
+    more = int(block[-1].split("… ")[1].split(" more")[0].replace(",", ""))
+    shown = "".join(line[12:] for line in block).split(": ", 1)[1].split(" …")[0]
+    assert shown.endswith(chars[len(chars) - more - 1])  # the count names exactly what is not shown
+    assert "--json lists them all" in block[-1] and not lines[lines.index(vocab[0]) + 4].startswith(" ")
+    assert "  warmup_steps     auto" in lines
+    joined = " ".join(line.strip() for line in result.stdout.splitlines())
+    assert reason in joined  # folded, not cut: every word is there

@@ -40,6 +40,7 @@ def test_the_same_command_twice_never_replaces_the_first_run(tmp_path, monkeypat
     assert second.exit_code == 0, second.output
     text = " ".join(second.stderr.split())
     assert "checkpoints/notes holds an earlier run; writing to checkpoints/notes-2/" in text, text
+    assert text.count("writing to checkpoints/notes-2/") == 1, text  # the folder is named once
     assert "Next: charnn sample checkpoints/notes-2/best.pt" in text
     assert digest(tmp_path / "checkpoints" / "notes") == before  # untouched, metrics.jsonl included
     assert (tmp_path / "checkpoints" / "notes-2" / "best.pt").is_file()

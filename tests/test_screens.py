@@ -22,9 +22,8 @@ from rich.console import Console
 from conftest import assert_clean_error, invoke
 
 REPO = Path(__file__).resolve().parents[1]
-# Commands whose help follows every convention (see charnn/cli/common.py);
-# every other command is held to the 80-column basics.
-CONVENTIONAL = {"charnn", "train", "sample", "eval", "info"}
+# Every command's help follows the conventions in charnn/cli/common.py.
+CONVENTIONAL = {"charnn", "train", "sample", "eval", "info", "inspect", "serve"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -92,6 +91,17 @@ def test_help_has_one_default_style_and_named_values(helps):
     for name in ("sample", "eval", "info"):
         assert "CHECKPOINT" in helps[name]
     assert "[default: 0.8]" in helps["sample"] and "[default: 500]" in helps["sample"]
+
+
+def test_train_help_states_the_automatic_values_the_code_uses(helps):
+    from charnn import schedule
+
+    text = " ".join(helps["train"].split())
+    assert (f"[default: {schedule.AUTO_WARMUP_STEPS} steps or {schedule.AUTO_WARMUP_SHARE:.0%} of the budget, "
+            "whichever is shorter]") in text, text
+    assert (f"[default: about {schedule.AUTO_EVALS} times per run, at most every {schedule.MAX_EVAL_EVERY:,} "
+            "steps]") in text, text
+    assert f"[default: up to {schedule.AUTO_EVAL_CHARS:,}, fewer" in text, text
 
 
 def test_help_descriptions_get_room(helps):
@@ -398,6 +408,11 @@ def test_eval_without_files_says_what_it_scored(trained):
     assert re.search(r" \(last 10%, [\d,]+ characters\)$", first), first
     data = json.loads(invoke("eval", trained.best, "--json").stdout)
     assert data["scored"] == first.split(None, 1)[1]
+    # The header counts what the table counts: the characters scored (the
+    # split's first character is only context).
+    header = int(re.search(r"([\d,]+) characters\)$", first).group(1).replace(",", ""))
+    counted = re.search(r"^characters  ([\d,]+)$", result.stdout, re.M).group(1)
+    assert header == int(counted.replace(",", "")) == data["chars"], (first, counted)
 
 
 def test_eval_singular_and_plural(trained, tmp_path):

@@ -83,7 +83,9 @@ def evaluate(
         with _working(f"reading {plural(len(files), 'file')}" if files else "reading the training corpus"):
             texts = load_eval_texts(tokenizer, ckpt, [str(f) for f in files or []], encoding=encoding,
                                     unknown=unknown.value)
-        scored = describe_split(ckpt.train_config, len(texts[0].ids)) if not files else None
+        # The first character is only context, so the split's length less one
+        # is what the table below counts as scored.
+        scored = describe_split(ckpt.train_config, max(0, len(texts[0].ids) - 1)) if not files else None
         with _working(f"scoring {scored or plural(sum(len(t.ids) for t in texts), 'character')}"):
             report = evaluate_texts(model, texts)
         data: dict[str, Any] = report.to_dict()
@@ -118,7 +120,7 @@ def evaluate(
 
 def describe_split(train_config: dict, chars: int) -> str:
     """What ``eval`` scores without files: "validation split of stdlib
-    (last 10%, 40,000 characters)"."""
+    (last 10%, 40,000 characters)", ``chars`` being the characters scored."""
     cfg = train_config if isinstance(train_config, dict) else {}
     name = cfg.get("corpus_name")
     paths = cfg.get("corpus") or []

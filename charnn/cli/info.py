@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.cells import cell_len
 
 from .common import app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command, stdout
+
+LABEL_W = 12  # "vocabulary  ": the first column of the header lines
+KEY_W = 16  # an option's name, after two spaces of indent
+VOCAB_LINES = 4  # a vocabulary of thousands (Chinese poems: 2,841) would fill the screen; --json lists it all
 
 # ---------------------------------------------------------------------------
 # info
@@ -55,12 +60,12 @@ def info(
             stdout.write(dumps(data) + "\n")
             return
         out = out_console()
-        lines = [f"checkpoint  {escape_text(str(checkpoint))}",
+        lines = [_folded("checkpoint  ", escape_text(str(checkpoint)), out),
                  f"            format {data['format_version']}, charnn {escape_text(str(data['charnn_version']))}, "
                  f"created {escape_text(str(data['created']))}",
                  f"model       {mc.cell} {mc.num_layers}x{mc.hidden_size}, embedding {mc.embedding_dim}, "
                  f"dropout {mc.dropout}, {plural(params, 'parameter')}",
-                 f"vocabulary  {plural(mc.vocab_size, 'character')}: {escape_vocab(ckpt.tokenizer.chars)}"]
+                 *_vocab_lines(ckpt.tokenizer.chars, plural(mc.vocab_size, "character"), out.width, escape_vocab)]
         if ts:
             # The metrics rows carry the fractional epoch; train_state counts whole ones.
             epoch = next((r["epoch"] for r in reversed(ckpt.metrics) if isinstance(r.get("epoch"), (int, float))),
@@ -87,7 +92,9 @@ def info(
                     shown = "(built-in corpus)"
                 if k.endswith("_hash") and isinstance(v, str) and len(v) > 16:
                     shown = v[:16] + "…"  # enough to compare by eye; --json has it whole
-                out.print(f"  {escape_text(str(k)):<16} {escape_text(str(shown))}", markup=False)
+                if v is None:
+                    shown = "auto"  # an option left to the run (warmup_steps: the automatic warmup)
+                out.print(_folded(f"  {escape_text(str(k)):<{KEY_W}} ", escape_text(str(shown)), out), markup=False)
         chart = text_chart(train_curve, val_curve)
         if chart:
             out.print("loss curve", markup=False)
@@ -96,3 +103,36 @@ def info(
             out.print("loss curve  none recorded", markup=False)
 
     run_command(body)
+
+
+def _vocab_lines(chars: list[str], count: str, width: int, escape: Any) -> list[str]:
+    """``vocabulary  N characters: abc...`` folded to the terminal's width
+    (an escape such as ``\\n`` is never split), at most VOCAB_LINES lines: a
+    longer vocabulary ends with how many characters are not shown."""
+    room = max(30, width - LABEL_W)
+    rows: list[list[str]] = [[f"{count}: "]]
+    for c in chars:
+        piece = escape([c])
+        if cell_len("".join(rows[-1]) + piece) > room:
+            rows.append([])
+        rows[-1].append(piece)
+    if len(rows) > VOCAB_LINES:
+        rows = rows[:VOCAB_LINES]
+        last = rows[-1]
+        while True:
+            hidden = len(chars) - sum(len(r) for r in rows) + 1  # the count is not a character
+            tail = f" … {hidden:,} more (--json lists them all)"
+            if cell_len("".join(last) + tail) <= room or len(last) <= 1:
+                break
+            last.pop()
+        last.append(tail)
+    return [("vocabulary  " if k == 0 else " " * LABEL_W) + "".join(r).rstrip() for k, r in enumerate(rows)]
+
+
+def _folded(head: str, value: str, out: Any) -> str:
+    """``head`` then ``value``, folded to the terminal's width under itself
+    (size_reason, corpus lists and paths run to 170 columns)."""
+    from rich.text import Text
+
+    rows = [r.plain.rstrip() for r in Text(value).wrap(out, max(20, out.width - len(head)), overflow="fold")]
+    return "\n".join((head if k == 0 else " " * len(head)) + row for k, row in enumerate(rows or [""])).rstrip()

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .common import Unknown, app, err, run_command
+from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command
 
 MAX_CHARS_DEFAULT = 100_000  # characters inspected (correlations, saturation)
 HTML_CHARS_DEFAULT = 2_000  # characters shown on the --html page (its size grows with them)
@@ -39,18 +39,44 @@ def _check_features(values: Optional[list[str]]) -> Optional[list[str]]:
 
 @app.command("inspect")
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by charnn train.", show_default=False)],
-    files: Annotated[Optional[list[Path]], typer.Argument(help="Text files to run the model over, read one after another. None: the checkpoint's own validation split.", show_default=False)] = None,
-    max_chars: Annotated[int, typer.Option(min=2, help="Characters inspected, from the start of the text.")] = MAX_CHARS_DEFAULT,
-    feature: Annotated[Optional[list[str]], typer.Option("--feature", help="Your own feature, NAME=REGEX: 1 on the characters inside a match (^ and $ match at line breaks). Repeatable.", callback=_check_features, show_default=False)] = None,
-    top: Annotated[int, typer.Option(min=1, max=100, help="Units listed per feature (each unit once, with h or c, whichever tracks it better).")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: chars, features with their top units, gate saturation.")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the gate saturation scatter as a PNG (needs matplotlib: pip install 'charnn[plot]').", show_default=False)] = None,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone HTML page: the text coloured by any unit's activation, the top units per feature, the saturation scatter.", show_default=False)] = None,
-    html_chars: Annotated[int, typer.Option(min=1, help="Characters shown on the --html page (the first ones; about 6 bytes per character per unit-state, e.g. 10 MB for 2,000 characters of a 2x320 LSTM).")] = HTML_CHARS_DEFAULT,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: OMP_NUM_THREADS if set, else the idle cores, at most 4).", show_default=False)] = None,
-    encoding: Annotated[str, typer.Option(help="Text encoding of the files.")] = "utf-8",
-    unknown: Annotated[Unknown, typer.Option(help="Characters outside the model's vocabulary: error (name them) or skip (drop them).")] = Unknown.error,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
+                                               help="A checkpoint written by charnn train.")],
+    files: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="FILE", show_default=False,
+        help="Text files to run the model over, read one after another.  [default: the validation "
+             "split of the checkpoint's corpus]")] = None,
+    max_chars: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(2),
+        help="Characters inspected, from the start of the text.")] = MAX_CHARS_DEFAULT,
+    feature: Annotated[Optional[list[str]], typer.Option(
+        "--feature", metavar="NAME=REGEX", callback=_check_features, show_default=False,
+        help="Your own feature: 1 on the characters inside a match of REGEX (^ and $ match at line "
+             "breaks). Repeatable.")] = None,
+    top: Annotated[int, typer.Option(
+        metavar="N", callback=between(1, 100),
+        help="Units listed per feature, 1 to 100 (each unit once, with h or c, whichever tracks it "
+             "better).")] = 4,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object: chars, features with their top units, gate saturation.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", metavar="FILE", show_default=False,
+        help="Write the gate saturation scatter as a PNG image (needs matplotlib: "
+             "pip install 'charnn[plot]').")] = None,
+    html: Annotated[Optional[Path], typer.Option(
+        "--html", metavar="FILE", show_default=False,
+        help="Write a standalone HTML page: the text coloured by any unit's activation, the top units "
+             "per feature, the saturation scatter.")] = None,
+    html_chars: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1),
+        help="Characters shown on the --html page, from the start (its size grows with them: about "
+             "10 MB for 2,000 characters of a 2x320 LSTM).")] = HTML_CHARS_DEFAULT,
+    threads: Annotated[Optional[int], typer.Option(
+        metavar="N", callback=at_least(1), show_default=False, help=THREADS_HELP)] = None,
+    encoding: Annotated[str, typer.Option(metavar="NAME", help="Text encoding of the files.")] = "utf-8",
+    unknown: Annotated[Unknown, typer.Option(
+        metavar="[error|skip]",
+        help="Characters outside the model's vocabulary: error (name them) or skip (drop "
+             "them).")] = Unknown.error,
 ) -> None:
     """What the model's units do: for each feature of the text (position in the line, inside a
     string, bracket depth, indent, inside a comment, inside a word, your own regexes) the units

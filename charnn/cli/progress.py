@@ -194,7 +194,9 @@ class TrainReporter:
         self.print(f"device {e['device']}, precision {e['precision']}"
                    + (f", {e['world_size']} processes" if e.get("world_size", 1) > 1 else "")
                    + (f"; resuming at step {e['resumed_at']:,}" if e.get("resumed_at") else ""), wrap=True)
-        self.print(f"writing to {e['out_dir']}/")
+        where = f"writing to {e['out_dir']}/"
+        if not any(where in str(note) for note in e.get("notes") or []):  # said by the note that moved on to NAME-2/
+            self.print(where)
         for line in e.get("changed") or []:
             self.print(f"changed on resume: {line}", wrap=True)
         self._refresh()

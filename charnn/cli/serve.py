@@ -34,7 +34,7 @@ def serve(
     threads: Annotated[int, typer.Option(
         metavar="N", callback=at_least(1),
         help="CPU threads for torch. 1 leaves a core for HTTP, and rounds the batched numbers as charnn "
-             "sample does (see the README).")] = 1,
+             "sample does (see docs/serve.md).")] = 1,
     batch_in_process: Annotated[bool, typer.Option(
         "--batch-in-process",
         help="Step each model's batch on a thread of the server process instead of a child process of its "

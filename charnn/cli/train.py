@@ -17,6 +17,7 @@ import typer
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError, safe_display, shell_arg
+from ..schedule import AUTO_EVAL_CHARS, AUTO_EVALS, AUTO_WARMUP_SHARE, AUTO_WARMUP_STEPS, MAX_EVAL_EVERY
 from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
@@ -117,14 +118,15 @@ def train(
     warmup_steps: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(0), show_default=False,
         help="Steps of linear learning-rate warmup before the cosine decay."
-             + _d("100 steps or 5% of the budget, whichever is shorter"))] = None,
+             + _d(f"{AUTO_WARMUP_STEPS} steps or {AUTO_WARMUP_SHARE:.0%} of the budget, whichever is shorter"))] = None,
     eval_every: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
-        help="Evaluate and save every N steps." + _d("about 8 times per run, at most every 1000 steps"))] = None,
+        help="Evaluate and save every N steps."
+             + _d(f"about {AUTO_EVALS} times per run, at most every {MAX_EVAL_EVERY:,} steps"))] = None,
     eval_chars: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(0), show_default=False,
         help="Validation characters each evaluation scores (the start of the split; charnn eval scores "
-             "it all); 0 is the whole split." + _d("up to 200,000, fewer if a --time-limit is short"))] = None,
+             "it all); 0 is the whole split." + _d(f"up to {AUTO_EVAL_CHARS:,}, fewer if a --time-limit is short"))] = None,
     log_every: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False,
         help="Progress update and metrics row every N steps." + _d(_TD.log_every))] = None,
