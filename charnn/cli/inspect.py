@@ -47,6 +47,7 @@ def inspect_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: chars, features with their top units, gate saturation.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the gate saturation scatter as a PNG (needs matplotlib: pip install 'charnn[plot]').", show_default=False)] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone HTML page: the text coloured by any unit's activation, the top units per feature, the saturation scatter.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --html and --plot replace an existing file of another kind (not an HTML page, not a PNG image) or one this command reads (an earlier page or plot is replaced without it).")] = False,
     html_chars: Annotated[int, typer.Option(min=1, help="Characters shown on the --html page (the first ones; about 6 bytes per character per unit-state, e.g. 10 MB for 2,000 characters of a 2x320 LSTM).")] = HTML_CHARS_DEFAULT,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: OMP_NUM_THREADS if set, else the idle cores, at most 4).", show_default=False)] = None,
     encoding: Annotated[str, typer.Option(help="Text encoding of the files.")] = "utf-8",
@@ -67,6 +68,15 @@ def inspect_command(
         from ..inspection import inspect
         from ..report import write_text
 
+        from ..outputs import check_output
+
+        inputs = [checkpoint, *(files or [])]
+        if plot is not None:
+            check_output(plot, "png", "--plot", inputs=inputs, overwrite=overwrite)
+        if html is not None:
+            check_output(html, "html", "--html", inputs=inputs, overwrite=overwrite)
+        if plot is not None and html is not None and plot.resolve() == html.resolve():
+            raise CharnnError("--plot and --html name the same file; give each its own")
         n_threads = set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint)
         if plot is not None:
