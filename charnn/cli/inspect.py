@@ -85,7 +85,7 @@ def inspect_command(
                                   "--plot applies to LSTM and GRU models")
             pyplot()  # fail now, not after the run, when matplotlib is missing
         texts = load_eval_texts(tokenizer, ckpt, [str(f) for f in files or []], encoding=encoding,
-                                unknown=unknown.value)
+                                unknown=unknown.value, max_chars=max_chars)
         ids = np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in texts])[:max_chars]
         source = ", ".join(t.name for t in texts)
         mc = ckpt.model_config
