@@ -91,3 +91,35 @@ def test_bad_bytes_far_into_the_file_name_their_offset(tmp_path):
     p.write_bytes(b"a" * 100_000 + b"\xff" + b"b" * 10)
     with pytest.raises(DataError, match="offset 100000"):
         list(iter_text(p))
+
+
+def test_truncating_the_encoding_cache_during_training_does_not_kill_the_run(tmp_path):
+    """The encoded-corpus cache (charnn.data) was memory-mapped: truncating
+    its .npy while a run trained on it ended the run with SIGBUS and no
+    message. A real run, a real truncation mid-run; the run finishes."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CHARNN_DATA_DIR": str(tmp_path / "d")}
+    (tmp_path / "t.txt").write_text(make_text(400_000), encoding="utf-8")
+    args = [sys.executable, "-m", "charnn", "train", "t.txt", "--hidden-size", "8", "--num-layers", "1",
+            "--embedding-dim", "4", "--batch-size", "64", "--seq-len", "64", "--sample-every", "0",
+            "--eval-every", "100000"]
+    first = subprocess.run([*args, "--out", "a", "--max-steps", "1"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    (entry,) = (tmp_path / "d").rglob("*.npy")
+    run = subprocess.Popen([*args, "--out", "b", "--max-steps", "300", "--log-every", "1"], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "b" / "metrics.jsonl").exists() or not (tmp_path / "b" / "metrics.jsonl").stat().st_size:
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        os.truncate(entry, 128)  # what `cp other.npy entry` or a full disk leaves
+        _, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != -signal.SIGBUS, "killed by SIGBUS"
+    assert run.returncode == 0, err
