@@ -29,7 +29,12 @@ from .safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_P
 from .tokenizer import CharTokenizer
 
 FORMAT = "charnn-checkpoint"
-FORMAT_VERSION = 1
+# 2: the vocabulary is an int32 tensor of code points (1: a list of one-character
+# strings, which put 100k characters past the object-pickle cap); files of
+# format 1 load through _vocab_chars. A charnn that reads only format 1 refuses
+# format 2 by its version check, so an older charnn never resumes a newer run
+# (its reading order, for one) with part of the run ignored.
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "format_version", "model_config", "vocab", "model_state")
 
 
@@ -71,7 +76,7 @@ def build_payload(
         "charnn_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_config": model.config.to_dict(),
-        "vocab": tokenizer.to_list(),
+        "vocab": vocab_tensor(tokenizer),
         "model_state": model_state,
         "train_config": dict(train_config or {}),
         "train_state": dict(train_state or {}),
@@ -82,6 +87,15 @@ def build_payload(
     if scheduler_state is not None:
         payload["scheduler_state"] = scheduler_state
     return payload
+
+
+def vocab_tensor(tokenizer: CharTokenizer) -> torch.Tensor:
+    """The vocabulary as the checkpoint stores it: code points, index = token id.
+
+    A tensor, not a list of strings: its bytes go to a storage member (4 per
+    character, bounded by the file's size) instead of the object pickle, whose
+    cap keeps crafted files cheap to refuse."""
+    return torch.tensor([ord(c) for c in tokenizer.chars], dtype=VOCAB_DTYPE)
 
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -128,7 +142,13 @@ def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 #    compared with the stored tensors, so no model is ever built from sizes
 #    the file does not back with data.
 
-MAX_PICKLE_BYTES = 512 << 10  # data.pkl: a real one with 2000 metric rows is ~180 kB; parsing the largest allowed takes ~1 s
+# The object pickle holds only what a run writes besides tensors: at most
+# MAX_METRIC_ROWS metric rows (the trainer thins them; a row pickles to at most
+# ~110 bytes, measured in tests/test_checkpoint_limits.py), the options (a few
+# kB), train_state's counters and about 100 resume notes of at most 300
+# characters (charnn.train). The vocabulary and weights are tensors, outside it.
+MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
+MAX_PICKLE_BYTES = 512 << 10  # ~2x the largest a run writes; parsing the largest allowed takes ~1 s
 MAX_MEMBERS = 10_000  # zip members (a real checkpoint has ~50)
 MAX_SMALL_MEMBER = 4096  # bytes of torch's own small records (version, byteorder, ...)
 MAX_NODES = 100_000  # references walked in the metadata, counting repeats (a full 2000-row history: ~33k)
@@ -137,6 +157,7 @@ MAX_STRING = 4096  # characters in one string (PATH_MAX)
 MAX_TOTAL_CHARS = 4_000_000  # characters in all strings, counting repeats
 MAX_KEY_CHARS = 200  # a weight's name
 MAX_VOCAB = 0x110000  # every Unicode code point
+VOCAB_DTYPE = torch.int32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DATA_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 _SMALL_RECORDS = {"version", "byteorder", ".format_version", ".storage_alignment"}
@@ -339,8 +360,21 @@ def _check_plain(obj: Any, where: str, path: Path, budget: _Budget, tensors: boo
     budget.nodes = nodes
 
 
-def _check_vocab(vocab: Any, path: Path) -> None:
-    """A list of single characters, checked before anything prints an entry."""
+def _vocab_chars(vocab: Any, version: int, path: Path) -> list[str]:
+    """The vocabulary's characters, checked before anything prints an entry:
+    format 2's tensor of code points, or format 1's list of characters."""
+    if version >= 2:
+        if not isinstance(vocab, torch.Tensor):
+            raise CheckpointError(f"{path}: vocab is not a tensor of code points")
+        _check_tensor(vocab, "vocab", path, (VOCAB_DTYPE,))
+        if vocab.dim() != 1:
+            raise CheckpointError(f"{path}: vocab has shape {tuple(vocab.shape)}; it must be a list of code points")
+        if vocab.numel() > MAX_VOCAB:
+            raise _untrusted(path, f"a vocabulary of {vocab.numel():,} entries; Unicode has {MAX_VOCAB:,} code points")
+        if vocab.numel() and (int(vocab.min()) < 0 or int(vocab.max()) >= MAX_VOCAB):
+            raise CheckpointError(f"{path}: invalid vocabulary: an entry is not a Unicode code point "
+                                  f"(0 to {MAX_VOCAB - 1:#x})")
+        return [chr(p) for p in vocab.tolist()]
     if not isinstance(vocab, list):
         raise CheckpointError(f"{path}: vocab is not a list of characters")
     if len(vocab) > MAX_VOCAB:
@@ -350,6 +384,7 @@ def _check_vocab(vocab: Any, path: Path) -> None:
             shown = repr(ch) if isinstance(ch, str) else f"a {type(ch).__name__}"
             raise CheckpointError(f"{path}: invalid vocabulary: entry {i} is {safe_display(shown, 40)}; "
                                   "vocab entries must be single characters")
+    return list(vocab)
 
 
 def _check_model_config(mc: Any, path: Path) -> ModelConfig:
@@ -427,7 +462,7 @@ def validate(data: Any, path: str | os.PathLike = "checkpoint") -> Checkpoint:
     if not all(isinstance(k, str) for k in data) or len(data) > 64:
         raise _untrusted(path, "unexpected top-level entries")
     config = _check_model_config(data["model_config"], path)
-    _check_vocab(data["vocab"], path)
+    chars = _vocab_chars(data["vocab"], version, path)
     budget = _Budget()
     for key, value in data.items():
         if key in ("vocab", "model_state"):
@@ -447,7 +482,7 @@ def validate(data: Any, path: str | os.PathLike = "checkpoint") -> Checkpoint:
                                                 for v in row.values()):
             raise CheckpointError(f"{path}: metrics must be a list of flat rows of numbers")
     try:
-        tokenizer = CharTokenizer(data["vocab"])
+        tokenizer = CharTokenizer(chars)
     except (CharnnError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid vocabulary: {safe_display(e)}") from None
     if tokenizer.vocab_size != config.vocab_size:

@@ -2,11 +2,11 @@
 
 Text flows one way: files -> normalised text (:mod:`charnn.reading`, what a
 corpus folder contributes) -> integer ids (a compact numpy array,
-memory-mapped from a cache for big corpora) -> (B, T) batches.
+read back from a cache for big corpora) -> (B, T) batches.
 
 The encoded-corpus cache
 ------------------------
-``encode_corpus`` keeps the ids of a corpus as a memory-mapped ``.npy`` under
+``encode_corpus`` keeps the ids of a corpus as a ``.npy`` (read into memory, never mapped) under
 ``data_dir()/.cache``, named by the text's hash, the vocabulary's hash and a
 SHA-256 checksum of the ids themselves. An entry is used only if its dtype,
 shape, id range (every id < vocabulary size) and checksum match and it agrees
@@ -171,7 +171,7 @@ def _atomic_write_text(target: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Encoding (with a memory-mapped cache) and splitting
+# Encoding (with a cache) and splitting
 # ---------------------------------------------------------------------------
 
 CACHE_MAX_ENTRIES = 8  # encoded corpora kept under data_dir()/.cache ...
@@ -194,7 +194,7 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True, 
                   progress: Progress | None = None) -> np.ndarray:
     """The corpus as ids. With ``cache``, the array is stored once as a ``.npy``
     under ``data_dir()/.cache`` keyed by the text's and the vocabulary's hashes,
-    and read back memory-mapped; an entry that does not match is rebuilt, and
+    and read back into memory; an entry that does not match is rebuilt, and
     the cache stays within its bounds (see the module docstring)."""
     status = Status(progress)
 
@@ -216,13 +216,13 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True, 
     try:
         _atomic_write(path, lambda f: np.save(f, ids), suffix=".npy")
         _prune_cache(folder, keep=path)
-        return np.load(path, mmap_mode="r")
     except (OSError, ValueError):
-        return ids  # a read-only or full disk (or a concurrent prune) only costs the cache
+        pass  # a read-only or full disk (or a concurrent prune) only costs the cache
+    return ids
 
 
 def _cache_lookup(folder: Path, key: str, text: str, tokenizer: CharTokenizer) -> np.ndarray | None:
-    """A verified entry for ``key``, memory-mapped, its use recorded in its
+    """A verified entry for ``key``, read into memory, its use recorded in its
     mtime; entries that fail verification are deleted."""
     try:
         candidates = sorted(folder.glob(f"{key}-*.npy"))
@@ -251,7 +251,10 @@ def _verified_entry(path: Path, text: str, tokenizer: CharTokenizer) -> np.ndarr
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return None
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        # Read, not memory-mapped: a cache file truncated or replaced while a
+        # run trains on it would kill the run with SIGBUS; an encoded text
+        # costs no more memory than encoding it afresh would.
+        ids = np.load(path, allow_pickle=False)
     except Exception:  # noqa: BLE001 - any unreadable or crafted file is just a cache miss
         return None
     if not isinstance(ids, np.ndarray) or ids.shape != (len(text),):

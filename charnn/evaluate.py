@@ -12,6 +12,7 @@ negligible, which the tests check against the single-stream figure.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,9 +183,13 @@ class EvalReport:
 
 
 def load_eval_texts(tokenizer, checkpoint, files: list[str], encoding: str = "utf-8",
-                    unknown: str = "error") -> list[EvalText]:
+                    unknown: str = "error", max_chars: int | None = None) -> list[EvalText]:
     """Each of ``files`` as its own text (a folder counts as one text, its files
     joined), or with no files the checkpoint's validation split.
+
+    ``max_chars``: only the first ones (of all texts together) are wanted;
+    files are then read incrementally and no further than that (folders and
+    the validation split are read whole and cut).
 
     ``unknown="error"`` raises :class:`VocabError` naming the file and the
     characters the vocabulary lacks; ``"skip"`` drops them and counts them.
@@ -197,18 +202,47 @@ def load_eval_texts(tokenizer, checkpoint, files: list[str], encoding: str = "ut
         texts = [EvalText("validation split", np.asarray(ids))]
     else:
         texts = []
+        left = max_chars
         for f in files:
+            if left is not None and left <= 0:
+                break
+            if left is not None and os.path.isfile(f):
+                texts.append(_head_of(f, tokenizer, encoding, unknown, left))
+                left -= len(texts[-1].ids)
+                continue
             text = read_corpus([f], encoding=encoding).text
             try:
                 ids = tokenizer.encode_array(text, unknown=unknown)
             except VocabError as e:
                 raise VocabError(f"{f}: {e}", characters=e.characters) from None
             texts.append(EvalText(str(f), ids, unknown=len(text) - len(ids)))
+            if left is not None:
+                left -= len(ids)
     for t in texts:
         if len(t.ids) < 2:
             raise DataError(f"{t.name} has {len(t.ids)} usable character(s); scoring needs at least 2 "
                             "(the first is only context)")
     return texts
+
+
+def _head_of(path: str, tokenizer, encoding: str, unknown: str, max_chars: int) -> EvalText:
+    """The first ``max_chars`` usable characters of a file, read no further."""
+    from .errors import VocabError
+    from .text_head import iter_text
+
+    pieces, have, skipped = [], 0, 0
+    for text in iter_text(path, encoding):
+        try:
+            ids = tokenizer.encode_array(text, unknown=unknown)
+        except VocabError as e:
+            raise VocabError(f"{path}: {e}", characters=e.characters) from None
+        skipped += len(text) - len(ids)
+        pieces.append(ids[: max_chars - have])
+        have += len(pieces[-1])
+        if have >= max_chars:
+            break
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return EvalText(str(path), ids, unknown=skipped)
 
 
 def evaluate_texts(model: CharRNN, texts: list[EvalText], **kwargs) -> EvalReport:

@@ -9,6 +9,7 @@ is shared from here so the page and the terminal agree.
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -156,16 +157,13 @@ def surprisal_page(title: str, summary: str, sections: Sequence[str], top: int =
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    try:
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except IsADirectoryError:
-        raise CharnnError(f"cannot write {path}: it is a folder; give a file name such as page.html") from None
-    except OSError as e:
-        raise CharnnError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+    """Write a page atomically as UTF-8. A lone surrogate (a vocabulary or text
+    read with --encoding utf-7, a file name that is not UTF-8) has no UTF-8
+    form; it is written as the escape show_char gives it (\\ud800), so every
+    page is valid UTF-8 whatever strings it holds."""
+    from .outputs import write_output
+
+    return write_output(Path(path), text.encode("utf-8", "backslashreplace"))
 
 
 # ---------------------------------------------------------------------------
@@ -235,16 +233,15 @@ def pyplot() -> Any:
 
 
 def save_png(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure as a PNG (its folder made if needed) and close it."""
+    """Write a matplotlib figure as a PNG atomically (its folder made if needed) and close it."""
+    from .outputs import write_output
+
+    buffer = io.BytesIO()
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    except OSError as e:
-        raise CharnnError(f"cannot write {path}: {e.strerror or e}") from None
+        fig.savefig(buffer, format="png")
     finally:
         pyplot().close(fig)
-    return path
+    return write_output(Path(path), buffer.getvalue())
 
 
 def plot_png(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], path: str | Path,

@@ -49,7 +49,7 @@ from .tokenizer import CharTokenizer
 from .validation import Validation
 
 Callback = Callable[[dict[str, Any]], None]
-MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
+MAX_METRIC_ROWS = ckpt_mod.MAX_METRIC_ROWS  # the checkpoint keeps a short history; the JSONL log keeps all
 TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state")  # in last.pt and step files, not best.pt
 
 
@@ -368,8 +368,10 @@ class Trainer:
         if len(self.metrics) > MAX_METRIC_ROWS:
             # Thin the older half of the train rows; keep every eval row.
             head, tail = self.metrics[: MAX_METRIC_ROWS // 2], self.metrics[MAX_METRIC_ROWS // 2 :]
-            head = [r for i, r in enumerate(head) if "val_loss" in r or i % 2 == 0]
-            self.metrics = head + tail
+            thinned = [r for i, r in enumerate(head) if "val_loss" in r or i % 2 == 0]
+            if len(thinned) + len(tail) > MAX_METRIC_ROWS:  # eval rows alone fill it (--eval-every 1)
+                thinned = head[::2]
+            self.metrics = thinned + tail
         if self.folder is not None:
             problem = self.folder.log(row)
             if problem:

@@ -53,7 +53,7 @@ def test_trained_checkpoint_satisfies_the_contract(trained):
         assert set(data) == (TOP_LEVEL_KEYS if training else TOP_LEVEL_KEYS - {"optimizer_state", "scheduler_state"})
         assert _is_plain(data)
         assert data["format"] == "charnn-checkpoint"
-        assert type(data["format_version"]) is int and data["format_version"] == 1
+        assert type(data["format_version"]) is int and data["format_version"] == 2
         assert data["charnn_version"] == __version__
         assert isinstance(data["created"], str) and data["created"][:2] == "20"
 
@@ -64,8 +64,8 @@ def test_trained_checkpoint_satisfies_the_contract(trained):
         assert all(type(mc[k]) is int for k in ("vocab_size", "embedding_dim", "hidden_size", "num_layers"))
         assert isinstance(mc["dropout"], float)
 
-        vocab = data["vocab"]
-        assert isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)
+        assert data["vocab"].dtype == torch.int32 and data["vocab"].dim() == 1
+        vocab = [chr(c) for c in data["vocab"].tolist()]  # code points, index = token id
         assert vocab == sorted(set(trained.text))
         assert mc["vocab_size"] == len(vocab)
 
@@ -230,7 +230,7 @@ def _mutated(tmp_path, payload, mutate):
 
 
 def test_newer_format_version(tmp_path, payload):
-    p = _mutated(tmp_path, payload, lambda d: d.__setitem__("format_version", 2))
+    p = _mutated(tmp_path, payload, lambda d: d.__setitem__("format_version", 3))
     msg = _expect_error(p, "newer")
     assert "upgrade charnn" in msg
 

@@ -32,7 +32,7 @@ class Independent:
     def __init__(self, path: Path):
         data = torch.load(path, map_location="cpu", weights_only=True)
         mc, sd = data["model_config"], data["model_state"]
-        self.vocab: list[str] = data["vocab"]
+        self.vocab: list[str] = [chr(c) for c in data["vocab"].tolist()]  # code points
         self.stoi = {c: i for i, c in enumerate(self.vocab)}
         self.emb = nn.Embedding(mc["vocab_size"], mc["embedding_dim"])
         self.emb.load_state_dict({"weight": sd["embedding.weight"]})
@@ -89,15 +89,15 @@ def test_train_writes_contract_checkpoint(cli_run):
     assert "Done: 60 steps" in result.stderr
     for name in ("best.pt", "last.pt"):
         data = torch.load(out / name, map_location="cpu", weights_only=True)
-        assert data["format"] == "charnn-checkpoint" and data["format_version"] == 1
+        assert data["format"] == "charnn-checkpoint" and data["format_version"] == 2
         # Options given on the command line win; --size auto (the default) chose the others.
         mc = data["model_config"]
         assert {k: mc[k] for k in ("cell", "vocab_size", "hidden_size", "num_layers")} == {
-            "cell": "lstm", "vocab_size": len(data["vocab"]), "hidden_size": 64, "num_layers": 1}
+            "cell": "lstm", "vocab_size": data["vocab"].numel(), "hidden_size": 64, "num_layers": 1}
         assert data["train_config"]["size"] == "auto"
         reason = data["train_config"]["size_reason"]
         assert f"embedding {mc['embedding_dim']}" in reason and f"dropout {mc['dropout']:g}" in reason
-        assert data["vocab"] == sorted(set(corpus.read_text(encoding="utf-8")))
+        assert [chr(c) for c in data["vocab"].tolist()] == sorted(set(corpus.read_text(encoding="utf-8")))
         assert data["train_state"]["step"] == 60
         assert data["train_config"]["corpus"] == [str(corpus)]
         assert {"metrics", "charnn_version", "created"} <= set(data)
@@ -220,7 +220,7 @@ def test_sample_top_k_stays_within_vocab_and_seeded(cli_run):
     a, b = invoke(*args), invoke(*args)
     assert a.exit_code == 0, a.output
     assert a.stdout == b.stdout
-    vocab = set(torch.load(out / "best.pt", weights_only=True)["vocab"])
+    vocab = {chr(c) for c in torch.load(out / "best.pt", weights_only=True)["vocab"].tolist()}
     assert set(a.stdout[:-1]) <= vocab
 
 
@@ -243,7 +243,7 @@ def test_train_on_builtin_corpus_then_eval_its_split(tmp_path, data_dir):
     data = torch.load(out / "best.pt", weights_only=True)
     assert data["train_config"]["corpus"] == []
     assert data["train_config"]["corpus_name"] == "python-stdlib"
-    assert set("def():_=#\n") <= set(data["vocab"])  # it learns Python
+    assert set("def():_=#\n") <= {chr(c) for c in data["vocab"].tolist()}  # it learns Python
     ev = invoke("eval", out / "best.pt", "--json")
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["loss"] == pytest.approx(data["train_state"]["best_val"], rel=1e-4)
@@ -258,7 +258,7 @@ def test_train_with_encoding_latin1(tmp_path):
     result = invoke(*args, "--encoding", "latin-1")
     assert result.exit_code == 0, result.output
     data = torch.load(tmp_path / "o" / "best.pt", weights_only=True)
-    assert "é" in data["vocab"] and data["train_config"]["encoding"] == "latin-1"
+    assert ord("é") in data["vocab"].tolist() and data["train_config"]["encoding"] == "latin-1"
     ev = invoke("eval", tmp_path / "o" / "best.pt", "--json")  # reads it back with its encoding
     assert ev.exit_code == 0, ev.output
 
@@ -338,7 +338,7 @@ def test_train_folder_with_binary_file_warns(tmp_path):
     assert result.exit_code == 0, result.output
     warning = " ".join(result.stderr.split())  # folded at 80 columns
     assert "warning: skipped" in warning and "photo.jpg: looks like a binary file" in warning
-    assert "\ufffd" not in "".join(torch.load(tmp_path / "o" / "best.pt", weights_only=True)["vocab"])
+    assert 0xFFFD not in torch.load(tmp_path / "o" / "best.pt", weights_only=True)["vocab"].tolist()
 
 
 def test_train_missing_corpus(tmp_path):

@@ -283,7 +283,7 @@ def odd_checkpoint(trained, tmp_path_factory) -> Path:
     read with errors=surrogateescape would give), NaN best loss and a NaN
     validation row."""
     data = torch.load(trained.best, map_location="cpu", weights_only=True)
-    data["vocab"][-1] = "\udcff"
+    data["vocab"][-1] = 0xDCFF  # the code points of the characters
     data["train_state"]["best_val"] = math.nan
     data["metrics"] = list(data.get("metrics") or []) + [{"step": 999, "val_loss": math.nan, "train_loss": math.inf}]
     path = tmp_path_factory.mktemp("odd") / "odd.pt"

@@ -44,6 +44,9 @@ def evaluate(
         "--html", metavar="FILE", show_default=False,
         help="Write a standalone HTML page: every character coloured by its loss; hover for its "
              "probability and the 5 likeliest alternatives.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Let --html replace an existing file that is not an HTML page, or one this "
+                            "command reads (an earlier page is replaced without it).")] = False,
     max_chars: Annotated[Optional[int], typer.Option(
         metavar="N", callback=at_least(2), show_default=False,
         help=f"Characters shown by --show and --html, from the start of the text.  [default: "
@@ -78,6 +81,10 @@ def evaluate(
         from ..devices import resolve_device, set_threads
         from ..evaluate import evaluate_texts, load_eval_texts
 
+        from ..outputs import check_output
+
+        if html is not None:
+            check_output(html, "html", "--html", inputs=[checkpoint, *(files or [])], overwrite=overwrite)
         set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint, device=resolve_device(device))
         with _working(f"reading {plural(len(files), 'file')}" if files else "reading the training corpus"):

@@ -28,6 +28,9 @@ def info(
         "--plot", metavar="FILE", show_default=False,
         help="Write the train and validation loss curves as a PNG image (needs matplotlib: "
              "pip install 'charnn[plot]').")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Let --plot replace an existing file that is not a PNG image, or the checkpoint "
+                            "itself (an earlier plot is replaced without it).")] = False,
 ) -> None:
     """Show what a checkpoint holds.
 
@@ -36,8 +39,11 @@ def info(
 
     def body() -> None:
         from ..checkpoint import load
+        from ..outputs import check_output
         from ..report import escape_vocab, loss_curves, plot_png, text_chart
 
+        if plot is not None:
+            check_output(plot, "png", "--plot", inputs=[checkpoint], overwrite=overwrite)
         ckpt = load(checkpoint)
         mc = ckpt.model_config
         ts = {k: v for k, v in ckpt.train_state.items()

@@ -66,6 +66,10 @@ def inspect_command(
         "--html", metavar="FILE", show_default=False,
         help="Write a standalone HTML page: the text coloured by any unit's activation, the top units "
              "per feature, the saturation scatter.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite",
+        help="Let --html and --plot replace an existing file of another kind (not an HTML page, not a PNG "
+             "image) or one this command reads (an earlier page or plot is replaced without it).")] = False,
     html_chars: Annotated[int, typer.Option(
         metavar="N", callback=at_least(1),
         help="Characters shown on the --html page, from the start (its size grows with them: about "
@@ -93,6 +97,15 @@ def inspect_command(
         from ..inspection import inspect
         from ..report import write_text
 
+        from ..outputs import check_output
+
+        inputs = [checkpoint, *(files or [])]
+        if plot is not None:
+            check_output(plot, "png", "--plot", inputs=inputs, overwrite=overwrite)
+        if html is not None:
+            check_output(html, "html", "--html", inputs=inputs, overwrite=overwrite)
+        if plot is not None and html is not None and plot.resolve() == html.resolve():
+            raise CharnnError("--plot and --html name the same file; give each its own")
         n_threads = set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint)
         if plot is not None:
@@ -101,7 +114,7 @@ def inspect_command(
                                   "--plot applies to LSTM and GRU models")
             pyplot()  # fail now, not after the run, when matplotlib is missing
         texts = load_eval_texts(tokenizer, ckpt, [str(f) for f in files or []], encoding=encoding,
-                                unknown=unknown.value)
+                                unknown=unknown.value, max_chars=max_chars)
         ids = np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in texts])[:max_chars]
         source = ", ".join(t.name for t in texts)
         mc = ckpt.model_config
