@@ -139,6 +139,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, payload):
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
 
 
+@pytest.mark.system
 def test_failed_write_keeps_previous_file(tmp_path, payload):
     """A real full disk (a small tmpfs), not a mocked OSError."""
     from fs_faults import fill, tmpfs
@@ -309,6 +310,7 @@ def test_checkpoint_pickles_no_charnn_classes(tmp_path, payload):
     assert read_payload(p)["format"] == "charnn-checkpoint"
 
 
+@pytest.mark.system
 def test_unwritable_folder_is_checkpoint_error(tmp_path, payload):
     """A real read-only folder (root ignores chmod, so a read-only tmpfs)."""
     from fs_faults import tmpfs

@@ -394,6 +394,7 @@ def test_bad_option_values_exit_2(args):
 # As real processes
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_python_m_charnn_help():
     proc = subprocess.run([sys.executable, "-m", "charnn", "--help"], capture_output=True, text=True,
                           timeout=60)
@@ -403,6 +404,7 @@ def test_python_m_charnn_help():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.system
 def test_charnn_version():
     exe = shutil.which("charnn")
     cmd = [exe, "--version"] if exe else [sys.executable, "-m", "charnn", "--version"]
@@ -411,6 +413,7 @@ def test_charnn_version():
     assert proc.stdout.strip() == f"charnn {__version__}"
 
 
+@pytest.mark.system
 def test_help_does_not_import_torch():
     code = "import sys, charnn.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -61,6 +61,7 @@ def _text_folder(root: Path) -> Path:
 # FIFOs, sockets, devices
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_fifo_inside_folder_is_skipped_with_warning_not_opened(tmp_path):
     root = _text_folder(tmp_path / "corpus")
     os.mkfifo(root / "pipe.txt")  # named like text; nobody ever writes to it
@@ -72,6 +73,7 @@ def test_fifo_inside_folder_is_skipped_with_warning_not_opened(tmp_path):
     assert any("pipe.txt" in w and "FIFO" in w for w in warnings)
 
 
+@pytest.mark.system
 def test_fifo_named_directly_is_a_clear_error(tmp_path):
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
@@ -79,6 +81,7 @@ def test_fifo_named_directly_is_a_clear_error(tmp_path):
     assert result == ("error", f"{fifo} is a FIFO, not a regular file; pass a text file")
 
 
+@pytest.mark.system
 def test_symlink_to_fifo_is_refused_too(tmp_path):
     root = _text_folder(tmp_path / "corpus")
     os.mkfifo(tmp_path / "pipe")
@@ -90,6 +93,7 @@ def test_symlink_to_fifo_is_refused_too(tmp_path):
     assert status == "error" and "is a FIFO, not a regular file" in message
 
 
+@pytest.mark.system
 def test_unix_socket_inside_folder_is_skipped(tmp_path):
     root = _text_folder(tmp_path / "c")  # short path: AF_UNIX names are limited to ~100 bytes
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,12 +110,14 @@ def test_unix_socket_inside_folder_is_skipped(tmp_path):
         sock.close()
 
 
+@pytest.mark.system
 def test_dev_null_named_directly_is_a_clear_error():
     status, message = read_with_timeout(["/dev/null"])
     assert status == "error"
     assert message == "/dev/null is a character device, not a regular file; pass a text file"
 
 
+@pytest.mark.system
 def test_device_reached_through_a_folder_link_is_skipped(tmp_path):
     root = _text_folder(tmp_path / "corpus")
     (root / "null.txt").symlink_to("/dev/null")
@@ -126,6 +132,7 @@ def test_device_reached_through_a_folder_link_is_skipped(tmp_path):
 # Symbolic links
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_symlinked_folder_cycle_ends_and_reads_each_file_once(tmp_path):
     root = _text_folder(tmp_path / "corpus")
     sub = root / "sub"
@@ -477,6 +484,7 @@ def _encode_many(data_dir: str, corpus_file: str, rounds: int, queue) -> None:
     queue.put(ok)
 
 
+@pytest.mark.system
 def test_concurrent_writers_never_corrupt_an_entry(tmp_path, data_dir):
     f = tmp_path / "c.txt"
     f.write_text("the same text in four processes\n" * 2000, encoding="utf-8")

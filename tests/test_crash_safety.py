@@ -77,6 +77,7 @@ def _check_folder(out: Path) -> int:
     return steps["last.pt"]
 
 
+@pytest.mark.system
 def test_sigkill_loop_leaves_only_loadable_checkpoints(tmp_path):
     rng = random.Random(KILL_SEED)
     corpus = write_corpus(tmp_path / "corpus.txt", n_words=1500)
@@ -115,6 +116,7 @@ def test_sigkill_loop_leaves_only_loadable_checkpoints(tmp_path):
     assert _check_folder(out) == last_step + 2
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
                          ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_stop_signal_saves_last_and_exits_128_plus_signal(tmp_path, signum):
@@ -179,6 +181,7 @@ def test_disk_full_keeps_previous_checkpoint(trained, monkeypatch, where):
     assert ckpt_mod.load(last).train_state["step"] == 2
 
 
+@pytest.mark.system
 def test_really_full_disk_keeps_previous_checkpoint(trained, tmp_path):
     with tmpfs(tmp_path / "mnt", size="1m") as mnt:
         run = mnt / "run"
@@ -199,6 +202,7 @@ def test_really_full_disk_keeps_previous_checkpoint(trained, tmp_path):
         assert ckpt_mod.load(last).train_state["step"] == 2
 
 
+@pytest.mark.system
 def test_disk_full_during_training_cli(trained, tmp_path):
     """The trainer's periodic save hits a really full disk (a small tmpfs):
     Error + exit 1, last.pt intact, no temp file left."""
@@ -219,6 +223,7 @@ def test_disk_full_during_training_cli(trained, tmp_path):
         assert not [p for p in run.iterdir() if TMP_FILE.match(p.name)]
 
 
+@pytest.mark.system
 def test_save_to_new_path_on_full_disk_does_not_claim_a_previous_one(trained, tmp_path):
     payload = torch.load(trained / "last.pt", weights_only=True)
     with tmpfs(tmp_path / "mnt", size="1m") as mnt:
@@ -260,6 +265,7 @@ def _quiet(stderr: bytes) -> str:
     return text
 
 
+@pytest.mark.system
 def test_ctrl_c_in_sample_exits_130_quietly(small_model):
     root, ckpt = small_model
     proc = popen(["sample", str(ckpt), "-n", "10000000", "--seed", "1"], root / "data", root)
@@ -286,6 +292,7 @@ def _wait_for_torch(proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(4.0)  # no /proc: fall back to a generous start-up time
 
 
+@pytest.mark.system
 def test_ctrl_c_in_eval_exits_130_quietly(small_model):
     root, ckpt = small_model
     big = root / "big.txt"
@@ -306,6 +313,7 @@ def test_ctrl_c_in_eval_exits_130_quietly(small_model):
     assert stdout == b"", "an interrupted evaluation must not print a partial result"
 
 
+@pytest.mark.system
 def test_broken_pipe_in_sample_is_quiet(small_model):
     """``charnn sample CKPT -n 100000 | head -c 10``."""
     root, ckpt = small_model
@@ -321,6 +329,7 @@ def test_broken_pipe_in_sample_is_quiet(small_model):
     assert proc.returncode == 0, proc.returncode
 
 
+@pytest.mark.system
 def test_broken_pipe_through_a_shell_pipeline(small_model):
     root, ckpt = small_model
     from robust_helpers import charnn_cmd, subprocess_env

@@ -24,6 +24,7 @@ OPTS = ["--max-steps", "20", "--batch-size", "16", "--seq-len", "32", "--hidden-
         "--eval-every", "10", "--sample-every", "0"]
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_two_ranks_match_one_process(tmp_path, monkeypatch):
@@ -59,6 +60,7 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
         ".charnn-run", ".charnn.lock", "best.pt", "last.pt", "metrics.jsonl"]  # rank 0 alone writes
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 @pytest.mark.parametrize("omp", [None, ""], ids=["torchrun-sets-OMP_NUM_THREADS", "OMP_NUM_THREADS-empty"])
@@ -118,6 +120,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_a_rank_that_reaches_the_folder_late_takes_rank_0s(tmp_path):

@@ -230,6 +230,7 @@ def test_html_unwritable_path(trained, tmp_path):
     assert_clean_error(invoke("eval", trained.best, f, "--html", tmp_path), "cannot write", "folder")
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
                     reason="chromium is not installed")
 def test_html_in_headless_chromium(marked, tmp_path):

@@ -136,6 +136,7 @@ def cells_for(corpus, *configs: str) -> list[fit.Cell]:
     return [fit.Cell(corpus, "3s", 3, c, fit.CONFIGS.get(c, ()), 1337) for c in configs]
 
 
+@pytest.mark.system
 def test_results_resume_skips_done_cells_and_keeps_failures(tmp_path, tiny_corpus, monkeypatch):
     # run_cell is replaced here, and only here: this test is about the bookkeeping
     # around it (what is skipped, rerun, recorded); the real cell is tested below.
@@ -185,6 +186,7 @@ def test_results_resume_skips_done_cells_and_keeps_failures(tmp_path, tiny_corpu
     assert run(cells_for(other, "v0.1")) == 1
 
 
+@pytest.mark.system
 def test_a_corpus_whose_text_changed_since_its_results_is_refused_until_asked(tmp_path, monkeypatch, capsys):
     """A Debian package updated since the results were measured builds another
     text (python3.11-doc did, between two sessions). The tables show each
@@ -343,6 +345,7 @@ def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
 
 # -- one real cell --------------------------------------------------------------------
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_a_real_cell_writes_a_complete_row(tmp_path, tiny_corpus):
     results = tmp_path / "fit.csv"
@@ -386,6 +389,7 @@ def test_twenty_minutes_waits_for_five_and_then_adds_one_rung(tmp_path):
     # nanoGPT is measured at 5 minutes only (issue 12's reference figures)
 
 
+@pytest.mark.system
 def test_nanogpt_reference_is_a_real_cell_scored_like_charnn(tmp_path, tiny_corpus):
     results = tmp_path / "fit.csv"
     cell = fit.Cell(tiny_corpus, "3s", 3, "nanogpt", (), 7)
@@ -414,6 +418,7 @@ def test_nanogpt_scores_every_character_of_the_split_once():
     assert nanogpt.whole_split_loss(model, ids, 16)[0] == pytest.approx(math.log(10), abs=1e-6)
 
 
+@pytest.mark.system
 def test_reading_order_benchmark_runs_each_variant_for_the_steps_asked(tmp_path):
     """benchmarks/reading_order.py (the README's reading-order table): a real
     run per variant on a small text, scored by charnn eval; an unknown variant
@@ -433,6 +438,7 @@ def test_reading_order_benchmark_runs_each_variant_for_the_steps_asked(tmp_path)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
 
 
+@pytest.mark.system
 def test_warmup_benchmark_runs_each_warmup_for_the_steps_asked(tmp_path):
     """benchmarks/warmup.py (the README's first-plateau figures): a real run
     per warmup on a small text, scored by charnn eval; the warmup reaches the

@@ -278,6 +278,7 @@ def test_no_model_is_built_from_declared_sizes(attacks, monkeypatch):
     assert built == []
 
 
+@pytest.mark.system
 def test_rejection_uses_little_memory(attacks, tmp_path):
     """In a fresh process: all attack files rejected, peak memory barely above
     the import baseline, each in well under a second."""
@@ -328,6 +329,7 @@ def test_legacy_and_raw_pickles_are_refused(tmp_path):
             ckpt_mod.load(p)
 
 
+@pytest.mark.system
 def test_checkpoint_that_is_a_fifo_is_refused_at_once(tmp_path):
     fifo = tmp_path / "ckpt.pt"
     os.mkfifo(fifo)
@@ -410,6 +412,7 @@ def _run_limited(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.system
 def test_prime_file_fifo_never_blocks(tmp_path, ckpt):
     fifo = tmp_path / "prime.fifo"
     os.mkfifo(fifo)  # no writer ever opens it: a blocking open() would wait forever

@@ -270,6 +270,7 @@ def test_constant_features_are_reported_never_nan(trained):
     assert not by_name["count"]["constant"]
 
 
+@pytest.mark.system
 def test_errors_and_the_package_export(trained):
     import charnn
 
@@ -432,6 +433,7 @@ def test_html_page_needs_kept_states(trained):
         inspect_page(res)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_html_page_renders_in_headless_chromium(trained, tmp_path):
     path = _page(trained, tmp_path, chars=600)

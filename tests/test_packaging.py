@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,7 @@ def test_package_data_files_exist():
         assert (REPO / "charnn" / name).is_file(), name
 
 
+@pytest.mark.system
 def test_the_cli_needs_no_click_package_beside_typer():
     """New typer releases carry their own click and no longer install the
     click package (a fresh `pip install -e .` has none), so charnn must not

@@ -85,6 +85,7 @@ def _shell(command: str, cwd, data_dir) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.system
 def test_printed_commands_work_in_a_real_shell_with_odd_folder_names(run, tmp_path):
     """The folder has a space and a quote in its name: the printed `Continue
     with:` and `Next:` commands, pasted into bash, work."""
@@ -114,6 +115,7 @@ def test_printed_commands_work_in_a_real_shell_with_odd_folder_names(run, tmp_pa
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("env", [{"RANK": "1"}, {"WORLD_SIZE": "2", "RANK": "5"}])
 def test_a_stray_rank_never_hides_an_error(tmp_path, env):
     full = subprocess_env(tmp_path / "data")
@@ -133,6 +135,7 @@ def test_absurd_threads_are_refused_not_a_crash(run, threads):
 
 # The last: a reader that goes away after the first line (`charnn train 2>&1 | head`, a killed tee):
 # rich's own broken-pipe handling exits 1 at the next message, and the run was lost before it trained.
+@pytest.mark.system
 @pytest.mark.parametrize("redirect", ["2>/dev/full", "2>&-", "2>&1 >/dev/null | head -n 1 >/dev/null"])
 def test_a_full_or_closed_stderr_never_costs_the_run(run, tmp_path, redirect):
     root, corpus = run

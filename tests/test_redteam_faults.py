@@ -67,6 +67,7 @@ def copy_run(run: Path, dest: Path) -> Path:
 # #52 / #53: a FIFO (or any non-regular file) at one of charnn's own files
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", ["metrics.jsonl", ".charnn-run", ".charnn.lock"])
 def test_fifo_in_run_folder_is_an_error_not_a_hang(finished_run: Path, tmp_path: Path, name: str):
     folder = copy_run(finished_run, tmp_path / "f1")
@@ -81,6 +82,7 @@ def test_fifo_in_run_folder_is_an_error_not_a_hang(finished_run: Path, tmp_path:
     assert (folder / "last.pt").read_bytes() == (finished_run / "last.pt").read_bytes()
 
 
+@pytest.mark.system
 def test_fifo_appearing_at_metrics_log_during_run_is_a_warning_not_a_hang(tmp_path: Path):
     """log() opens metrics.jsonl for append: O_WRONLY on a FIFO without reader
     blocks forever unless opened non-blocking."""
@@ -137,6 +139,7 @@ def _umount(where: Path) -> None:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.system
 def test_no_free_inodes_is_said_so(tmp_path: Path):
     mnt = tmp_path / "mnt"
     _mount_tmpfs(mnt, "size=1m,nr_inodes=6,mode=0755")
@@ -190,6 +193,7 @@ def test_unreadable_link_in_corpus_folder_is_skipped(tmp_path: Path):
     assert corpus.warnings == [f"skipped {link}: cannot follow the symbolic link: Permission denied"]
 
 
+@pytest.mark.system
 def test_unreadable_link_named_is_a_clear_error(tmp_path: Path):
     pc = tmp_path / "pc"
     pc.mkdir()

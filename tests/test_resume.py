@@ -114,6 +114,7 @@ def test_resume_with_only_the_budget_repeated_is_exact(corpus, tmp_path, monkeyp
     assert_same_bits(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
 
 
+@pytest.mark.system
 def test_resume_after_kill_9_leaves_one_row_per_step(corpus, tmp_path):
     """A real SIGKILL (nothing saved at the end): the run continues from its
     last checkpoint, and the log keeps no rows from the steps that were lost."""

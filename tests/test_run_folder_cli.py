@@ -84,6 +84,7 @@ def test_train_dot_never_reads_its_own_output(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.system
 def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n_words=1500)
     out = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
     assert f"pid {proc.pid}" in " ".join(after.stderr.split())  # the stale lock was taken over, and said so
 
 
+@pytest.mark.system
 def test_a_read_only_out_is_found_before_training(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     with tmpfs(tmp_path / "ro", size="1m", read_only=True) as ro:
@@ -131,6 +133,7 @@ def test_a_budget_too_short_to_train_is_an_error_not_success(tmp_path, budget):
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("shape", ["given", "auto"])
 def test_the_time_limit_a_too_short_budget_suggests_trains(tmp_path, shape):
     """The command the error asks for works: the same run with the suggested
@@ -158,6 +161,7 @@ def test_the_time_limit_a_too_short_budget_suggests_trains(tmp_path, shape):
     assert "Done:" in second.stdout + second.stderr and (tmp_path / "run" / "best.pt").is_file()
 
 
+@pytest.mark.system
 def test_a_run_still_reading_its_corpus_already_owns_its_folder(tmp_path, monkeypatch):
     """Run A is stopped (a real SIGSTOP) while it reads its text; run B, same
     corpus name, starts and finishes meanwhile: B goes to NAME-2, and A, once

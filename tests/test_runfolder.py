@@ -76,6 +76,7 @@ def _python(script: str, *args: str, **kw) -> subprocess.Popen:
 # A real full disk
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(tmp_path, small, big):
     with tmpfs(tmp_path / "mnt", size="2m") as mnt:
         with RunFolder(mnt / "run") as folder:
@@ -102,6 +103,7 @@ def test_disk_full_on_a_real_tmpfs_keeps_the_previous_checkpoint(tmp_path, small
             assert _temps(folder.path) == []
 
 
+@pytest.mark.system
 def test_metrics_log_on_a_full_disk_warns_once_and_stays_valid(tmp_path):
     with tmpfs(tmp_path / "mnt", size="1m") as mnt:
         with RunFolder(mnt / "run") as folder:
@@ -118,6 +120,7 @@ def test_metrics_log_on_a_full_disk_warns_once_and_stays_valid(tmp_path):
             assert [r["step"] for r in _strict_rows(folder.metrics_path)] == [1, 3]
 
 
+@pytest.mark.system
 def test_file_size_limit_is_a_clear_error(tmp_path, small, big):
     """``ulimit -f``: writes past the limit fail with EFBIG (Python ignores SIGXFSZ)."""
     out = tmp_path / "run"
@@ -153,6 +156,7 @@ def test_file_size_limit_is_a_clear_error(tmp_path, small, big):
 # A read-only folder is found at open(), before training
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_read_only_folder_is_refused_at_open(tmp_path, small):
     with tmpfs(tmp_path / "mnt", size="1m") as mnt:
         run = mnt / "run"
@@ -171,6 +175,7 @@ def test_read_only_folder_is_refused_at_open(tmp_path, small):
         assert sorted(os.listdir(run)) == ["notes.txt"]
 
 
+@pytest.mark.system
 def test_read_only_mount_root_is_refused_at_open(tmp_path):
     with tmpfs(tmp_path / "mnt", size="1m", read_only=True) as mnt:
         with pytest.raises(RunFolderError, match="read-only file system"):
@@ -200,6 +205,7 @@ HOLDER = """
 """
 
 
+@pytest.mark.system
 def test_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     holder = _python(HOLDER, str(out))
@@ -261,6 +267,7 @@ def test_stale_temp_files_are_removed_by_open_and_save(tmp_path, small):
     assert ckpt_mod.load(out / "last.pt").train_state["step"] == 16
 
 
+@pytest.mark.system
 def test_files_follow_the_umask(tmp_path, small):
     (tmp_path / "payload.pt").write_bytes(serialize(small))
     proc = _python("""
@@ -522,6 +529,7 @@ def test_overwrite_removes_the_old_run_and_nothing_else(tmp_path, small):
         RunFolder(out, overwrite=True, resuming_at_step=3).open()
 
 
+@pytest.mark.system
 def test_overwrite_is_refused_while_another_process_writes_there(tmp_path):
     out = tmp_path / "run"
     holder = _python(HOLDER, str(out))

@@ -111,6 +111,7 @@ def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
     assert "evaluating every" in " ".join(result.stderr.split())
 
 
+@pytest.mark.system
 def test_a_pause_in_the_first_steps_does_not_multiply_the_evaluations(tmp_path):
     """The automatic interval of a --time-limit run is chosen from its first
     20 steps. A real pause there (SIGSTOP, 2 s, then SIGCONT: a laptop that

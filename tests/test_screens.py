@@ -73,6 +73,7 @@ def helps() -> dict[str, str]:
     return out
 
 
+@pytest.mark.system
 def test_every_help_fits_80_columns(helps):
     assert CONVENTIONAL <= set(helps)
     for name, text in helps.items():
@@ -246,6 +247,7 @@ def test_surprisal_bands_are_distinct(system):
     assert len(set(codes)) == len(BANDS), (system, codes)
 
 
+@pytest.mark.system
 def test_eval_show_end_to_end_uses_the_terminal_palette(trained, tmp_path):
     """Through the real command: a forced 16-colour terminal gets the named palette."""
     f = tmp_path / "t.txt"
@@ -291,6 +293,7 @@ def odd_checkpoint(trained, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.system
 def test_info_json_has_no_nan_and_vocab_prints(odd_checkpoint):
     done = charnn("info", odd_checkpoint, "--json")
     assert done.returncode == 0, done.stderr
@@ -311,6 +314,7 @@ def test_eval_json_is_strict(trained, tmp_path):
     strict_loads(result.stdout)
 
 
+@pytest.mark.system
 def test_generated_lone_surrogates_print(odd_checkpoint):
     """The prime is given as the byte 0xff, which Python's argv decoding turns
     into the lone surrogate the vocabulary holds; printing it must not crash."""
@@ -339,6 +343,7 @@ def text_file(trained, tmp_path_factory) -> Path:
     return f
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", list(OUTPUT_COMMANDS))
 def test_full_stdout_is_one_clear_error(name, trained, text_file):
     cmd = OUTPUT_COMMANDS[name].format(ckpt=trained.best, text=text_file)
@@ -348,6 +353,7 @@ def test_full_stdout_is_one_clear_error(name, trained, text_file):
     assert done.stderr.decode().strip().splitlines()[-1] == "Error: cannot write to standard output: the disk is full."
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", list(OUTPUT_COMMANDS))
 def test_closed_stdout_is_one_clear_error(name, trained, text_file):
     cmd = OUTPUT_COMMANDS[name].format(ckpt=trained.best, text=text_file)
@@ -357,6 +363,7 @@ def test_closed_stdout_is_one_clear_error(name, trained, text_file):
     assert done.stderr.decode().strip().splitlines()[-1] == "Error: cannot write to standard output: it is closed."
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", list(OUTPUT_COMMANDS))
 def test_broken_pipe_is_quiet(name, trained, text_file):
     cmd = OUTPUT_COMMANDS[name].format(ckpt=trained.best, text=text_file)
@@ -366,6 +373,7 @@ def test_broken_pipe_is_quiet(name, trained, text_file):
     assert done.returncode == 0, (done.returncode, done.stderr)
 
 
+@pytest.mark.system
 def test_training_ignores_a_closed_stdout(session_corpus, tmp_path):
     """train prints nothing on stdout, so a closed one does not matter."""
     done = shell(f"CHARNN train {session_corpus} --out {tmp_path / 'run'} --max-steps 2 --hidden-size 8 "
@@ -460,6 +468,7 @@ def test_resolve_device_counts_gpus(monkeypatch):
         resolve_device("cuda:2")
 
 
+@pytest.mark.system
 def test_errors_print_once_under_torchrun(tmp_path):
     missing = tmp_path / "missing.pt"
     quiet = charnn("info", missing, env=env(RANK="1", WORLD_SIZE="2"))

@@ -112,6 +112,7 @@ def streamed_texts(events: list[tuple[str, dict]], k: int) -> list[str]:
 # The API
 # ---------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_models_lists_checkpoints_with_config_and_training(client, trained, gru_ckpt):
     r = client.get("/v1/models")
     assert r.status_code == 200
@@ -429,6 +430,7 @@ def reap():
         p.wait()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_accepting_ends_streams_cleanly_and_exits_0(trained, reap, sig):
     proc, url = start_server(trained.best, "--max-n", "10000000", "--grace", "1")
@@ -486,6 +488,7 @@ def cpu_ticks(pid: int) -> int:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
 
 
+@pytest.mark.system
 @needs_proc
 def test_ctrl_c_in_the_terminal_stops_the_server_and_its_batch_processes(trained, gru_ckpt, reap):
     """A terminal's Ctrl-C signals the whole foreground process group: the
@@ -512,6 +515,7 @@ def test_ctrl_c_in_the_terminal_stops_the_server_and_its_batch_processes(trained
     wait_until(lambda: not any(alive(w) for w in workers), timeout=10)
 
 
+@pytest.mark.system
 @needs_proc
 def test_a_killed_batch_process_ends_its_streams_and_later_requests_get_a_clear_503(trained, gru_ckpt, reap):
     """A batch process killed from outside (the out-of-memory killer, kill -9):
@@ -546,6 +550,7 @@ def test_a_killed_batch_process_ends_its_streams_and_later_requests_get_a_clear_
     assert "Traceback" not in proc.stderr.read()
 
 
+@pytest.mark.system
 @needs_proc
 def test_the_batch_process_does_not_outlive_a_server_killed_with_sigkill(trained, reap):
     proc, url = start_server(trained.best)
@@ -559,6 +564,7 @@ def test_the_batch_process_does_not_outlive_a_server_killed_with_sigkill(trained
     wait_until(lambda: not alive(workers[0]), timeout=10)
 
 
+@pytest.mark.system
 def test_serve_without_the_extra_says_how_to_install(trained, tmp_path):
     # A shadow package that fails to import stands in for the missing extra.
     (tmp_path / "starlette").mkdir()
@@ -579,6 +585,7 @@ def wait_until(cond, timeout=20.0):
     return value
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("mode,stop", [("batch-process", None), ("batch-in-process", "qxqxqxqx")],
                          ids=["batch-process-plain", "batch-in-process-stop"])
 def test_a_stream_arrives_in_pieces_while_it_is_made(trained, reap, mode, stop):
@@ -613,6 +620,7 @@ def test_a_stream_arrives_in_pieces_while_it_is_made(trained, reap, mode, stop):
     assert proc.wait(timeout=20) == 0
 
 
+@pytest.mark.system
 def test_full_queue_gets_503_with_retry_after_and_a_disconnect_frees_the_slot(trained, reap):
     proc, url = start_server(trained.best, "--max-queue", "1", "--max-batch", "1", "--max-n", "10000000")
     reap(proc)
@@ -643,6 +651,7 @@ def test_full_queue_gets_503_with_retry_after_and_a_disconnect_frees_the_slot(tr
     assert proc.wait(timeout=20) == 0
 
 
+@pytest.mark.system
 def test_address_in_use_is_a_clear_error(trained, reap):
     proc, url = start_server(trained.best)
     reap(proc)
@@ -725,6 +734,7 @@ class Chromium:
         os.close(self._from_r)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_page_in_headless_chromium(trained, reap, tmp_path):
     proc, url = start_server(trained.best, "--max-n", "3000")
