@@ -241,3 +241,22 @@ def test_every_command_has_its_options_table():
         assert f"<!-- generated: options {name} -->" in text, f"no options table for charnn {name} in docs/"
     assert "<!-- generated: results headline -->" in read(README)
     assert "<!-- generated: results all -->" in read(REPO / "benchmarks" / "README.md")
+
+
+def test_the_checkpoint_page_python_example_computes_charnns_logits(trained, tmp_path, monkeypatch):
+    """docs/checkpoints.md promises that its plain-torch snippet reads a
+    checkpoint and gives the logits charnn computes: run it on a real one."""
+    import torch
+
+    from charnn import load_model
+
+    block = re.search(r"```python\n(.*?)```", read(DOCS / "checkpoints.md"), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "best.pt").write_bytes(trained.best.read_bytes())
+    scope: dict = {}
+    exec(compile(block, "docs/checkpoints.md", "exec"), scope)
+    model, tokenizer, _ = load_model(trained.best)
+    assert scope["ids"].tolist() == [tokenizer.encode("Hello")]
+    with torch.no_grad():
+        expected = model(scope["ids"])[0]
+    assert torch.allclose(scope["logits"], expected, atol=1e-5)
