@@ -25,6 +25,9 @@ from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
 SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
+# A suggested --time-limit must still train when the machine is busier on the
+# next try: a suite run under load took 3.9 s to choose the size after 2 s before.
+SETUP_MARGIN = 2.0
 RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for load
 
 
@@ -124,9 +127,10 @@ class Validation:
 
     def shortest_time_limit(self, setup_seconds: float) -> int:
         """A --time-limit this run would train under, with a margin: the time
-        before the first step (``setup_seconds``; a size probe grows with the
-        budget, up to PROBE_SHARE of it) plus four times the final evaluation
-        and save, whose automatic slice also grows with the budget."""
+        before the first step (``setup_seconds``, doubled: the next run may
+        find the machine busier; a size probe grows with the budget, up to
+        PROBE_SHARE of it) plus four times the final evaluation and save, whose
+        automatic slice also grows with the budget."""
         cfg = self.cfg
         val = len(self.val_ids) if self.enabled else 0
         limit = cfg.time_limit
@@ -135,7 +139,7 @@ class Validation:
                      else self.chars()) if val else 0
             reserve = RESERVE_MARGIN * self.seconds_per_char * chars + SAVE_SECONDS
             probe = sizing.PROBE_SHARE * limit if setup_seconds else 0.0  # a size probe ran
-            limit = max(limit, setup_seconds + probe + 4 * reserve)
+            limit = max(limit, SETUP_MARGIN * setup_seconds + probe + 4 * reserve)
         return math.ceil(limit)
 
     def _interval(self, budget: Budget, step: int, elapsed: float, per_step: float,
