@@ -48,10 +48,11 @@ from .api import (DEFAULTS, INSTALL_HINT, MAX_TOP, ApiError, Busy, GenerateSpec,
                   load_models, parse_generate, parse_score, require_extra, score_text)
 from .app import FLUSH_INTERVAL, PAGE_FILE, Server, create_app, page_html
 from .engine import PRIME_CACHE, Channel, Engine, Group, PrimeCache
-from .listen import bind, run, url_of
+from .guard import Guard, HostRules
+from .listen import bind, is_loopback, run, url_of
 from .worker import ProcessEngine
 
 __all__ = ["DEFAULTS", "FLUSH_INTERVAL", "INSTALL_HINT", "MAX_TOP", "PAGE_FILE", "PRIME_CACHE", "ApiError", "Busy",
-           "Channel", "Engine", "GenerateSpec", "Group", "Limits", "PrimeCache", "ProcessEngine", "ServeError", "ServedModel",
-           "Server", "bind", "create_app", "load_models", "page_html",
+           "Channel", "Engine", "GenerateSpec", "Group", "Guard", "HostRules", "Limits", "PrimeCache", "ProcessEngine", "ServeError", "ServedModel",
+           "Server", "bind", "create_app", "is_loopback", "load_models", "page_html",
            "parse_generate", "parse_score", "require_extra", "run", "score_text", "url_of"]
