@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +30,8 @@ from charnn.model import CharRNN  # noqa: E402
 from charnn.serve.api import model_names  # noqa: E402
 from charnn.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402
-from serve_helpers import serve, wait_until  # noqa: E402
-from test_serve import sample_cli, sse_events, streamed_texts  # noqa: E402
+from serve_helpers import REPO, serve, wait_until  # noqa: E402
+from test_serve import Chromium, sample_cli, sse_events, streamed_texts  # noqa: E402
 
 MAX_SEED = 2**64 - 1
 
@@ -276,3 +279,51 @@ def test_serve_names_two_runs_best_as_the_readme_says(trained, tmp_path):
         assert r.status_code == 200 and r.json()["model"] == "b/best"
     finally:
         assert s.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# The page's "Copy as command", in a real browser and a real bash
+# ---------------------------------------------------------------------------
+
+@pytest.mark.system
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_copy_as_command_keeps_newlines_quotes_and_big_seeds(tmp_path):
+    """A prime with newlines, quotes, $, backquotes and backslashes, and seed
+    2**64-1, typed into the page: the command it shows, pasted into bash,
+    prints exactly the page's text."""
+    torch.manual_seed(2)
+    tok = CharTokenizer(list("ab \n'\"$`\\!*;&|()-#~"))
+    model = CharRNN(ModelConfig(cell="gru", vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=16,
+                                num_layers=1, dropout=0.0))
+    ckpt = tmp_path / "my run" / "it's.pt"
+    ckpt.parent.mkdir()
+    ckpt_mod.save(ckpt_mod.build_payload(model, tok), ckpt)
+    s = serve(tmp_path, ckpt)
+    prime = "-a 'b'\n\"$a\" `b`\\\n\n!*;&|(#~) "
+    browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        browser.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                       session=False)["sessionId"]
+        browser.send("Page.enable")
+        browser.send("Page.navigate", {"url": s.url})
+        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length")
+        browser.eval(f"const p = document.getElementById('prime'); p.value = {json.dumps(prime)};"
+                     "p.dispatchEvent(new Event('input')); const s = document.getElementById('seed');"
+                     "s.value = '18446744073709551615'; s.dispatchEvent(new Event('input'));"
+                     "const n = document.getElementById('n'); n.value = 300; n.dispatchEvent(new Event('input'));"
+                     "document.getElementById('go').click()")
+        status = browser.wait_for("(s => s.startsWith('done') && s)(document.getElementById('status').textContent)")
+        out = browser.eval("document.getElementById('out').textContent")
+        command = browser.eval("document.getElementById('command').value")
+        seed = browser.eval("document.getElementById('seed').value")
+    finally:
+        browser.close()
+        assert s.stop() == 0
+    assert "18446744073709551615" in status + seed and out.startswith(prime) and len(out) == len(prime) + 300
+    assert "\n" in command and "--seed 18446744073709551615" in command
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(["bash", "-c", 'charnn() { python3 -m charnn "$@"; }\n' + command], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == out + "\n"
