@@ -2,7 +2,7 @@
 models loaded once at start. An optional extra: ``pip install 'charnn[serve]'``
 (Starlette on uvicorn); nothing else in charnn needs it.
 
-Five modules:
+Seven modules:
 
 - :mod:`.api` -- the limits, the models loaded at start, each request checked
   with an error that says what to change, and scoring (``charnn eval``'s
@@ -37,9 +37,14 @@ Five modules:
 - :mod:`.app`, :func:`create_app` -- the ASGI app: ``GET /`` (the page), ``GET /v1/models``,
   ``POST /v1/generate`` (JSON, or server-sent events with ``"stream": true``),
   ``POST /v1/score`` (the numbers of ``charnn eval``).
-- :mod:`.listen`, :func:`run` -- uvicorn on a bound socket; Ctrl-C or SIGTERM stop accepting,
-  let in-flight streams finish for ``grace`` seconds, end the rest with an
-  ``error`` event, and return normally.
+- :mod:`.primes` -- the prime cache and the queue that reads waiting primes
+  shortest first.
+- :mod:`.guard`, :class:`Guard` -- the Host allow-list, the Origin check on
+  POSTs and the security headers (docs/serve-security.md).
+- :mod:`.listen`, :func:`run` -- uvicorn on a bound socket, with bounds on open
+  connections and on how long a client may take; Ctrl-C or SIGTERM stop
+  accepting, let in-flight streams finish for ``grace`` seconds, end the rest
+  with an ``error`` event, and return normally.
 
 Library code: it prints nothing (uvicorn logs warnings through ``logging``).
 """
