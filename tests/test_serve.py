@@ -67,7 +67,7 @@ def client(models, request):
     process (the default) and on a thread of the server (--batch-in-process)."""
     app = create_app(models, Limits(max_n=5000, max_prime=200, max_samples=8),
                      batch_process=request.param == "batch-process")
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:  # a Host the server answers
         c.app_state = app.state.server
         yield c
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -43,6 +43,21 @@ def serve(
     grace: Annotated[float, typer.Option(
         metavar="SECONDS", callback=at_least(0),
         help="On Ctrl-C or SIGTERM: how long in-flight streams may take to finish before they are ended.")] = 10.0,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", metavar="NAME", show_default=False,
+        help="Another host name to answer besides localhost and the --host address (the name a reverse proxy "
+             "or other machines use). Repeat for more.")] = None,
+    max_connections: Annotated[int, typer.Option(
+        metavar="N", callback=at_least(1),
+        help="Open connections; more get 503 at once (fewer if ulimit -n is lower).")] = 512,
+    client_timeout: Annotated[int, typer.Option(
+        metavar="SECONDS", callback=at_least(1),
+        help="How long a client may take to send its request, or leave a reply unread, before it is "
+             "cut off.")] = 10,
+    batch_timeout: Annotated[int, typer.Option(
+        metavar="SECONDS", callback=at_least(1),
+        help="How long a model's batch process with work may stay silent before it is stopped and its "
+             "streams end with an error.")] = 10,
 ) -> None:
     """Serve models over HTTP: a page and a JSON API.
 
@@ -55,14 +70,21 @@ def serve(
 
         require_extra()  # before loading anything: say how to install the extra
         from ..devices import set_threads
-        from ..serve import Limits, bind, create_app, load_models, run, url_of
+        from ..serve import Limits, bind, create_app, is_loopback, load_models, run, url_of
 
         limits = Limits(max_queue=max_queue, max_batch=max_batch, max_n=max_n, max_prime=max_prime,
-                        max_samples=max_samples, max_text=max_text)
+                        max_samples=max_samples, max_text=max_text, max_connections=max_connections,
+                        client_timeout=client_timeout, batch_timeout=batch_timeout)
         set_threads(threads)
         models = load_models(checkpoints)
-        application = create_app(models, limits, batch_process=not batch_in_process)
         sock = bind(host, port)
+        bound = sock.getsockname()[0]
+        application = create_app(models, limits, batch_process=not batch_in_process, bound=bound,
+                                 allow_hosts=tuple(allow_host or ()))
+        if not is_loopback(bound):
+            say(f"Warning: listening on {bound}, not only this machine: anyone who can reach it can use these "
+                "models and read their file paths (there is no login). Use --host 127.0.0.1 unless you mean it; "
+                "see docs/serve-security.md.")
         try:
             application.state.server.start()  # the batch processes, before the address is announced
         except BaseException:

@@ -2,7 +2,7 @@
 models loaded once at start. An optional extra: ``pip install 'charnn[serve]'``
 (Starlette on uvicorn); nothing else in charnn needs it.
 
-Five modules:
+Seven modules:
 
 - :mod:`.api` -- the limits, the models loaded at start, each request checked
   with an error that says what to change, and scoring (``charnn eval``'s
@@ -37,9 +37,14 @@ Five modules:
 - :mod:`.app`, :func:`create_app` -- the ASGI app: ``GET /`` (the page), ``GET /v1/models``,
   ``POST /v1/generate`` (JSON, or server-sent events with ``"stream": true``),
   ``POST /v1/score`` (the numbers of ``charnn eval``).
-- :mod:`.listen`, :func:`run` -- uvicorn on a bound socket; Ctrl-C or SIGTERM stop accepting,
-  let in-flight streams finish for ``grace`` seconds, end the rest with an
-  ``error`` event, and return normally.
+- :mod:`.primes` -- the prime cache and the queue that reads waiting primes
+  shortest first.
+- :mod:`.guard`, :class:`Guard` -- the Host allow-list, the Origin check on
+  POSTs and the security headers (docs/serve-security.md).
+- :mod:`.listen`, :func:`run` -- uvicorn on a bound socket, with bounds on open
+  connections and on how long a client may take; Ctrl-C or SIGTERM stop
+  accepting, let in-flight streams finish for ``grace`` seconds, end the rest
+  with an ``error`` event, and return normally.
 
 Library code: it prints nothing (uvicorn logs warnings through ``logging``).
 """
@@ -48,10 +53,11 @@ from .api import (DEFAULTS, INSTALL_HINT, MAX_TOP, ApiError, Busy, GenerateSpec,
                   load_models, parse_generate, parse_score, require_extra, score_text)
 from .app import FLUSH_INTERVAL, PAGE_FILE, Server, create_app, page_html
 from .engine import PRIME_CACHE, Channel, Engine, Group, PrimeCache
-from .listen import bind, run, url_of
+from .guard import Guard, HostRules
+from .listen import bind, is_loopback, run, url_of
 from .worker import ProcessEngine
 
 __all__ = ["DEFAULTS", "FLUSH_INTERVAL", "INSTALL_HINT", "MAX_TOP", "PAGE_FILE", "PRIME_CACHE", "ApiError", "Busy",
-           "Channel", "Engine", "GenerateSpec", "Group", "Limits", "PrimeCache", "ProcessEngine", "ServeError", "ServedModel",
-           "Server", "bind", "create_app", "load_models", "page_html",
+           "Channel", "Engine", "GenerateSpec", "Group", "Guard", "HostRules", "Limits", "PrimeCache", "ProcessEngine", "ServeError", "ServedModel",
+           "Server", "bind", "create_app", "is_loopback", "load_models", "page_html",
            "parse_generate", "parse_score", "require_extra", "run", "score_text", "url_of"]

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CharnnError, VocabError, describe_char
 from ..evaluate import evaluate_ids, surprisal
-from ..sample import check_prime, random_seed, validate_options
+from ..sample import MAX_SEED, check_prime, random_seed, validate_options
 
 INSTALL_HINT = "pip install 'charnn[serve]'"
 MAX_TOP = 10  # alternatives per character a request may ask for
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay below
 
 
 class ServeError(CharnnError):
@@ -67,6 +67,10 @@ class Limits:
     max_samples: int = 8  # num_samples per request (charnn sample uses fp32 below 16, as the server does)
     max_text: int = 100_000  # characters /v1/score reads
     max_body: int = 1 << 20  # bytes of request body
+    max_connections: int = 512  # open connections; more get 503 at once (lowered to fit the open-files limit)
+    client_timeout: int = 10  # seconds a client may take to send its headers, its body, or to take a piece of a reply
+    stream_buffer: int = 16384  # characters (each with its alternatives) a stream may hold for a client not reading
+    batch_timeout: int = 10  # seconds a batch process with work may go without answering before it is stopped
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
@@ -88,7 +92,10 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         ts = self.checkpoint.train_state or {}
         best = ts.get("best_val")
-        plain = {k: v for k, v in ts.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        best = best if isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best) else None
+        # JSON has no NaN or infinity: a figure that is not finite is shown as null
+        plain = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in ts.items()
+                 if isinstance(v, (int, float, str, bool)) or v is None}
         return {
             "name": self.name,
             "file": str(self.path),
@@ -100,31 +107,46 @@ class ServedModel:
                 "step": plain.get("step"),
                 "chars_seen": plain.get("chars_seen"),
                 "elapsed": plain.get("elapsed"),
-                "best_val_loss": best if isinstance(best, (int, float)) else None,
-                "best_val_bpc": best / math.log(2) if isinstance(best, (int, float)) else None,
+                "best_val_loss": best,
+                "best_val_bpc": best / math.log(2) if best is not None else None,
             },
         }
 
 
+def model_names(paths: list[Path]) -> list[str]:
+    """A name per checkpoint: the file stem (``best``), and where stems clash,
+    as many of the folders above as tell them apart (``run1/best``,
+    ``run2/best``; ``a/run1/best``, ``b/run1/best``). The names depend only on
+    the paths given, so a restart with the same command keeps them. The same
+    file twice is a :class:`ServeError`."""
+    resolved = [p.resolve() for p in paths]
+    for i, r in enumerate(resolved):
+        for j in range(i):
+            if r == resolved[j] or (r.exists() and resolved[j].exists() and os.path.samefile(r, resolved[j])):
+                raise ServeError(f"{paths[i]} and {paths[j]} are the same checkpoint; give each file once")
+    # Parts from the resolved path, so that "best.pt" in the current folder gets that folder's name too.
+    parts = [list(r.with_suffix("").parts[1:]) or [r.stem] for r in resolved]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clashing and depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    return names  # distinct: the resolved paths are, and a clash grows until the whole path is used
+
+
 def load_models(paths: list[str | Path]) -> list[ServedModel]:
-    """Load each checkpoint once (CPU, eval mode). Names are the file stems,
-    made unique with the folder name (``run1/best``) when two stems clash."""
+    """Load each checkpoint once (CPU, eval mode), named by :func:`model_names`."""
     from ..checkpoint import load_model
 
     if not paths:
         raise ServeError("give at least one checkpoint to serve")
     paths = [Path(p) for p in paths]
-    names = [p.stem for p in paths]
-    for i, p in enumerate(paths):
-        if names.count(p.stem) > 1:
-            names[i] = f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
-    seen: dict[str, int] = {}
     out = []
-    for p, name in zip(paths, names):
-        if name in seen:  # the same file twice, or the same folder/stem
-            seen[name] += 1
-            name = f"{name}-{seen[name]}"
-        seen.setdefault(name, 1)
+    for p, name in zip(paths, model_names(paths)):
         model, tokenizer, ckpt = load_model(p, device="cpu")
         out.append(ServedModel(name, p, model.eval(), tokenizer, ckpt))
     return out
@@ -155,6 +177,35 @@ class GenerateSpec:
     stream: bool
     top: int
     dropped: list[str] = field(default_factory=list)
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, f"the request body holds {name}, which is not JSON; send numbers as plain decimals")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(400, f"field {json.dumps(k)[:80]} appears twice in one object; send it once", k)
+        out[k] = v
+    return out
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as strict JSON (RFC 8259: no NaN or Infinity, no
+    repeated keys), or a 400 :class:`ApiError` saying what is wrong."""
+    try:
+        return json.loads(raw.decode("utf-8") if raw else "null", parse_constant=_no_constant,
+                          object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not UTF-8 ({e.reason} at byte {e.start}); send JSON in UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deeply; send a flat JSON object") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except ValueError as e:  # an integer of thousands of digits (Python's int limit)
+        raise ApiError(400, f"the request body holds a number too long to read ({e}); send a smaller one") from None
 
 
 def _check_fields(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -234,7 +285,9 @@ def parse_generate(body: Any, models: dict[str, ServedModel], limits: Limits) ->
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
     num_samples = _int(body, "num_samples", 1, limits.max_samples, 1)
-    seed = _int(body, "seed", 0, SEED_LIMIT - 1 - num_samples, None)
+    # charnn sample's range: every stream's seed + i is a 64-bit unsigned number
+    seed = _int(body, "seed", 0, MAX_SEED - (num_samples - 1), None,
+                f" (seed + i for each of the {num_samples} samples must be below 2**64)" if num_samples > 1 else "")
     stop = _str(body, "stop", None, limits.max_prime)
     if stop == "":
         raise ApiError(400, "stop must not be empty; leave it out (or null) for no stop string", "stop")

@@ -10,17 +10,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import CharnnError
-from .api import (DEFAULTS, ApiError, GenerateSpec, Limits, ServedModel, parse_generate, parse_score,
+from .api import (DEFAULTS, ApiError, GenerateSpec, Limits, ServedModel, parse_generate, parse_json, parse_score,
                   require_extra, score_text)
 from .engine import Channel, Engine
+from .guard import Guard, HostRules, csp_for
 from .worker import ProcessEngine
 
 PAGE_FILE = "serve_page.html"
 FLUSH_INTERVAL = 0.05  # seconds between two sends of one stream (the first character goes at once)
 
 
+def _dumps(data: Any) -> bytes:
+    # ASCII with \u escapes: a lone surrogate (a vocabulary read with
+    # surrogateescape, a prime sent as "\ud800") has no UTF-8 form.
+    return json.dumps(data, ensure_ascii=True, allow_nan=False).encode()
+
+
 def _sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
 
 
 def page_html() -> str:
@@ -74,38 +81,67 @@ class Server:
             self._scores_waiting -= 1
 
 
-def create_app(models: list[ServedModel], limits: Limits | None = None, batch_process: bool = True) -> Any:
+def json_media_type(value: str | None) -> bool:
+    """Content-Type ``application/json`` (any case), with at most a UTF-8 charset parameter."""
+    if value is None:
+        return False
+    kind, *params = [part.strip().lower() for part in value.split(";")]
+    for param in params:
+        name, _, val = param.partition("=")
+        if name.strip() == "charset" and val.strip().strip('"') not in ("utf-8", "utf8"):
+            return False
+    return kind == "application/json"
+
+
+def create_app(models: list[ServedModel], limits: Limits | None = None, batch_process: bool = True,
+               bound: str | None = None, allow_hosts: tuple[str, ...] = ()) -> Any:
     """The Starlette app serving ``models``; its lifespan starts (unless started
-    already: ``app.state.server.start()``) and stops the engines."""
+    already: ``app.state.server.start()``) and stops the engines. It answers
+    the Host names of :class:`HostRules` (``bound``: the address listened on;
+    ``allow_hosts``: more names) and POSTs from its own page or from programs."""
     require_extra()
     import contextlib
 
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import HTMLResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     server = Server(models, limits, batch_process)
     page = page_html()
 
-    def error_response(e: ApiError) -> JSONResponse:
+    def JSONResponse(data: Any, status_code: int = 200, headers: dict | None = None) -> Response:  # noqa: N802
+        return Response(_dumps(data), status_code=status_code, headers=headers, media_type="application/json")
+
+    def error_response(e: ApiError) -> Response:
         return JSONResponse(e.to_dict(), status_code=e.status, headers=e.headers)
 
     async def read_json(request: Request) -> Any:
-        if request.headers.get("content-type", "application/json").split(";")[0].strip() not in (
-                "application/json", ""):
-            raise ApiError(415, "send the request body as JSON with Content-Type: application/json")
-        size = 0
-        chunks = []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > server.limits.max_body:
-                raise ApiError(413, f"the request body is over {server.limits.max_body:,} bytes; send less text")
-            chunks.append(chunk)
+        if not json_media_type(request.headers.get("content-type")):
+            raise ApiError(415, "send the request body as JSON (UTF-8) with the header Content-Type: application/json")
+        limit = server.limits.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:  # refused before it is sent
+            raise ApiError(413, f"the request body is {int(declared):,} bytes; this server reads at most {limit:,}",
+                           headers={"Connection": "close"})
+
+        async def body() -> bytes:
+            size, chunks = 0, []
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over {limit:,} bytes; send less text",
+                                   headers={"Connection": "close"})
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        timeout = server.limits.client_timeout
         try:
-            return json.loads(b"".join(chunks) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+            raw = await asyncio.wait_for(body(), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout} s; send it at once",
+                           headers={"Connection": "close"}) from None
+        return parse_json(raw)
 
     def api(handler: Callable) -> Callable:
         async def wrapped(request: Request) -> Response:
@@ -117,12 +153,15 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
                 return error_response(ApiError(400, str(e)))
             except ClientDisconnect:
                 return Response(status_code=499)
+            except (RecursionError, ValueError, TypeError) as e:  # never a 500 for what a request sent
+                return error_response(ApiError(400, f"the request cannot be read ({type(e).__name__}: "
+                                                    f"{str(e)[:200]}); check its JSON"))
         return wrapped
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
-    async def list_models(request: Request) -> Response:
+    async def list_models(request: Request) -> Response:  # noqa: ARG001
         return JSONResponse({"models": [{**m.describe(), "streams": server.engines[m.name].rows,
                                           "queued": server.engines[m.name].queued()}
                                          for m in server.models.values()],
@@ -131,8 +170,12 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
     async def generate(request: Request) -> Response:
         spec = parse_generate(await read_json(request), server.models, server.limits)
         engine = server.engines[spec.model]
-        channel = Channel(asyncio.get_running_loop(), ("text", "done", "error") if spec.stream else ("done", "error"))
+        if spec.stream:  # the text waiting for a client that does not read is bounded
+            channel = Channel(asyncio.get_running_loop(), limit=server.limits.stream_buffer, weight=1 + spec.top)
+        else:  # a JSON reply needs only the end
+            channel = Channel(asyncio.get_running_loop(), ("done", "error"), keep=("done", "error"))
         group = await engine.submit(spec, channel)
+        channel.on_overflow = lambda: setattr(group, "cancelled", True)  # frees its rows and queue place now
         if spec.stream:
             return StreamingResponse(_events(spec, group, channel), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -218,5 +261,8 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
         Route("/v1/generate", api(generate), methods=["POST"]),
         Route("/v1/score", api(score), methods=["POST"]),
     ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a redirect would name the Host the request sent: 404 instead
     app.state.server = server
-    return app
+    guarded = Guard(app, HostRules(bound, allow_hosts), csp_for(page))
+    guarded.state = app.state  # type: ignore[attr-defined]
+    return guarded

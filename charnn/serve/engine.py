@@ -5,38 +5,68 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..fastrnn import PackedRNN
-from ..sample import NOISE_BLOCK, Sampler, start_ids
+from ..sample import NOISE_BLOCK, Sampler
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel
+from .primes import PRIME_CACHE, PrimeCache, PrimeQueue
 
-PRIME_CACHE = 64  # primes per model whose state is kept for the next request with the same prime
+OVERFLOW = ("this stream was dropped: its client stopped reading while the text piled up on the server; "
+            "read the stream as it arrives")
+
+__all__ = ["PRIME_CACHE", "Channel", "Engine", "Group", "PrimeCache", "stop_table"]
 
 
 class Channel:
     """Items from the worker thread to one request's coroutine. The worker
     wakes the event loop only when the coroutine is waiting, so a busy stream
-    costs one wake-up per send, not one per character."""
+    costs one wake-up per send, not one per character.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wake_on: tuple[str, ...] = ("text", "done", "error")):
+    ``keep``: the kinds worth keeping (a JSON reply needs only ``done`` or
+    ``error``). ``limit``: how much text may wait for a client that does not
+    read, in units of about 100 bytes: one per item and per piece, and
+    ``weight`` per character (1 plus the alternatives sent with it). Past it
+    the channel ends the stream with an ``error`` item, drops what comes
+    after, and calls ``on_overflow`` on the event loop, so the request can be
+    cancelled and its place in the batch freed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake_on: tuple[str, ...] = ("text", "done", "error"),
+                 keep: tuple[str, ...] | None = None, limit: int | None = None, weight: int = 1):
         self.loop = loop
         self.wake_on = wake_on  # a JSON (not streamed) reply waits for "done" only
+        self.keep = keep
+        self.limit = limit
+        self.weight = weight
+        self.on_overflow: Any = None
+        self.overflowed = False
+        self._pending = 0  # text units waiting for get_all
         self._items: deque = deque()
         self._lock = threading.Lock()
         self._waiter: asyncio.Future | None = None
 
     def put(self, item: Any) -> None:
+        if self.keep is not None and item[0] not in self.keep:
+            return
+        overflow = False
         with self._lock:
+            if item[0] == "text" and self.limit is not None:
+                if self.overflowed:
+                    return
+                self._pending += 1 + sum(1 + self.weight * len(text) for text, _ in item[1].values())
+                if self._pending > self.limit:
+                    self.overflowed = overflow = True
+                    item = ("error", (408, OVERFLOW))
             self._items.append(item)
             waiter = None
             if item[0] in self.wake_on:
                 waiter, self._waiter = self._waiter, None
+        if overflow and self.on_overflow is not None:
+            self.loop.call_soon_threadsafe(self.on_overflow)
         if waiter is not None:
             self.loop.call_soon_threadsafe(_wake, waiter)
 
@@ -46,6 +76,7 @@ class Channel:
                 if self._items:
                     items = list(self._items)
                     self._items.clear()
+                    self._pending = 0
                     return items
                 self._waiter = waiter = self.loop.create_future()
             await waiter
@@ -65,13 +96,34 @@ class _GroupSampler(Sampler):
         self._set_options(tokenizer, temperature, top_k, top_p, device)
 
 
+def stop_table(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt failure table of ``stop``: entry j is the length of
+    the longest proper prefix of ``stop[:j + 1]`` that is also its suffix."""
+    table = [0] * len(stop)
+    k = 0
+    for j in range(1, len(stop)):
+        while k and stop[j] != stop[k]:
+            k = table[k - 1]
+        if stop[j] == stop[k]:
+            k += 1
+        table[j] = k
+    return table
+
+
 class _StreamText:
     """One sample's generated text, and how much of it is safe to send: with a
     stop string, characters that might begin it are held back (as
-    ``sample.generate`` does), and the text ends before its first occurrence."""
+    ``sample.generate`` does), and the text ends before its first occurrence.
 
-    def __init__(self, stop: str | None):
+    The stop string is matched as a Knuth-Morris-Pratt automaton: its state is
+    the longest end of the text that is a beginning of ``stop`` -- exactly what
+    must be held back -- so each character costs O(1) amortised, whatever the
+    stop string's length."""
+
+    def __init__(self, stop: str | None, table: list[int] | None = None):
         self.stop = stop
+        self.table = table if table is not None or not stop else stop_table(stop)
+        self.matched = 0  # the text ends with stop[:matched]
         self.chars: list[str] = []
         self.sent = 0
         self.cut = -1  # where stop was found
@@ -84,11 +136,16 @@ class _StreamText:
         chars.append(ch)
         end = len(chars)
         if stop:
-            tail = "".join(chars[-len(stop):])  # earlier positions were checked when their characters came
-            if tail == stop:
-                self.cut = end = end - len(stop)
+            k, table = self.matched, self.table
+            while k and stop[k] != ch:
+                k = table[k - 1]
+            if stop[k] == ch:
+                k += 1
+            if k == len(stop):
+                self.cut = end = end - k
             else:  # hold back the longest end that could still grow into stop
-                end -= next((j for j in range(min(len(stop) - 1, end), 0, -1) if tail.endswith(stop[:j])), 0)
+                end -= k
+            self.matched = k
         start, self.sent = self.sent, max(self.sent, end)
         return start, self.sent
 
@@ -103,35 +160,6 @@ class _StreamText:
     @property
     def final(self) -> str:
         return "".join(self.chars[: self.cut] if self.cut >= 0 else self.chars)
-
-
-class PrimeCache:
-    """The state after a prime, read once and reused by later requests with the
-    same prime (a page's user trying settings, a program's fixed preamble, the
-    benchmark's "The "). Exact: ``forward_prime`` reads the prime as one
-    stream and only then repeats the result for the batch's rows, so a copy of
-    an earlier read is bit for bit a new one. Used on the priming thread only."""
-
-    def __init__(self, packed: PackedRNN, tokenizer: Any, size: int = PRIME_CACHE):
-        self.packed = packed
-        self.tokenizer = tokenizer
-        self.size = size
-        self._items: OrderedDict[str, tuple[Tensor, list[Tensor]]] = OrderedDict()  # prime -> (1, V), [(1, H)]
-        self.reads = 0  # primes read by the model (the rest were copies)
-
-    def get(self, prime: str, k: int) -> tuple[Tensor, list[Tensor]]:
-        """Logits (k, V) and state after ``prime``, as new tensors."""
-        item = self._items.get(prime)
-        if item is None:
-            item = self.packed.forward_prime(start_ids(self.tokenizer, prime), 1)  # the whole prime in one pass
-            self.reads += 1
-            self._items[prime] = item
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(prime)
-        logits, state = item
-        return logits.repeat(k, 1), [part.repeat(k, 1) for part in state]
 
 
 class Group:
@@ -149,7 +177,8 @@ class Group:
         self.t = 0
         self.logits: Tensor | None = None  # (k, V) after the prime, until the group joins the batch
         self.state: list[Tensor] | None = None
-        self.streams = [_StreamText(spec.stop) for _ in range(self.k)]
+        table = stop_table(spec.stop) if spec.stop else None  # one table for the group's streams
+        self.streams = [_StreamText(spec.stop, table) for _ in range(self.k)]
         self.infos: list[list[Any]] = [[] for _ in range(self.k)]  # per character: (prob, top) when top > 0
         self.channel = channel
         self.cancelled = False
@@ -277,7 +306,7 @@ class Engine:
         self._waiting = 0  # accepted, not yet in the batch (priming or queued)
         self._closing = False
         self._cancel_message: str | None = None
-        self._prep = ThreadPoolExecutor(1, thread_name_prefix=f"charnn-prime-{served.name}")
+        self._prep = PrimeQueue(f"charnn-prime-{served.name}")
         self.primes = PrimeCache(self.packed, served.tokenizer)
         self._thread = threading.Thread(target=self._run, name=f"charnn-batch-{served.name}", daemon=True)
         self.steps = 0  # batched steps run (for tests and the benchmark)
@@ -311,7 +340,7 @@ class Engine:
             group.finish()
             return group
         try:  # the prime is read on its own thread, so a long one does not stall the batch
-            await asyncio.get_running_loop().run_in_executor(self._prep, group.prime, self.primes)
+            await asyncio.wrap_future(self._prep.submit(self.primes.cost(spec.prime), group.prime, self.primes))
         except BaseException:
             self.unreserve()
             raise
@@ -359,7 +388,7 @@ class Engine:
     def close(self) -> None:
         self.cancel_all("the server is shutting down")
         self._thread.join(timeout=10)
-        self._prep.shutdown(wait=False, cancel_futures=True)
+        self._prep.shutdown()
 
     # -- the worker thread ----------------------------------------------------
     def _admit(self, active: list[Group]) -> list[Group]:

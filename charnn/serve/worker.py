@@ -24,6 +24,9 @@ unchanged :class:`Engine`, its batch loop on its main thread.
 - If the child dies (the out-of-memory killer, a kill by hand), its streams
   end with an ``error`` event and later requests get 503 with a message that
   says to restart the server.
+- A watchdog: while the child has work, the parent pings it every second; a
+  child that answers nothing for ``Limits.batch_timeout`` seconds (stopped
+  with SIGSTOP, stuck) is killed, and the same happens as when it dies.
 
 Library code: it prints nothing.
 """
@@ -38,6 +41,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -46,6 +50,7 @@ from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel, ServeError
 from .engine import Channel, Engine, Group
 
 START_TIMEOUT = 300.0  # seconds the child may take to start (import torch, build the model), even on a busy machine
+WATCH_INTERVAL = 1.0  # seconds between two pings of a child with work
 
 
 # ---------------------------------------------------------------------------
@@ -78,10 +83,10 @@ class _Outbox:
     def channel(self, gid: int) -> "_RemoteChannel":
         return _RemoteChannel(self, gid)
 
-    def flush(self, stats: tuple[int, int, int, int]) -> None:
+    def flush(self, stats: tuple[int, int, int, int], force: bool = False) -> None:
         with self.lock:
             items, self.items = self.items, []
-        if items or stats != self.sent_stats:  # stats alone: a cancelled stream left, say, or a batch emptied
+        if items or stats != self.sent_stats or force:  # stats alone: a cancelled stream left, say, or a batch emptied
             with self.send_lock:
                 self.sent_stats = stats
                 try:  # pickle.dumps + send_bytes: cheaper than send()'s ForkingPickler per step
@@ -137,7 +142,7 @@ class _ChildEngine(Engine):
             self.dequeued(group)
             self.after_step()
             return
-        self._prep.submit(self._prime_and_queue, group)
+        self._prep.submit(self.primes.cost(spec.prime), self._prime_and_queue, group)
 
     def _prime_and_queue(self, group: Group) -> None:
         try:
@@ -187,6 +192,8 @@ def _child_main(conn_in: Connection, conn_out: Connection) -> None:
                     engine.cancel(msg[1])
                 elif msg[0] == "reset_stats":
                     engine.reset_stats()
+                elif msg[0] == "ping":  # the parent's watchdog: any message back says this process runs
+                    outbox.flush(engine.stats(), force=True)
                 elif msg[0] == "close":
                     engine.cancel_all(msg[1])
                     return
@@ -250,6 +257,8 @@ class ProcessEngine:
         self._proc: Any = None
         self._conn_cmd: Any = None
         self._reader: threading.Thread | None = None
+        self._heard = time.monotonic()  # when the child last sent anything
+        self._stalled: str | None = None  # why the watchdog stopped the child, if it did
 
     # -- starting and stopping --------------------------------------------------
     def start(self) -> None:
@@ -280,6 +289,28 @@ class ProcessEngine:
         self._reader = threading.Thread(target=self._read, args=(Connection(out_r, writable=False),),
                                         name=f"charnn-results-{self.served.name}", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._watch, name=f"charnn-watchdog-{self.served.name}", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Ping a child that has work; kill one that stays silent for ``batch_timeout`` seconds."""
+        while self._dead is None and not self._closing:
+            time.sleep(WATCH_INTERVAL)
+            if not self._ready.is_set() or not self._groups:
+                self._heard = time.monotonic()  # idle: silence is expected
+                continue
+            silent = time.monotonic() - self._heard
+            if silent > self.limits.batch_timeout:
+                self._stalled = (f"it answered nothing for {silent:.0f} s while it had work (stopped, or "
+                                 "stuck), so the server stopped it")
+                try:
+                    self._proc.kill()  # the pipe closes; the reader ends the streams
+                except OSError:
+                    pass
+                return
+            try:
+                self._send(("ping",))
+            except ApiError:
+                return
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Block until the child serves (or raise :class:`ServeError` saying why not)."""
@@ -382,6 +413,7 @@ class ProcessEngine:
             self._ready.set()
             while True:
                 items, stats = pickle.loads(conn.recv_bytes())
+                self._heard = time.monotonic()
                 self.rows, self.max_rows, self.steps, self.prime_reads = stats
                 for gid, kind, payload in items:
                     group = self._groups.get(gid)
@@ -410,6 +442,7 @@ class ProcessEngine:
             code = None
         closing = self._closing
         reason = ("it stopped with the server" if closing else
+                  self._stalled if self._stalled is not None else
                   f"it was killed by signal {-code}" if code is not None and code < 0 else
                   f"it exited with code {code}" if code is not None else "it stopped answering")
         with self._lock:
