@@ -41,7 +41,7 @@ def surrogate_ckpt(trained, tmp_path_factory) -> Path:
     """The tiny model with a lone surrogate in its vocabulary, as a corpus
     read with errors=surrogateescape gives, and a NaN best loss."""
     data = torch.load(trained.best, map_location="cpu", weights_only=True)
-    data["vocab"][-1] = "\ud800"
+    data["vocab"][-1] = 0xD800  # format 2: code points
     data["train_state"]["best_val"] = math.nan
     path = tmp_path_factory.mktemp("odd") / "odd.pt"
     torch.save(data, path)
