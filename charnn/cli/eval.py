@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .common import (DEVICE_HELP, escape_text, THREADS_HELP, Unknown, _quiet_rank, app, at_least, between, dumps, err,
-                     out_console, parse_device, plural, run_command, stdout)
+                     out_console, parse_device, plural, run_command, safe_display, stdout)
 
 # ---------------------------------------------------------------------------
 # eval
@@ -81,12 +81,14 @@ def evaluate(
         from ..devices import resolve_device, set_threads
         from ..evaluate import evaluate_texts, load_eval_texts
 
-        from ..outputs import check_output
+        from ..outputs import check_output, corpus_inputs
 
         if html is not None:
             check_output(html, "html", "--html", inputs=[checkpoint, *(files or [])], overwrite=overwrite)
         set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint, device=resolve_device(device))
+        if html is not None and not files:  # the validation split is read from the training corpus
+            check_output(html, "html", "--html", inputs=corpus_inputs(ckpt.train_config), overwrite=overwrite)
         with _working(f"reading {plural(len(files), 'file')}" if files else "reading the training corpus"):
             texts = load_eval_texts(tokenizer, ckpt, [str(f) for f in files or []], encoding=encoding,
                                     unknown=unknown.value)
@@ -102,7 +104,7 @@ def evaluate(
             with _working("writing the surprisal page"):
                 path, shown = _write_surprisal_page(model, tokenizer, texts, report, html,
                                                     max_chars or HTML_DEFAULT_CHARS, str(checkpoint))
-            err.print(f"Wrote {path} ({plural(shown, 'character')}).", markup=False)
+            err.print(f"Wrote {safe_display(path, None)} ({plural(shown, 'character')}).", markup=False)
             data["html"] = str(path)
         flow = None
         if gradient_flow:
