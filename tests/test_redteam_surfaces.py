@@ -129,3 +129,25 @@ def test_a_vocabulary_of_the_wrong_integer_type_names_the_right_one(trained, tmp
     with pytest.raises(CheckpointError) as e:
         ckpt_mod.load(path)
     assert "torch.int64" in str(e.value) and "int32" in str(e.value).split("expects")[1]
+
+
+@pytest.mark.system
+def test_control_characters_in_names_and_text_never_reach_the_terminal_raw(trained, tmp_path):
+    """A file named with an escape sequence, holding ESC and a bidi override,
+    scored by a model whose vocabulary has both: eval's table, --show and
+    inspect's progress line show them as escapes."""
+    payload = torch.load(trained.best, weights_only=True)
+    vocab = payload["vocab"].clone()
+    vocab[-1], vocab[-2] = 0x1B, 0x202E
+    model = tmp_path / "m.pt"
+    torch.save({**payload, "vocab": vocab}, model)
+    name = tmp_path / "a\x1b[31mb.txt"
+    name.write_text("the cat \x1b sat \u202e on it\n", encoding="utf-8")
+    for args in (("eval", model, name, "--unknown", "skip", "--show"),
+                 ("eval", model, name, trained.corpus, "--unknown", "skip"),
+                 ("inspect", model, name, "--unknown", "skip")):
+        done = charnn(*args)
+        assert done.returncode == 0, done.stderr
+        both = done.stdout + done.stderr
+        assert "\x1b" not in both and "\u202e" not in both, args
+        assert "\\u001b[31mb.txt" in both or "\\x1b[31mb.txt" in both

@@ -158,15 +158,15 @@ def _working(what: str) -> Iterator[None]:
 
 def _print_eval(out: Console, report: Any, scored: Optional[str] = None) -> None:
     if scored or len(report.files) == 1:
-        out.print(f"scored      {scored or report.files[0].name}", markup=False)
+        out.print(f"scored      {escape_text(scored or report.files[0].name)}", markup=False)
     if len(report.files) > 1:
         # Plain columns (not a rich table): file names are never cut short.
-        name_w = max(4, *(len(f.name) for f in report.files))
+        name_w = max(4, *(len(escape_text(f.name)) for f in report.files))
         out.print(f"{'file':<{name_w}}  {'characters':>10}  {'loss':>7}  {'bits/char':>9}  {'perplexity':>10}  "
                   f"{'unknown':>7}", markup=False)
         for f in report.files:
             d = f.to_dict()
-            out.print(f"{f.name:<{name_w}}  {d['chars']:>10,}  {d['loss']:>7.4f}  {d['bpc']:>9.4f}  "
+            out.print(f"{escape_text(f.name):<{name_w}}  {d['chars']:>10,}  {d['loss']:>7.4f}  {d['bpc']:>9.4f}  "
                       f"{d['perplexity']:>10.3f}  {f.unknown:>7,}", markup=False)
         out.print(f"total ({plural(len(report.files), 'file')})", markup=False)
     d = report.total.to_dict()
@@ -222,9 +222,11 @@ def surprisal_line(chars: str, losses: Any, styles: list[str]) -> Any:
     from ..report import LN2, band
 
     line = Text()
-    line.append(chars[:1], style="dim")
+    # The text's own control characters (ESC, bidi overrides) are shown as
+    # escapes: they would drive the terminal, not appear in it.
+    line.append(escape_text(chars[:1]) if chars[:1] != "\n" else "\n", style="dim")
     for ch, loss in zip(chars[1:], losses):
-        line.append(ch, style=styles[band(float(loss) / LN2)] if ch != "\n" else None)
+        line.append(ch if ch == "\n" else escape_text(ch), style=styles[band(float(loss) / LN2)] if ch != "\n" else None)
     return line
 
 
@@ -234,7 +236,7 @@ def _print_surprisal(out: Console, model: Any, tokenizer: Any, texts: list, limi
     styles = band_styles(out.color_system)
     out.print(surprisal_legend(styles))
     for t, s, cut in _surprisal_of(model, texts, limit):
-        out.print(Text(f"── {t.name}" + (f" (first {plural(len(s.ids), 'character')})" if cut else ""), style="bold"))
+        out.print(Text(f"── {escape_text(t.name)}" + (f" (first {plural(len(s.ids), 'character')})" if cut else ""), style="bold"))
         out.print(surprisal_line(tokenizer.decode(s.ids), s.loss, styles))
     out.print()
 

@@ -122,7 +122,7 @@ def inspect_command(
         ids = np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in texts])[:max_chars]
         source = ", ".join(t.name for t in texts)
         mc = ckpt.model_config
-        err.print(f"Inspecting {len(ids):,} characters of {source} ({mc.cell} {mc.num_layers}x{mc.hidden_size}, "
+        err.print(f"Inspecting {len(ids):,} characters of {safe_display(source, None)} ({mc.cell} {mc.num_layers}x{mc.hidden_size}, "
                   f"{n_threads} thread{'s' if n_threads > 1 else ''})...", markup=False)
         with _progress() as update:
             result = inspect(model, ids, tokenizer, features=[*_builtins(), *(feature or [])], max_chars=max_chars,
