@@ -304,7 +304,8 @@ def _check_tensor(t: Any, where: str, path: Path, dtypes: tuple[torch.dtype, ...
                               "charnn checkpoints hold dense tensors only")
     if t.is_quantized or t.is_meta or t.dtype not in dtypes:
         kind = "quantized" if t.is_quantized else "meta (data-less)" if t.is_meta else str(t.dtype)
-        allowed = "floating point" if dtypes == FLOAT_DTYPES else "numeric"
+        allowed = ("floating point" if dtypes == FLOAT_DTYPES else "numeric" if dtypes == DATA_DTYPES
+                   else " or ".join(str(d).replace("torch.", "") for d in dtypes))
         raise CheckpointError(f"{path}: {where} is a {kind} tensor; charnn expects {allowed} tensors here")
     claimed = (t.storage_offset() + t.numel()) * t.element_size()
     if t.numel() and claimed > t.untyped_storage().nbytes():

@@ -15,8 +15,11 @@ file; the link's target is left alone.
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import threading
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CharnnError, safe_display
@@ -46,6 +49,20 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` (symlinks resolved) lies somewhere under the folder ``folder``."""
+    if not os.path.isdir(folder):
+        return False
+    return any(_same(parent, folder) for parent in Path(os.path.realpath(path)).parents)
+
+
+def corpus_inputs(train_config: object) -> list[str]:
+    """The files and folders a checkpoint's run was trained on: what ``eval``
+    and ``inspect`` read when given no files (its validation split)."""
+    paths = train_config.get("corpus") if isinstance(train_config, dict) else None
+    return [p for p in paths if isinstance(p, str) and p] if isinstance(paths, list) else []
+
+
 def check_output(path: Path, kind: str, option: str, inputs: Iterable[str | os.PathLike] = (),
                  overwrite: bool = False) -> None:
     """Refuse, before any work, to write ``path`` (given as ``option``) over
@@ -70,6 +87,9 @@ def check_output(path: Path, kind: str, option: str, inputs: Iterable[str | os.P
         if _same(path, Path(given)):
             raise CharnnError(f"{option} {shown} is the same file as {safe_display(given)}, which this command reads; "
                               "choose another path (or pass --overwrite to replace it)")
+        if _inside(path, Path(given)):
+            raise CharnnError(f"{option} {shown} is a file in {safe_display(given)}, a folder this command reads; "
+                              "choose a path outside it (or pass --overwrite to replace it)")
     if not _is_kind(path, kind):
         raise CharnnError(f"{option} {shown} exists and is not {_KINDS[kind]}; choose another path "
                           "(or pass --overwrite to replace it)")
@@ -86,4 +106,34 @@ def write_output(path: Path, data: bytes | str) -> Path:
         raise CharnnError(f"cannot create folder {safe_display(path.parent)}: {e.strerror or e}") from None
     if isinstance(data, str):
         data = data.encode("utf-8")
-    return write_atomic(path, data, error=CharnnError)
+    with _signals_unwind():
+        try:
+            return write_atomic(path, data, error=CharnnError)
+        except CharnnError as e:  # its advice names the checkpoints' option; pages and plots have their own
+            raise CharnnError(str(e).replace("another --out", "another path")) from None
+
+
+@contextmanager
+def _signals_unwind():
+    """SIGTERM and SIGHUP end the process by unwinding (exit status 128 + the
+    signal, as their default would give), so write_atomic removes its temp
+    file; by default they would leave a partly written page beside the output."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    names = ("SIGTERM", "SIGHUP")
+    old = {}
+    for name in names:
+        if hasattr(signal, name):
+            sig = getattr(signal, name)
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .common import (DEVICE_HELP, escape_text, THREADS_HELP, Unknown, _quiet_rank, app, at_least, between, dumps, err,
-                     out_console, parse_device, plural, run_command, stdout)
+                     out_console, parse_device, plural, run_command, safe_display, stdout)
 
 # ---------------------------------------------------------------------------
 # eval
@@ -81,12 +81,14 @@ def evaluate(
         from ..devices import resolve_device, set_threads
         from ..evaluate import evaluate_texts, load_eval_texts
 
-        from ..outputs import check_output
+        from ..outputs import check_output, corpus_inputs
 
         if html is not None:
             check_output(html, "html", "--html", inputs=[checkpoint, *(files or [])], overwrite=overwrite)
         set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint, device=resolve_device(device))
+        if html is not None and not files:  # the validation split is read from the training corpus
+            check_output(html, "html", "--html", inputs=corpus_inputs(ckpt.train_config), overwrite=overwrite)
         with _working(f"reading {plural(len(files), 'file')}" if files else "reading the training corpus"):
             texts = load_eval_texts(tokenizer, ckpt, [str(f) for f in files or []], encoding=encoding,
                                     unknown=unknown.value)
@@ -102,7 +104,7 @@ def evaluate(
             with _working("writing the surprisal page"):
                 path, shown = _write_surprisal_page(model, tokenizer, texts, report, html,
                                                     max_chars or HTML_DEFAULT_CHARS, str(checkpoint))
-            err.print(f"Wrote {path} ({plural(shown, 'character')}).", markup=False)
+            err.print(f"Wrote {safe_display(path, None)} ({plural(shown, 'character')}).", markup=False)
             data["html"] = str(path)
         flow = None
         if gradient_flow:
@@ -156,15 +158,15 @@ def _working(what: str) -> Iterator[None]:
 
 def _print_eval(out: Console, report: Any, scored: Optional[str] = None) -> None:
     if scored or len(report.files) == 1:
-        out.print(f"scored      {scored or report.files[0].name}", markup=False)
+        out.print(f"scored      {escape_text(scored or report.files[0].name)}", markup=False)
     if len(report.files) > 1:
         # Plain columns (not a rich table): file names are never cut short.
-        name_w = max(4, *(len(f.name) for f in report.files))
+        name_w = max(4, *(len(escape_text(f.name)) for f in report.files))
         out.print(f"{'file':<{name_w}}  {'characters':>10}  {'loss':>7}  {'bits/char':>9}  {'perplexity':>10}  "
                   f"{'unknown':>7}", markup=False)
         for f in report.files:
             d = f.to_dict()
-            out.print(f"{f.name:<{name_w}}  {d['chars']:>10,}  {d['loss']:>7.4f}  {d['bpc']:>9.4f}  "
+            out.print(f"{escape_text(f.name):<{name_w}}  {d['chars']:>10,}  {d['loss']:>7.4f}  {d['bpc']:>9.4f}  "
                       f"{d['perplexity']:>10.3f}  {f.unknown:>7,}", markup=False)
         out.print(f"total ({plural(len(report.files), 'file')})", markup=False)
     d = report.total.to_dict()
@@ -220,9 +222,11 @@ def surprisal_line(chars: str, losses: Any, styles: list[str]) -> Any:
     from ..report import LN2, band
 
     line = Text()
-    line.append(chars[:1], style="dim")
+    # The text's own control characters (ESC, bidi overrides) are shown as
+    # escapes: they would drive the terminal, not appear in it.
+    line.append(escape_text(chars[:1]) if chars[:1] != "\n" else "\n", style="dim")
     for ch, loss in zip(chars[1:], losses):
-        line.append(ch, style=styles[band(float(loss) / LN2)] if ch != "\n" else None)
+        line.append(ch if ch == "\n" else escape_text(ch), style=styles[band(float(loss) / LN2)] if ch != "\n" else None)
     return line
 
 
@@ -232,7 +236,7 @@ def _print_surprisal(out: Console, model: Any, tokenizer: Any, texts: list, limi
     styles = band_styles(out.color_system)
     out.print(surprisal_legend(styles))
     for t, s, cut in _surprisal_of(model, texts, limit):
-        out.print(Text(f"── {t.name}" + (f" (first {plural(len(s.ids), 'character')})" if cut else ""), style="bold"))
+        out.print(Text(f"── {escape_text(t.name)}" + (f" (first {plural(len(s.ids), 'character')})" if cut else ""), style="bold"))
         out.print(surprisal_line(tokenizer.decode(s.ids), s.loss, styles))
     out.print()
 

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.cells import cell_len
 
-from .common import app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command, stdout
+from .common import (app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command,
+                     safe_display, stdout)
 
 LABEL_W = 12  # "vocabulary  ": the first column of the header lines
 KEY_W = 16  # an option's name, after two spaces of indent
@@ -53,7 +54,7 @@ def info(
         train_curve, val_curve = loss_curves(ckpt.metrics)
         if plot is not None:
             plot_png(train_curve, val_curve, plot, title=f"{checkpoint}: {mc.cell} {mc.num_layers}x{mc.hidden_size}")
-            err.print(f"Wrote {plot}.", markup=False)
+            err.print(f"Wrote {safe_display(plot, None)}.", markup=False)
         data = {"path": str(checkpoint), "format_version": ckpt.data["format_version"],
                 "charnn_version": ckpt.data.get("charnn_version"), "created": ckpt.data.get("created"),
                 "model_config": mc.to_dict(), "parameters": params, "vocab": ckpt.tokenizer.to_list(),

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command
+from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command, safe_display
 
 MAX_CHARS_DEFAULT = 100_000  # characters inspected (correlations, saturation)
 HTML_CHARS_DEFAULT = 2_000  # characters shown on the --html page (its size grows with them)
@@ -97,7 +97,7 @@ def inspect_command(
         from ..inspection import inspect
         from ..report import write_text
 
-        from ..outputs import check_output
+        from ..outputs import check_output, corpus_inputs
 
         inputs = [checkpoint, *(files or [])]
         if plot is not None:
@@ -108,6 +108,10 @@ def inspect_command(
             raise CharnnError("--plot and --html name the same file; give each its own")
         n_threads = set_threads(threads)
         model, tokenizer, ckpt = load_model(checkpoint)
+        if not files:  # the validation split is read from the training corpus
+            for kind, given, option in (("png", plot, "--plot"), ("html", html, "--html")):
+                if given is not None:
+                    check_output(given, kind, option, inputs=corpus_inputs(ckpt.train_config), overwrite=overwrite)
         if plot is not None:
             if ckpt.model_config.cell == "rnn":
                 raise CharnnError("a vanilla RNN has no gates, so there is no saturation plot; "
@@ -118,7 +122,7 @@ def inspect_command(
         ids = np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in texts])[:max_chars]
         source = ", ".join(t.name for t in texts)
         mc = ckpt.model_config
-        err.print(f"Inspecting {len(ids):,} characters of {source} ({mc.cell} {mc.num_layers}x{mc.hidden_size}, "
+        err.print(f"Inspecting {len(ids):,} characters of {safe_display(source, None)} ({mc.cell} {mc.num_layers}x{mc.hidden_size}, "
                   f"{n_threads} thread{'s' if n_threads > 1 else ''})...", markup=False)
         with _progress() as update:
             result = inspect(model, ids, tokenizer, features=[*_builtins(), *(feature or [])], max_chars=max_chars,
@@ -128,12 +132,12 @@ def inspect_command(
         data: dict[str, Any] = result.to_dict(top=top)
         if plot is not None:
             saturation_png(result, plot, title=f"{checkpoint}: gate saturation ({result.chars:,} characters)")
-            err.print(f"Wrote {plot}.", markup=False)
+            err.print(f"Wrote {safe_display(plot, None)}.", markup=False)
             data["plot"] = str(plot)
         if html is not None:
             page = inspect_page(result, title=f"charnn inspect: {checkpoint}", top=top, chars=html_chars)
             path = write_text(html, page)
-            err.print(f"Wrote {path} ({min(html_chars, result.chars):,} characters shown, "
+            err.print(f"Wrote {safe_display(path, None)} ({min(html_chars, result.chars):,} characters shown, "
                       f"{path.stat().st_size / 1e6:.1f} MB).", markup=False)
             data["html"] = str(path)
         if as_json:
