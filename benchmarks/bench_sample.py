@@ -5,7 +5,7 @@ Measures, in ONE process, characters per second of
 - baseline: a loop that calls ``nn.Embedding -> nn.LSTM -> nn.Linear`` one step
   at a time, then ``softmax`` + ``torch.multinomial`` (what most char-rnn
   ports do), on the same weights;
-- charnn: ``charnn.sample.generate`` (one streaming sample, the path
+- charnn: ``charnn.generation.sample.generate`` (one streaming sample, the path
   ``charnn sample`` prints from) and ``generate_samples`` (a batch),
 
 for LSTMs of 2x512 and 2x256, one stream and 64 streams, both sides on the
@@ -31,10 +31,10 @@ import time
 import torch
 
 
-from charnn.config import ModelConfig
-from charnn.model import CharRNN
-from charnn.sample import generate, generate_samples, resolve_precision
-from charnn.tokenizer import CharTokenizer
+from charnn.training.config import ModelConfig
+from charnn.model.rnn import CharRNN
+from charnn.generation.sample import generate, generate_samples, resolve_precision
+from charnn.text.tokenizer import CharTokenizer
 
 VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like source code or prose
 

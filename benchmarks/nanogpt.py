@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charnn.data import read_corpus, split_ids
-from charnn.tokenizer import CharTokenizer
+from charnn.text.data import read_corpus, split_ids
+from charnn.text.tokenizer import CharTokenizer
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charnn.checkpoint import load_model
-from charnn.config import ModelConfig
-from charnn.evaluate import (_segments, evaluate_ids, gradient_flow, surprisal, token_losses,
+from charnn.storage.checkpoint import load_model
+from charnn.training.config import ModelConfig
+from charnn.analysis.evaluate import (_segments, evaluate_ids, gradient_flow, surprisal, token_losses,
                              w_hh_singular_values)
-from charnn.model import CharRNN
+from charnn.model.rnn import CharRNN
 
 from conftest import assert_clean_error, invoke, make_text, train_tiny
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from charnn.config import TrainConfig
-from charnn.runtime import DistInfo
-from charnn.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
+from charnn.training.config import TrainConfig
+from charnn.training.runtime import DistInfo
+from charnn.training.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
                              nice_interval, nice_interval_below, patience_note, warmup_factor)
-from charnn.validation import Validation
+from charnn.training.validation import Validation
 from robust_helpers import TINY_MODEL, write_corpus
 
 from conftest import invoke
@@ -164,7 +164,7 @@ def test_the_automatic_interval_grows_when_the_run_turns_out_faster_and_never_sh
 
 
 def test_default_threads_follow_omp_num_threads_and_share_the_cores_among_local_ranks(monkeypatch):
-    from charnn.devices import available_cores, default_threads, max_threads
+    from charnn.model.devices import available_cores, default_threads, max_threads
 
     cores = available_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

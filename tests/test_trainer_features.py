@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from charnn import checkpoint
-from charnn.config import TrainConfig
+from charnn.storage import checkpoint
+from charnn.training.config import TrainConfig
 from charnn.errors import ConfigError, VocabError
-from charnn.train import Trainer, lr_factor, parse_duration, resolve_precision, train
+from charnn.training.trainer import Trainer, lr_factor, parse_duration, resolve_precision, train
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, "

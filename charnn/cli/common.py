@@ -412,7 +412,7 @@ def run_command(body: Callable[[], Any]) -> Any:
         stdout.flush()  # a full disk shows here, not in the interpreter's last flush
         return result
     except CharnnError as e:
-        from ..train import TrainingInterrupted
+        from ..training.trainer import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
             say(interrupted_message(str(e)))
@@ -471,7 +471,7 @@ def parse_time_limit(value: Optional[str]) -> Optional[str]:
     if not value.strip():
         raise typer.BadParameter("is empty; write it like 30s, 5m, 2h or 1h30m")
     from ..errors import ConfigError
-    from ..schedule import parse_duration  # no torch import just to read an option
+    from ..training.schedule import parse_duration  # no torch import just to read an option
 
     try:
         parse_duration(value)

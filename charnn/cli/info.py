@@ -30,8 +30,8 @@ def info(
     curve."""
 
     def body() -> None:
-        from ..checkpoint import load
-        from ..report import escape_vocab, loss_curves, plot_png, text_chart
+        from ..storage.checkpoint import load
+        from ..analysis.report import escape_vocab, loss_curves, plot_png, text_chart
 
         ckpt = load(checkpoint)
         mc = ckpt.model_config

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CharnnError, VocabError, describe_char
-from ..evaluate import evaluate_ids, surprisal
-from ..sample import check_prime, random_seed, validate_options
+from ..analysis.evaluate import evaluate_ids, surprisal
+from ..generation.sample import check_prime, random_seed, validate_options
 
 INSTALL_HINT = "pip install 'charnn[serve]'"
 MAX_TOP = 10  # alternatives per character a request may ask for
@@ -109,7 +109,7 @@ class ServedModel:
 def load_models(paths: list[str | Path]) -> list[ServedModel]:
     """Load each checkpoint once (CPU, eval mode). Names are the file stems,
     made unique with the folder name (``run1/best``) when two stems clash."""
-    from ..checkpoint import load_model
+    from ..storage.checkpoint import load_model
 
     if not paths:
         raise ServeError("give at least one checkpoint to serve")
@@ -267,7 +267,7 @@ class Busy(ApiError):
 def score_text(served: ServedModel, text: str, unknown: str = "error", top: int = 5) -> dict[str, Any]:
     """Loss of ``text`` exactly as ``charnn eval`` computes it for a file with
     this content, and each character's probability and top alternatives."""
-    from ..data import normalize_newlines
+    from ..text.data import normalize_newlines
 
     tok = served.tokenizer
     text = normalize_newlines(text)  # as a file is read

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fastrnn import PackedRNN
-from ..sample import NOISE_BLOCK, Sampler, start_ids
+from ..model.fastrnn import PackedRNN
+from ..generation.sample import NOISE_BLOCK, Sampler, start_ids
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel
 
 PRIME_CACHE = 64  # primes per model whose state is kept for the next request with the same prime

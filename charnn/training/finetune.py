@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt_mod
+from ..storage import checkpoint as ckpt_mod
 from .config import ModelConfig
-from .errors import ConfigError, VocabError, describe_char
-from .model import CharRNN
-from .tokenizer import CharTokenizer
+from ..errors import ConfigError, VocabError, describe_char
+from ..model.rnn import CharRNN
+from ..text.tokenizer import CharTokenizer
 
 ARCH_FIELDS = ("cell", "embedding_dim", "hidden_size", "num_layers", "dropout")
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SIZES = ("auto", "fixed")
 
@@ -292,8 +292,8 @@ def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any
     import torch
     import torch.nn.functional as F
 
-    from .data import IGNORE_INDEX
-    from .runtime import autocast, kernels_for
+    from ..text.data import IGNORE_INDEX
+    from ..training.runtime import autocast, kernels_for
 
     rng = torch.get_rng_state()
     model = model.to(device).train()

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["BUILTIN_FEATURES", "FeatureSpec", "parse_feature", "text_features"]
 

@@ -33,7 +33,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 # Reading is its own module; its public names are also imported from here.
 from .reading import (BINARY_SNIFF_BYTES, CHARNN_FILE_PREFIX, ENCODING_HINT, RUN_MARKER,  # noqa: F401
                       Corpus, Progress, Status, check_encoding, corpus_name, count_text, decode_bytes,

@@ -29,23 +29,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt_mod
-from . import choices, train_state
+from ..storage import checkpoint as ckpt_mod
+from . import choices
+from . import state as train_state
 from .config import ModelConfig, TrainConfig, given_options, merge_resume
-from .data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, builtin_corpus_path, cache_dir,
+from ..text.data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, builtin_corpus_path, cache_dir,
                    corpus_name, encode_corpus, make_batcher, read_corpus, split_ids)
-from .devices import resolve_device
-from .errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
+from ..model.devices import resolve_device
+from ..errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
                      RunFolderError, TrainingError, safe_display, shell_arg)
 from .finetune import check_arch, fine_tune_start
-from .model import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state
-from .runfolder import RunFolder, choose_out_dir
-from .safe_files import serialize
+from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state
+from ..storage.runfolder import RunFolder, choose_out_dir
+from ..storage.safe_files import serialize
 # DistInfo, resolve_precision, parse_duration and lr_factor are re-exported for the API and the tests.
 from .runtime import (DistInfo, StopSignals, autocast, emulated_bf16, kernels_for,  # noqa: F401
                       resolve_precision, setup_distributed)
 from .schedule import SPEED_PROBE_STEPS, Budget, lr_factor, parse_duration  # noqa: F401
-from .tokenizer import CharTokenizer
+from ..text.tokenizer import CharTokenizer
 from .validation import Validation
 
 Callback = Callable[[dict[str, Any]], None]

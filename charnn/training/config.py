@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CELLS = ("lstm", "gru", "rnn")
 

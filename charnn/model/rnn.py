@@ -14,8 +14,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .errors import ConfigError
+from ..training.config import ModelConfig
+from ..errors import ConfigError
 
 # LSTM state is (h, c), each (num_layers, B, H); GRU/RNN state is h alone.
 State = Union[Tensor, tuple[Tensor, Tensor]]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import CharRNN
+from .rnn import CharRNN
 
 PRIME_CHUNK = 4096  # characters of a prime read per sequence pass: bounds the pass's activations
 # Magnitudes below this cannot reach fp32's (or bf16's) 3.4e38 in any step, with room to spare.

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CharnnError
+from ..errors import CharnnError
 
 LN2 = math.log(2.0)
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt_mod
-from .errors import CheckpointError, safe_display, shell_arg
-from .model import State, select_streams
+from ..storage import checkpoint as ckpt_mod
+from ..errors import CheckpointError, safe_display, shell_arg
+from ..model.rnn import State, select_streams
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from .train import Trainer
+    from .trainer import Trainer
 
 # The trainer's attributes a checkpoint carries, restored with their own type.
 POSITION = ("step", "epoch", "chunk", "chars_seen", "elapsed", "best_val", "evals_without_improvement",

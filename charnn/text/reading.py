@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .errors import DataError, safe_display
+from ..errors import DataError, safe_display
 
 BINARY_SNIFF_BYTES = 8192
 RUN_MARKER = ".charnn-run"  # present in every charnn run folder

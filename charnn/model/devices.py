@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char
-from .reading import decode_bytes, normalize_newlines
-from .devices import cpu_has_bf16
-from .fastrnn import SAFE_MAGNITUDE, PackedRNN
-from .model import GATES, CharRNN, available_memory, format_bytes
-from .tokenizer import CharTokenizer
+from ..errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char
+from ..text.reading import decode_bytes, normalize_newlines
+from ..model.devices import cpu_has_bf16
+from ..model.fastrnn import SAFE_MAGNITUDE, PackedRNN
+from ..model.rnn import GATES, CharRNN, available_memory, format_bytes
+from ..text.tokenizer import CharTokenizer
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
 NOISE_BLOCK = 64  # steps of random noise drawn per call, per stream

@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import sizing
+from ..model import sizing
 from .config import ModelConfig, TrainConfig
-from .errors import ConfigError
-from .model import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
+from ..errors import ConfigError
+from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from .runtime import DistInfo
 
 

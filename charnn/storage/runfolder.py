@@ -51,8 +51,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import FolderLockedError, FolderTakenError, RunFolderError
+from .. import __version__
+from ..errors import FolderLockedError, FolderTakenError, RunFolderError
 # write_atomic, serialize, json_safe, json_line and TMP_PREFIX are also imported from here.
 from .safe_files import (TMP_PREFIX, check_own_file, create_temp, json_line, json_safe,  # noqa: F401
                          open_own, os_error_reason, read_own, remove_stale_temps, serialize, write_all,

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import sizing
+from ..model import sizing
 from .config import TrainConfig
-from .errors import ConfigError, plural
-from .evaluate import evaluate_ids
+from ..errors import ConfigError, plural
+from ..analysis.evaluate import evaluate_ids
 from .runtime import AUTOCAST_DTYPE, DistInfo, kernels_for
 from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 

@@ -40,9 +40,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .features import BUILTIN_FEATURES, _feature_specs, parse_feature, text_features  # noqa: F401
-from .model import CharRNN
+from ..model.rnn import CharRNN
 
 __all__ = ["inspect", "Inspection", "LayerTrace", "FeatureCorrelation", "UnitCorrelation", "GateSaturation",
            "text_features", "parse_feature", "BUILTIN_FEATURES", "GATES"]

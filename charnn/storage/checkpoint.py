@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .config import ModelConfig
-from .errors import CharnnError, CheckpointError, ConfigError, safe_display
-from .model import CharRNN, available_memory, format_bytes, parameter_shapes
+from .. import __version__
+from ..training.config import ModelConfig
+from ..errors import CharnnError, CheckpointError, ConfigError, safe_display
+from ..model.rnn import CharRNN, available_memory, format_bytes, parameter_shapes
 from .safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
-from .tokenizer import CharTokenizer
+from ..text.tokenizer import CharTokenizer
 
 FORMAT = "charnn-checkpoint"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ import math
 import re
 
 from .config import TrainConfig
-from .errors import ConfigError, shell_arg
+from ..errors import ConfigError, shell_arg
 
 # Automatic warmup: AUTO_WARMUP_STEPS steps, or AUTO_WARMUP_SHARE of a budget
 # too short for that. The share was 5% until charnn 0.2.2: a 450-step run (the

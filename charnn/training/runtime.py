@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .devices import cpu_has_bf16
-from .errors import ConfigError
+from ..model.devices import cpu_has_bf16
+from ..errors import ConfigError
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import VocabError, describe_char
+from ..errors import VocabError, describe_char
 
 # Encoding goes through a UTF-32 view in chunks, so the peak extra memory is a
 # few bytes per character of one chunk, not of the whole corpus.

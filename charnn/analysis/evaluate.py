@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
-from .errors import NonFiniteError
-from .model import CharRNN, detach_state
+from ..text.data import IGNORE_INDEX
+from ..errors import NonFiniteError
+from ..model.rnn import CharRNN, detach_state
 
 LN2 = math.log(2.0)
 NONFINITE_MESSAGE = ("the model produced non-finite values (inf or NaN) while scoring the text; the "
@@ -118,8 +118,8 @@ def evaluate_ids(model: CharRNN, ids: np.ndarray | torch.Tensor, **kwargs) -> Ev
 def checkpoint_corpus_val(train_config: dict, tokenizer, encoding: str = "utf-8") -> np.ndarray:
     """The validation split of the corpus a checkpoint was trained on, if that
     corpus is still there and unchanged."""
-    from .data import builtin_corpus_path, read_corpus, split_ids
-    from .errors import DataError
+    from ..text.data import builtin_corpus_path, read_corpus, split_ids
+    from ..errors import DataError
 
     paths = list(train_config.get("corpus") or [])
     expected = train_config.get("corpus_hash")
@@ -189,8 +189,8 @@ def load_eval_texts(tokenizer, checkpoint, files: list[str], encoding: str = "ut
     ``unknown="error"`` raises :class:`VocabError` naming the file and the
     characters the vocabulary lacks; ``"skip"`` drops them and counts them.
     """
-    from .data import read_corpus
-    from .errors import DataError, VocabError
+    from ..text.data import read_corpus
+    from ..errors import DataError, VocabError
 
     if not files:
         ids = checkpoint_corpus_val(checkpoint.train_config, tokenizer, encoding)
@@ -331,7 +331,7 @@ def gradient_flow(model: CharRNN, ids: np.ndarray | torch.Tensor, window: int = 
     """See the comment above. ``ids`` needs at least ``window + 1`` characters."""
     import copy
 
-    from .errors import DataError
+    from ..errors import DataError
 
     ids_np = np.asarray(ids, dtype=np.int64)
     if window < 1 or windows < 1:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CharnnError, ConfigError
+from ..errors import CharnnError, ConfigError
 from .inspection import GATE_TITLES, TANH_GATES, Inspection
 from .report import pyplot, save_png, show_char  # noqa: F401  (pyplot: for the CLI)
 

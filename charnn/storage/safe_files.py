@@ -25,8 +25,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .reading import file_kind
-from .errors import CharnnError, CheckpointError, RunFolderError
+from ..text.reading import file_kind
+from ..errors import CharnnError, CheckpointError, RunFolderError
 
 TMP_PREFIX = ".charnn-tmp-"  # temp files end in .tmp, never .pt, so no one mistakes them
 TMP_SUFFIX = ".tmp"

@@ -1,0 +1,1 @@
+"""What charnn writes to disk: the checkpoint contract, the run folder, safe (atomic) files."""
