@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from charnn.storage import checkpoint
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.model.rnn import CharRNN
 from charnn.text.tokenizer import CharTokenizer
 

@@ -23,7 +23,8 @@ import time
 WORKER = r"""
 import json, statistics, sys, time
 import torch, torch.nn.functional as F
-from charnn.training.config import ModelConfig, TrainConfig
+from charnn.model.config import ModelConfig
+from charnn.training.config import TrainConfig
 from charnn.model.devices import set_threads
 from charnn.model.rnn import CharRNN
 threads = None if sys.argv[1] == "auto" else int(sys.argv[1])

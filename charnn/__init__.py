@@ -23,7 +23,7 @@ _EXPORTS = {
     "CharnnError": "errors", "DataError": "errors", "VocabError": "errors",
     "CheckpointError": "errors", "ConfigError": "errors", "TrainingError": "errors",
     "CharTokenizer": "text.tokenizer",
-    "ModelConfig": "training.config", "TrainConfig": "training.config",
+    "ModelConfig": "model.config", "TrainConfig": "training.config",
     "CharRNN": "model.rnn",
     "read_corpus": "text.reading",
     "load": "storage.checkpoint", "load_model": "storage.checkpoint", "save": "storage.checkpoint",

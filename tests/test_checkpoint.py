@@ -10,7 +10,8 @@ import torch
 
 from charnn import __version__
 from charnn.storage.checkpoint import build_payload, load, load_model, read_payload, save, validate
-from charnn.training.config import ModelConfig, TrainConfig
+from charnn.model.config import ModelConfig
+from charnn.training.config import TrainConfig
 from charnn.errors import CharnnError, CheckpointError
 from charnn.model.rnn import CharRNN
 from charnn.text.tokenizer import CharTokenizer

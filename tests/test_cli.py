@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from charnn import __version__
-from charnn.training.config import ModelConfig, TrainConfig
+from charnn.model.config import ModelConfig
+from charnn.training.config import TrainConfig
 
 from conftest import assert_clean_error, invoke, make_text, train_tiny
 

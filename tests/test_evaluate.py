@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from charnn.storage.checkpoint import load_model
-from charnn.training.config import ModelConfig
-from charnn.analysis.evaluate import (_segments, evaluate_ids, gradient_flow, surprisal, token_losses,
-                             w_hh_singular_values)
+from charnn.model.config import ModelConfig
+from charnn.analysis.evaluate import evaluate_ids, gradient_flow, surprisal, w_hh_singular_values
+from charnn.model.scoring import _segments, token_losses
 from charnn.model.rnn import CharRNN
 
 from conftest import assert_clean_error, invoke, make_text, train_tiny

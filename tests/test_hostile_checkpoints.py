@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import CharnnError, CheckpointError, ConfigError, DataError, NonFiniteError, safe_display
 from charnn.analysis.evaluate import evaluate_ids, surprisal
 from charnn.model.rnn import CharRNN, parameter_count, parameter_shapes

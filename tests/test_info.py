@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from charnn.storage.checkpoint import build_payload, save
 from charnn.cli import app
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.model.rnn import CharRNN
 from charnn.analysis.report import escape_vocab, loss_curves, text_chart
 from charnn.text.tokenizer import CharTokenizer

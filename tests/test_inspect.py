@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from charnn.storage.checkpoint import load_model
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError, DataError
 from charnn.analysis.evaluate import load_eval_texts
 from charnn.analysis.features import BUILTIN_FEATURES, parse_feature, text_features

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError
 from charnn.model.rnn import CharRNN, build_rnn, detach_state, select_streams
 

@@ -19,7 +19,7 @@ import torch
 
 import charnn.storage.checkpoint as ckpt_mod
 from charnn.storage.checkpoint import build_payload
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import CharnnError, CheckpointError, RunFolderError
 from charnn.model.rnn import CharRNN
 from charnn.storage.runfolder import (LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, choose_out_dir,

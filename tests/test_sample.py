@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from charnn.storage import checkpoint as ckpt_mod
 from charnn.cli import SAMPLE_DIVIDER, app
-from charnn.training.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError, DataError, VocabError
 from charnn.model.fastrnn import PackedRNN
 from charnn.model.rnn import CharRNN

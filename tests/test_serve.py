@@ -33,7 +33,7 @@ with warnings.catch_warnings():  # starlette asks for httpx2 in its test client;
     from starlette.testclient import TestClient  # noqa: E402
 
 from charnn.storage import checkpoint as ckpt_mod  # noqa: E402
-from charnn.training.config import ModelConfig  # noqa: E402
+from charnn.model.config import ModelConfig  # noqa: E402
 from charnn.model.rnn import CharRNN  # noqa: E402
 from charnn.serve import Limits, create_app, load_models  # noqa: E402
 from charnn.text.tokenizer import CharTokenizer  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charnn.storage import checkpoint as ckpt_mod
-from charnn.model.rnn import sizing
+from charnn.model import sizing
 from charnn.training.config import TrainConfig
 from charnn.errors import ConfigError
 from charnn.training.trainer import Trainer
@@ -18,7 +18,7 @@ from conftest import invoke, make_text
 
 
 def test_recurrent_params_match_a_real_model():
-    from charnn.training.config import ModelConfig
+    from charnn.model.config import ModelConfig
     from charnn.model.rnn import CharRNN
 
     for shape in sizing.LADDER[:3]:

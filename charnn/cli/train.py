@@ -15,7 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..training.config import ModelConfig, TrainConfig
+from ..model.config import ModelConfig
+from ..training.config import TrainConfig
 from ..errors import ConfigError, safe_display, shell_arg
 from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)

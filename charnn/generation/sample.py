@@ -42,7 +42,7 @@ from ..text.tokenizer import CharTokenizer
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
 NOISE_BLOCK = 64  # steps of random noise drawn per call, per stream
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-BF16_MIN_BATCH = 16  # "auto" uses bf16 weights from this many samples on (see resolve_precision)
+BF16_MIN_BATCH = 16  # "auto" uses bf16 weights from this many samples on (see sampling_precision)
 DEFAULT_TEMPERATURE = 0.8  # the one default of the library and the CLI: livelier than greedy, fewer typos than 1.0
 
 # Bounds on what one call may ask for (each error names its limit):
@@ -237,8 +237,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def resolve_precision(precision: str, device: torch.device, num_samples: int, greedy: bool) -> str:
-    """``auto``: fp32 -- exactly torch's numbers, so greedy output matches the
+def sampling_precision(precision: str, device: torch.device, num_samples: int, greedy: bool) -> str:
+    """The precision of the sampling kernels' weights. ``auto``: fp32 -- exactly torch's numbers, so greedy output matches the
     plain ``nn.LSTM`` loop -- except for a batch of at least BF16_MIN_BATCH
     *sampled* streams on a CPU with native bf16, where the matrix products are
     compute-bound and bf16 weights run them about twice as fast (the samples
@@ -356,7 +356,7 @@ def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: 
     the first occurrence of ``stop`` in the generated text, which is never
     yielded (characters that might begin it are held back until they don't).
     ``seed`` None draws a random one; ``precision`` "auto" is fp32 for one
-    stream (see :func:`resolve_precision`).
+    stream (see :func:`sampling_precision`).
     """
     validate_options(temperature, top_k, top_p, length, 1, precision)
     validate_seed(seed)
@@ -406,7 +406,7 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
     prime, _ = check_prime(tokenizer, prime, unknown)
     check_sample_memory(model, tokenizer, prime, length, num_samples)
     greedy = temperature == 0 or top_k == 1
-    precision = resolve_precision(precision, model.head.weight.device, num_samples, greedy)
+    precision = sampling_precision(precision, model.head.weight.device, num_samples, greedy)
     sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
     seed = random_seed() if seed is None else seed
     seeds = [seed + i for i in range(num_samples)]

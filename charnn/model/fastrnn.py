@@ -18,7 +18,7 @@ each step is a handful of tensor operations:
 
 In fp32 the arithmetic is torch's own (the same numbers up to rounding), so
 greedy output matches the plain ``nn.LSTM`` loop. With bf16 weights (for big
-sampled batches, see ``sample.resolve_precision``) the matrix products use the
+sampled batches, see ``sample.sampling_precision``) the matrix products use the
 CPU's bf16 dot products and ``tanh`` becomes ``2 sigmoid(2z) - 1``.
 """
 

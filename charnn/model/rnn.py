@@ -14,7 +14,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from ..training.config import ModelConfig
+from .config import ModelConfig
 from ..errors import ConfigError
 
 # LSTM state is (h, c), each (num_layers, B, H); GRU/RNN state is h alone.

@@ -293,7 +293,7 @@ def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any
     import torch.nn.functional as F
 
     from ..text.data import IGNORE_INDEX
-    from ..training.runtime import autocast, kernels_for
+    from .precision import autocast, kernels_for
 
     rng = torch.get_rng_state()
     model = model.to(device).train()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..training.config import ModelConfig
+from ..model.config import ModelConfig
 from ..errors import CharnnError, CheckpointError, ConfigError, safe_display
 from ..model.rnn import CharRNN, available_memory, format_bytes, parameter_shapes
 from .safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..model import sizing
-from .config import ModelConfig, TrainConfig
+from ..model.config import ModelConfig
+from .config import TrainConfig
 from ..errors import ConfigError
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from .runtime import DistInfo

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..storage import checkpoint as ckpt_mod
-from .config import ModelConfig
+from ..model.config import ModelConfig
 from ..errors import ConfigError, VocabError, describe_char
 from ..model.rnn import CharRNN
 from ..text.tokenizer import CharTokenizer

@@ -32,19 +32,21 @@ from torch import nn
 from ..storage import checkpoint as ckpt_mod
 from . import choices
 from . import state as train_state
-from .config import ModelConfig, TrainConfig, given_options, merge_resume
+from .state import LoopPosition
+from ..model.config import ModelConfig
+from .config import TrainConfig, given_options, merge_resume
 from ..text.data import (BUILTIN_NAME, IGNORE_INDEX, Corpus, builtin_corpus_path, cache_dir,
                    corpus_name, encode_corpus, make_batcher, read_corpus, split_ids)
 from ..model.devices import resolve_device
 from ..errors import (CharnnError, CheckpointError, ConfigError, DataError, FolderLockedError, FolderTakenError,
                      RunFolderError, TrainingError, safe_display, shell_arg)
 from .finetune import check_arch, fine_tune_start
-from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state
+from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
 from ..storage.runfolder import RunFolder, choose_out_dir
 from ..storage.safe_files import serialize
-# DistInfo, resolve_precision, parse_duration and lr_factor are re-exported for the API and the tests.
-from .runtime import (DistInfo, StopSignals, autocast, emulated_bf16, kernels_for,  # noqa: F401
-                      resolve_precision, setup_distributed)
+# DistInfo, parse_duration and lr_factor are re-exported for the API and the tests.
+from ..model.precision import autocast, autocast_precision, emulated_bf16, kernels_for
+from .runtime import DistInfo, StopSignals, setup_distributed  # noqa: F401
 from .schedule import SPEED_PROBE_STEPS, Budget, lr_factor, parse_duration  # noqa: F401
 from ..text.tokenizer import CharTokenizer
 from .validation import Validation
@@ -114,8 +116,7 @@ class Trainer:
         self.handle_sigint = handle_sigint
         self.notes: list[str] = []  # said once at start: where it writes, what changed on resume
         self.changed: list[str] = []
-        self._earlier_changes: list[str] = []  # what earlier resumes changed (recorded in train_state)
-        self._resumed_at: Any = None
+        self.pos = LoopPosition()
         self.folder: RunFolder | None = None
         overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
         ModelConfig(**{"vocab_size": 1, **{k: v for k, v in overrides.items()
@@ -134,9 +135,7 @@ class Trainer:
                 raise CheckpointError(f"{resume}: its training options are invalid ({e}); it cannot be "
                                       f"resumed. --init-from {shell_arg(resume)} starts a new run from its weights") from None
             cfg, self.changed = merge_resume(saved, given)
-            earlier = resumed.train_state.get("changed_on_resume")
-            self._earlier_changes = [str(c)[:300] for c in earlier[:100]] if isinstance(earlier, list) else []
-            self._resumed_at = resumed.train_state.get("step")
+            self.pos.resumed(resumed.train_state, self.changed)
             if "out" not in given:
                 cfg.out = str(Path(resume).parent)  # the run's folder, wherever it is now
         elif isinstance(cfg, Mapping) or cfg is None:
@@ -246,7 +245,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = autocast_precision(cfg.precision, self.device)
         if emulated_bf16(self.device, self.precision):
             self.notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower "
                               "than fp32 here")
@@ -290,27 +289,27 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # -- position ---------------------------------------------------------
-        self.step = 0
-        self.epoch = 0
-        self.chunk = 0  # next chunk of the current epoch
-        self.chars_seen = 0
-        self.elapsed = probe_seconds  # training seconds, across resumes (a new run's size probe counts)
-        self.best_val = math.inf
-        self.evals_without_improvement = 0
-        self.nonfinite_skipped = 0
-        self.clipped_steps = 0
-        self.restores = 0
-        self.lr_scale = 1.0
+        self.pos.elapsed = probe_seconds
         self.metrics: list[dict[str, Any]] = []
         self.state: State | None = None
         self.optimizer = _make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         if resumed is not None:
-            train_state.restore(self, resumed)
+            carried = train_state.restore(resumed, self.pos, self.optimizer, self.scheduler, chunks=len(self.batcher),
+                                          batch_size=cfg.batch_size, device=self.device)
+            self.metrics = list(resumed.metrics)
+            self.state = None if carried is None else select_streams(carried, self.rows)
         self._good: dict[str, Any] | None = None  # last good in-memory state (non-finite guard)
         self._last_eval_step = -1
         self.validation = Validation(cfg, self.val_ids, self.dist, self.device, self.precision)
+
+    def __getattr__(self, name: str) -> Any:
+        """The position's fields read as the trainer's own (``t.step``, ``t.epoch``, ...)."""
+        pos = self.__dict__.get("pos")
+        if pos is not None and name in LoopPosition.__dataclass_fields__:
+            return getattr(pos, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- setup helpers ---------------------------------------------------------
     def _read_corpus(self, resume: str | os.PathLike | None) -> Corpus:
@@ -336,11 +335,11 @@ class Trainer:
     # -- schedule ------------------------------------------------------------------
     def epochs_done(self) -> float:
         """Passes over the training text so far, fractional."""
-        return self.epoch + self.chunk / len(self.batcher)
+        return self.pos.epoch + self.pos.chunk / len(self.batcher)
 
     def progress(self) -> float:
         """0..1 of whichever budget is nearest its end."""
-        return self.budget.progress(self.step, self.epochs_done(), self.elapsed)
+        return self.budget.progress(self.pos.step, self.epochs_done(), self.pos.elapsed)
 
     def _lr_lambda(self, _: int) -> float:
         # LambdaLR calls this after every optimizer step; the factor depends on
@@ -349,9 +348,9 @@ class Trainer:
         # first step counts for the cosine but not for the warmup.
         warm = None
         if self.cfg.setup_seconds:
-            warm = self.budget.progress(self.step, self.epochs_done(),
-                                        max(0.0, self.elapsed - self.cfg.setup_seconds))
-        return self.lr_scale * lr_factor(self.step, self.progress(), self.cfg.warmup_steps,
+            warm = self.budget.progress(self.pos.step, self.epochs_done(),
+                                        max(0.0, self.pos.elapsed - self.cfg.setup_seconds))
+        return self.pos.lr_scale * lr_factor(self.pos.step, self.progress(), self.cfg.warmup_steps,
                                          self.cfg.min_lr_ratio, warm)
 
     # -- events ----------------------------------------------------------------------
@@ -379,7 +378,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
         """The run's position for the checkpoint (see :mod:`charnn.train_state`)."""
-        return train_state.collect(self)
+        carried = train_state.gather_carried(self.state, self.dist)
+        return train_state.collect(self.pos, self.precision, self.device, carried)
 
     def _payload(self) -> dict[str, Any]:
         return ckpt_mod.build_payload(
@@ -402,8 +402,8 @@ class Trainer:
             model_only = {k: v for k, v in payload.items() if k not in TRAINING_ONLY_KEYS}
             written.append(self.folder.save(serialize(model_only), "best.pt"))
         if self.cfg.keep:
-            written.append(self.folder.save_step(data, self.step, self.cfg.keep))
-        self._emit("checkpoint", step=self.step, paths=[str(p) for p in written])
+            written.append(self.folder.save_step(data, self.pos.step, self.cfg.keep))
+        self._emit("checkpoint", step=self.pos.step, paths=[str(p) for p in written])
         return written[0]
 
     # -- evaluation -----------------------------------------------------------------------
@@ -412,20 +412,20 @@ class Trainer:
         return self.validation.evaluate(self.model)
 
     def _evaluate_and_save(self) -> Path | None:
-        self._last_eval_step = self.step
+        self._last_eval_step = self.pos.step
         if self.validation.seconds() > 1.0:
-            self._status(f"evaluating at step {self.step:,}")  # only when it takes a while
+            self._status(f"evaluating at step {self.pos.step:,}")  # only when it takes a while
         val = self.evaluate() if self.cfg.val_fraction > 0 else math.nan
-        improved = math.isfinite(val) and val < self.best_val
+        improved = math.isfinite(val) and val < self.pos.best_val
         if improved:
-            self.best_val = val
-            self.evals_without_improvement = 0
+            self.pos.best_val = val
+            self.pos.evals_without_improvement = 0
         elif math.isfinite(val):
-            self.evals_without_improvement += 1
-        row = {"step": self.step, "epoch": self.epochs_done(),
+            self.pos.evals_without_improvement += 1
+        row = {"step": self.pos.step, "epoch": self.epochs_done(),
                "val_loss": val, "val_bpc": val / math.log(2) if math.isfinite(val) else None,
-               "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-               "elapsed": self.elapsed}
+               "best_val_loss": None if math.isinf(self.pos.best_val) else self.pos.best_val,
+               "elapsed": self.pos.elapsed}
         self._log_row(row)
         path = self.save(improved)
         self._snapshot_good()
@@ -435,7 +435,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _budget_left(self, reserve: float) -> str | None:
-        return self.budget.ended(self.step, self.epochs_done(), self.elapsed, reserve)
+        return self.budget.ended(self.pos.step, self.epochs_done(), self.pos.elapsed, reserve)
 
     def _agree(self, flag: bool) -> bool:
         """Every rank takes the same decision (stop, time up, Ctrl-C)."""
@@ -452,22 +452,22 @@ class Trainer:
     def _recover(self) -> None:
         """Repeated non-finite steps: back to the last good state, half the LR."""
         last = self.out_dir / "last.pt"
-        if self._good is None or self.restores >= 3:
+        if self._good is None or self.pos.restores >= 3:
             where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise TrainingError(
-                f"training diverged: the loss or gradients stayed NaN/inf at step {self.step} even "
-                f"after {self.restores} restore(s) with a lower learning rate; {where}. "
+                f"training diverged: the loss or gradients stayed NaN/inf at step {self.pos.step} even "
+                f"after {self.pos.restores} restore(s) with a lower learning rate; {where}. "
                 "Try a lower --lr or a smaller --grad-clip")
         self.model.load_state_dict(self._good["model"])
         self.optimizer.load_state_dict(self._good["optimizer"])
-        self.restores += 1
-        self.lr_scale *= 0.5
+        self.pos.restores += 1
+        self.pos.lr_scale *= 0.5
         self.state = None
         with warnings.catch_warnings():  # no optimizer step since the restore: expected here
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()  # apply the lower learning rate now
-        self._emit("warning", message=f"non-finite loss at step {self.step}: restored the last good "
-                                      f"state and halved the learning rate (x{self.lr_scale:g})")
+        self._emit("warning", message=f"non-finite loss at step {self.pos.step}: restored the last good "
+                                      f"state and halved the learning rate (x{self.pos.lr_scale:g})")
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, n_valid_global: int) -> tuple[float, float, bool]:
         """One TBPTT chunk: forward, backward, clip, step. Returns (loss, grad norm, finite)."""
@@ -527,13 +527,13 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg  # (a budget is checked in __init__, before the folder is opened)
-        run_start, elapsed_base = time.perf_counter(), self.elapsed
+        run_start, elapsed_base = time.perf_counter(), self.pos.elapsed
         self.validation.calibrate(self.model)
-        guessed_reserve, notes = self.validation.plan(self.budget, self.step, self.elapsed)
+        guessed_reserve, notes = self.validation.plan(self.budget, self.pos.step, self.pos.elapsed)
         self.notes.extend(notes)
         spent = self._budget_left(guessed_reserve)  # a resumed run's budget may be used up
         if spent:
-            raise TrainingError(self.budget.spent_message(spent, self.step, self.elapsed,
+            raise TrainingError(self.budget.spent_message(spent, self.pos.step, self.pos.elapsed,
                                                           str(self.out_dir / "last.pt"), guessed_reserve))
         self._emit("start", config=cfg.to_dict(), model_config=self.model.config.to_dict(),
                    parameters=self.model.num_parameters(), device=str(self.device),
@@ -541,12 +541,12 @@ class Trainer:
                    eval_chars=self.validation.chars(),
                    files=list(self.corpus.files), skipped=list(self.corpus.skipped),
                    vocab_size=self.tokenizer.vocab_size, out_dir=str(self.out_dir),
-                   resumed_at=self.step, world_size=self.dist.world_size,
+                   resumed_at=self.pos.step, world_size=self.dist.world_size,
                    chunks_per_epoch=len(self.batcher), changed=list(self.changed), notes=list(self.notes))
         for message in self.notes:
             self._emit("note", message=message)
         self._snapshot_good()
-        start_step = self.step
+        start_step = self.pos.step
         if start_step == 0 and cfg.time_limit:  # a new run: its warmup starts now
             cfg.setup_seconds = round(elapsed_base + time.perf_counter() - run_start, 6)
         eval_time = None  # seconds one evaluation + save takes, measured
@@ -572,96 +572,96 @@ class Trainer:
                 if self._agree(stopped is not None):
                     stopped = stopped or "another rank's budget"
                     break
-                if self.chunk >= len(self.batcher):  # epoch boundary: reset the carried state
-                    self.epoch += 1
-                    self.chunk = 0
+                if self.pos.chunk >= len(self.batcher):  # epoch boundary: reset the carried state
+                    self.pos.epoch += 1
+                    self.pos.chunk = 0
                     self.state = None
                     continue
                 t_step = time.perf_counter()
-                x, y = self.batcher.chunk(self.chunk, self.epoch)
+                x, y = self.batcher.chunk(self.pos.chunk, self.pos.epoch)
                 n_valid = int((y != IGNORE_INDEX).sum())
-                if self.batcher.starts_block(self.chunk):  # new text in every row
+                if self.batcher.starts_block(self.pos.chunk):  # new text in every row
                     self.state = None
                 loss, norm, finite = self._train_step(x, y, n_valid)
-                self.chunk += 1
-                self.elapsed = elapsed_base + time.perf_counter() - run_start
+                self.pos.chunk += 1
+                self.pos.elapsed = elapsed_base + time.perf_counter() - run_start
                 if cfg.eval_every is None:
                     step_times.append(time.perf_counter() - t_step)
                 if not finite:
-                    self.nonfinite_skipped += 1
+                    self.pos.nonfinite_skipped += 1
                     consecutive_bad += 1
                     self.state = None  # a NaN state would poison every later chunk
-                    self._emit("warning", message=f"step {self.step}: non-finite loss or gradient; step skipped")
+                    self._emit("warning", message=f"step {self.pos.step}: non-finite loss or gradient; step skipped")
                     if consecutive_bad >= cfg.nan_tolerance:
                         consecutive_bad = 0
                         self._recover()
                     continue
                 consecutive_bad = 0
-                self.step += 1
+                self.pos.step += 1
                 self.scheduler.step()
                 if cfg.grad_clip and norm > cfg.grad_clip:
-                    self.clipped_steps += 1
-                self.chars_seen += n_valid
+                    self.pos.clipped_steps += 1
+                self.pos.chars_seen += n_valid
                 window_loss += loss
                 window_steps += 1
                 window_chars += n_valid
-                if cfg.eval_every is None and self.step - start_step >= SPEED_PROBE_STEPS:
-                    for message in self.validation.choose_every(self.budget, self.step, self.elapsed,
+                if cfg.eval_every is None and self.pos.step - start_step >= SPEED_PROBE_STEPS:
+                    for message in self.validation.choose_every(self.budget, self.pos.step, self.pos.elapsed,
                                                                 statistics.median(step_times), reserve):
                         self._emit("note", message=message)
-                if self.step % cfg.log_every == 0:
+                if self.pos.step % cfg.log_every == 0:
                     now = time.perf_counter()
-                    row = {"step": self.step, "epoch": self.epochs_done(),
+                    row = {"step": self.pos.step, "epoch": self.epochs_done(),
                            "train_loss": window_loss / window_steps,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
-                           "clipped_share": self.clipped_steps / max(1, self.step),
+                           "clipped_share": self.pos.clipped_steps / max(1, self.pos.step),
                            "chars_per_sec": window_chars / max(1e-9, now - window_start),
-                           "elapsed": self.elapsed}
+                           "elapsed": self.pos.elapsed}
                     self._log_row(row)
-                    self._emit("log", **row, progress=self.progress(), nonfinite=self.nonfinite_skipped)
+                    self._emit("log", **row, progress=self.progress(), nonfinite=self.pos.nonfinite_skipped)
                     window_loss, window_steps, window_chars = 0.0, 0, 0
                     window_start = now
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                if cfg.eval_every and self.pos.step % cfg.eval_every == 0:
                     t_eval = time.perf_counter()
                     last_path = self._evaluate_and_save()
                     eval_time = time.perf_counter() - t_eval
-                    self.elapsed = elapsed_base + time.perf_counter() - run_start
+                    self.pos.elapsed = elapsed_base + time.perf_counter() - run_start
                     window_start += eval_time
                     eval_seconds += eval_time
                     if auto_every:
-                        per_step = (time.perf_counter() - loop_start - eval_seconds) / (self.step - start_step)
-                        for message in self.validation.grow_every(self.budget, self.step, self.elapsed,
+                        per_step = (time.perf_counter() - loop_start - eval_seconds) / (self.pos.step - start_step)
+                        for message in self.validation.grow_every(self.budget, self.pos.step, self.pos.elapsed,
                                                                   per_step, eval_time):
                             self._emit("note", message=message)
-                    if cfg.patience and self.evals_without_improvement >= cfg.patience:
+                    if cfg.patience and self.pos.evals_without_improvement >= cfg.patience:
                         stopped = "patience"
                         break
-            if self.step == start_step and stopped != "interrupted":
+            if self.pos.step == start_step and stopped != "interrupted":
                 hint = f", for example --time-limit {int(2 * cfg.time_limit + 30)}s" if cfg.time_limit else ""
                 raise TrainingError(f"no training step fit in the budget; nothing was written. Give a larger "
                                     f"budget{hint}.")
             if stopped == "interrupted":
                 last_path = self.save(improved=False)  # quickly: no evaluation after a stop signal
-            elif self._last_eval_step != self.step:  # (-1 until this run evaluates)
+            elif self._last_eval_step != self.pos.step:  # (-1 until this run evaluates)
                 # Final evaluation and checkpoint, unless the last step just had one.
                 last_path = self._evaluate_and_save()
         finally:
             if signals:
                 signals.__exit__()
-        self.elapsed = elapsed_base + time.perf_counter() - run_start
+        self.pos.elapsed = elapsed_base + time.perf_counter() - run_start
         best = self.out_dir / "best.pt"
         result = TrainResult(out_dir=self.out_dir, best_path=best if best.exists() else None,
-                             last_path=last_path, step=self.step, best_val_loss=self.best_val,
+                             last_path=last_path, step=self.pos.step, best_val_loss=self.pos.best_val,
                              stopped_because=stopped or "budget", train_state=self.train_state())
-        self._emit("end", step=self.step, best_val_loss=self.best_val, stopped_because=result.stopped_because,
-                   out_dir=str(self.out_dir), elapsed=self.elapsed, chars_seen=self.chars_seen,
-                   nonfinite=self.nonfinite_skipped, steps_this_run=self.step - start_step)
+        self._emit("end", step=self.pos.step, best_val_loss=self.pos.best_val, stopped_because=result.stopped_because,
+                   out_dir=str(self.out_dir), elapsed=self.pos.elapsed, chars_seen=self.pos.chars_seen,
+                   nonfinite=self.pos.nonfinite_skipped, steps_this_run=self.pos.step - start_step)
         if stopped == "interrupted" or (signals is not None and signals.hit):
             signum = signals.signum if signals is not None and signals.signum else signal.SIGINT
             name = signal.Signals(signum).name
             last = self.out_dir / "last.pt"
             raise TrainingInterrupted(
-                f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step {self.step}; saved "
+                f"interrupted by {'Ctrl-C' if name == 'SIGINT' else name} at step {self.pos.step}; saved "
                 f"{safe_display(last, None)}.\nContinue with: charnn train --resume {shell_arg(last)}", last, signum)
         return result
 

@@ -19,8 +19,9 @@ import torch.distributed as dist
 from ..model import sizing
 from .config import TrainConfig
 from ..errors import ConfigError, plural
-from ..analysis.evaluate import evaluate_ids
-from .runtime import AUTOCAST_DTYPE, DistInfo, kernels_for
+from ..model.scoring import evaluate_ids
+from ..model.precision import AUTOCAST_DTYPE, kernels_for
+from .runtime import DistInfo
 from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
