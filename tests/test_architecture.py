@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "charnn"
 # Folders on one layer do not import each other.
 LAYERS = [
     {"errors"},
+    {"safe_files"},  # atomic writes and charnn's own files: the corpus cache (text/) uses them too
     {"text"},
     {"model"},
     {"storage"},

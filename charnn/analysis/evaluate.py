@@ -183,7 +183,7 @@ def surprisal(model: CharRNN, ids: np.ndarray | torch.Tensor, top: int = 5, chun
 # is ||dl_L/dh_{L-k}|| / ||dl_L/dh_L||, averaged geometrically over windows.
 # Everything runs in float64 so a vanilla RNN's 1e-20 does not underflow.
 
-GATES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "new"), "rnn": ()}
+GATE_NAMES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "new"), "rnn": ()}
 
 
 @dataclass
@@ -212,7 +212,7 @@ def w_hh_singular_values(model: CharRNN) -> list[dict]:
     for layer in range(cfg.num_layers):
         w = getattr(model.rnn, f"weight_hh_l{layer}").detach().double().cpu()  # (G*H, H)
         gates = {name: float(torch.linalg.matrix_norm(w[i * H : (i + 1) * H], ord=2))
-                 for i, name in enumerate(GATES[cfg.cell])}
+                 for i, name in enumerate(GATE_NAMES[cfg.cell])}
         out.append({"layer": layer, "matrix": float(torch.linalg.matrix_norm(w, ord=2)), "gates": gates})
     return out
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import CharnnError, ConfigError
 from .inspection import GATE_TITLES, TANH_GATES, Inspection
-from .report import pyplot, save_png, show_char  # noqa: F401  (pyplot: for the CLI)
+from .report import PAGE_HEAD, pyplot, save_png, show_char  # noqa: F401  (pyplot: for the CLI)
 
 __all__ = ["inspect_page", "saturation_png", "pyplot", "HTML_CHARS"]
 
@@ -124,14 +124,7 @@ def _scatter_svg(result: Inspection) -> str:
     return "".join(parts) + f'<div class="legend">{legend}</div>'
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-h1 {{ font-size: 1.2em; }} h2 {{ font-size: 1.05em; margin-top: 1.4em; }}
+_PAGE = PAGE_HEAD + """h1 {{ font-size: 1.2em; }} h2 {{ font-size: 1.05em; margin-top: 1.4em; }}
 .controls {{ display: flex; flex-wrap: wrap; gap: 0.6em 1.2em; align-items: center; margin: 0.6em 0; }}
 .controls label {{ white-space: nowrap; }}
 #info {{ font-family: ui-monospace, Menlo, Consolas, monospace; margin: 0.4em 0; }}

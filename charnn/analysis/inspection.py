@@ -42,6 +42,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .features import BUILTIN_FEATURES, _feature_specs, parse_feature, text_features  # noqa: F401
+from ..model.fastrnn import step_weights
 from ..model.rnn import CharRNN
 
 __all__ = ["inspect", "Inspection", "LayerTrace", "FeatureCorrelation", "UnitCorrelation", "GateSaturation",
@@ -63,9 +64,8 @@ class _Stepper:
     """Runs a CharRNN's recurrent stack over a chunk of characters, one step
     at a time, and returns every layer's h, c and gates for every character.
 
-    Weights are fp32 CPU copies laid out for the step: an LSTM's gate rows are
-    reordered from torch's i, f, g, o to i, f, o, g (one sigmoid for three
-    gates). Each layer's input half, ``W_ih x + b``, is one matrix product
+    Weights are fp32 CPU copies laid out for the step
+    (:func:`~charnn.model.fastrnn.step_weights`: an LSTM's gates as i, f, o, g). Each layer's input half, ``W_ih x + b``, is one matrix product
     for the whole chunk (a table lookup for layer 0); the step adds ``W_hh h``
     and applies the nonlinearities in place in the chunk's buffers.
     """
@@ -73,20 +73,11 @@ class _Stepper:
     def __init__(self, model: CharRNN):
         cfg = model.config
         self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
-        H = self.H
-        rnn = model.rnn
         with torch.no_grad():
             emb = model.embedding.weight.detach().float().cpu()  # (V, E)
             self.w_ih, self.w_hh, self.b_x, self.b_h = [], [], [], []
             for layer in range(self.L):
-                w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().float().cpu()  # (G*H, in)
-                w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().float().cpu()  # (G*H, H)
-                b_ih = getattr(rnn, f"bias_ih_l{layer}").detach().float().cpu()
-                b_hh = getattr(rnn, f"bias_hh_l{layer}").detach().float().cpu()
-                if self.cell == "lstm":
-                    r = torch.arange(H)
-                    order = torch.cat([r, r + H, r + 3 * H, r + 2 * H])  # i, f, g, o -> i, f, o, g
-                    w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+                w_ih, w_hh, b_ih, b_hh = (w.cpu() for w in step_weights(model, layer))
                 if self.cell == "gru":  # b_hn stays with h: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
                     b_x, b_h = b_ih, b_hh
                 else:

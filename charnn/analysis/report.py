@@ -68,14 +68,17 @@ def escape_vocab(chars: Sequence[str]) -> str:
 # The surprisal page
 # ---------------------------------------------------------------------------
 
-_PAGE = """<!DOCTYPE html>
+# The start of every page charnn writes (a str.format template, as the pages are).
+PAGE_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-h1 {{ font-size: 1.2em; }}
+"""
+
+_PAGE = PAGE_HEAD + """h1 {{ font-size: 1.2em; }}
 .summary {{ margin-bottom: 1em; }}
 .legend span {{ display: inline-block; padding: 0.1em 0.6em; margin-right: 0.3em; border-radius: 3px; }}
 .text {{ font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; line-height: 1.6;

@@ -29,6 +29,7 @@ except ImportError:  # older typer runs on the click package
 from rich.console import Console
 
 from ..errors import plural, safe_display  # noqa: F401  (plural: the commands import it from here)
+from ..safe_files import json_safe
 from typer.core import TyperCommand
 
 # HELP CONVENTIONS (every command):
@@ -147,25 +148,6 @@ def escape_text(text: str) -> str:
 
 
 # -- JSON ------------------------------------------------------------------------
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every NaN / infinity replaced by None (JSON has neither),
-    tuples as lists, and other non-JSON objects as their ``str``."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return json_safe(value.item())
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(value)
-
 
 def dumps(value: Any, **kwargs: Any) -> str:
     """Strict JSON (no NaN, no Infinity) of ``value`` after :func:`json_safe`."""

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char
+from ..errors import ConfigError, DataError, NonFiniteError, VocabError, describe_char, format_bytes
 from ..text.reading import decode_bytes, normalize_newlines
 from ..model.devices import cpu_has_bf16
 from ..model.fastrnn import SAFE_MAGNITUDE, PackedRNN
-from ..model.rnn import GATES, CharRNN, available_memory, format_bytes
+from ..model.rnn import GATE_ROWS, CharRNN, available_memory
 from ..text.tokenizer import CharTokenizer
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
@@ -50,7 +50,7 @@ MAX_PRIME_FILE_BYTES = 4 << 20  # a prime file of at most 4 MiB ...
 MAX_PRIME_CHARS = 1 << 20  # ... and a prime of at most 1,048,576 characters (the model remembers a few hundred)
 MAX_SAMPLE_MEMORY = 2 << 30  # generate_samples: 2 GiB for all samples' texts and working tensors
 MAX_SEED = (1 << 64) - 1  # torch generators take 64-bit seeds
-NONFINITE_MESSAGE = ("the model produced non-finite values (inf or NaN) while sampling; the checkpoint's "
+SAMPLING_NONFINITE = ("the model produced non-finite values (inf or NaN) while sampling; the checkpoint's "
                      "weights are out of range -- use an earlier checkpoint")
 
 
@@ -112,7 +112,7 @@ def sample_memory(model: CharRNN, tokenizer: CharTokenizer, prime: str, length: 
     cfg = model.config
     top = max(map(ord, tokenizer.chars))
     width = 1 if top < 0x100 else 2 if top < 0x10000 else 4
-    V, H, L, G = cfg.vocab_size, cfg.hidden_size, cfg.num_layers, GATES[cfg.cell]
+    V, H, L, G = cfg.vocab_size, cfg.hidden_size, cfg.num_layers, GATE_ROWS[cfg.cell]
     work = 4 * (2 * NOISE_BLOCK * V + 4 * V + 3 * L * H + 2 * G * H) + 44 * NOISE_BLOCK
     return num_samples * (work + 2 * width * (len(prime) + length))
 
@@ -319,7 +319,7 @@ class Sampler:
         packed, pick = self.packed, self._pick
         logits, state = packed.forward_prime(prime_ids, len(seeds))  # the whole prime, in chunks
         if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteError(NONFINITE_MESSAGE)
+            raise NonFiniteError(SAMPLING_NONFINITE)
         generators = None
         if not self.greedy:
             generators = [torch.Generator(device=self.device) for _ in seeds]
@@ -331,7 +331,7 @@ class Sampler:
             noise = self._noise(generators) if generators is not None else None
             for k in range(NOISE_BLOCK):
                 if check and not bool(torch.isfinite(logits).all()):
-                    raise NonFiniteError(NONFINITE_MESSAGE)
+                    raise NonFiniteError(SAMPLING_NONFINITE)
                 nxt = pick(logits, None if noise is None else noise[k])  # (B,)
                 yield nxt
                 t += 1

@@ -47,13 +47,12 @@ class PackedRNN:
         self.model = model
         self.cell = cfg.cell
         self.num_layers = cfg.num_layers
-        self.hidden_size = H = cfg.hidden_size
+        self.hidden_size = cfg.hidden_size
         self.dtype = dtype
         # fp32 runs torch's own functions (greedy output equals nn.LSTM's); the
         # reduced-precision path also swaps tanh for a cheaper identity.
         self.exact = dtype == torch.float32
         with torch.no_grad():
-            rnn = model.rnn
             emb = model.embedding.weight.detach().float()  # (V, E)
             self.tables: Tensor  # (V, G*H): layer 0's input contribution per character
             # Weight matrices below are as ``_w`` lays them out (fp32: (K, N), x @ W).
@@ -64,13 +63,7 @@ class PackedRNN:
             self.b_hh: list[Tensor] = []
             self.bias: list[Tensor] = []  # fused b_ih + b_hh (LSTM, RNN)
             for layer in range(self.num_layers):
-                w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().float()  # (G*H, in)
-                w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().float()  # (G*H, H)
-                b_ih = getattr(rnn, f"bias_ih_l{layer}").detach().float()
-                b_hh = getattr(rnn, f"bias_hh_l{layer}").detach().float()
-                if self.cell == "lstm":
-                    order = _lstm_row_order(H, w_ih.device)
-                    w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+                w_ih, w_hh, b_ih, b_hh = step_weights(model, layer)
                 if layer == 0:
                     table = emb @ w_ih.t() + b_ih  # (V, G*H)
                     if self.cell != "gru":  # GRU keeps b_hh with h: n = tanh(.. + r*(W_hn h + b_hn))
@@ -237,7 +230,16 @@ class PackedRNN:
         return x
 
 
-def _lstm_row_order(H: int, device: torch.device) -> Tensor:
-    """Row permutation from torch's gate order i, f, g, o to i, f, o, g."""
-    r = torch.arange(H, device=device)
-    return torch.cat([r, r + H, r + 3 * H, r + 2 * H])
+def step_weights(model: CharRNN, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Layer ``layer``'s W_ih (G*H, in), W_hh (G*H, H), b_ih and b_hh as fp32
+    copies laid out for a step written by hand: an LSTM's gate rows reordered
+    from torch's i, f, g, o to i, f, o, g, so one sigmoid covers three gates."""
+    rnn = model.rnn
+    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}").detach().float()
+                              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    if model.config.cell == "lstm":
+        H = model.config.hidden_size
+        r = torch.arange(H, device=w_ih.device)
+        order = torch.cat([r, r + H, r + 3 * H, r + 2 * H])
+        w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+    return w_ih, w_hh, b_ih, b_hh

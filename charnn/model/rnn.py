@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, format_bytes
 
 # LSTM state is (h, c), each (num_layers, B, H); GRU/RNN state is h alone.
 State = Union[Tensor, tuple[Tensor, Tensor]]
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of W_ih / W_hh per hidden unit
+GATE_ROWS = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of W_ih / W_hh per hidden unit
 TRAIN_MEMORY_FACTOR = 4  # weights + gradients + AdamW's two moments
 
 
@@ -33,7 +33,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The state-dict names and shapes a config implies, computed arithmetically
     (torch's nn.LSTM/GRU/RNN layout), so a checkpoint's declared sizes can be
     checked before any model is built. Call only for a sane ``num_layers``."""
-    V, E, H, G = config.vocab_size, config.embedding_dim, config.hidden_size, GATES[config.cell]
+    V, E, H, G = config.vocab_size, config.embedding_dim, config.hidden_size, GATE_ROWS[config.cell]
     shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (V, E)}
     for k in range(config.num_layers):
         shapes[f"rnn.weight_ih_l{k}"] = (G * H, E if k == 0 else H)
@@ -47,7 +47,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_count(config: ModelConfig) -> int:
     """Number of weights of a CharRNN with this config, without building it."""
-    V, E, H, G, L = (config.vocab_size, config.embedding_dim, config.hidden_size, GATES[config.cell],
+    V, E, H, G, L = (config.vocab_size, config.embedding_dim, config.hidden_size, GATE_ROWS[config.cell],
                      config.num_layers)
     per_layer_rest = G * H * (H + H + 2)  # W_ih (input H), W_hh, two biases
     return V * E + G * H * (E + H + 2) + (L - 1) * per_layer_rest + V * H + V
@@ -67,15 +67,6 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def format_bytes(n: float) -> str:
-    """1.3 TB, 23 GB, 512 kB: decimal units, two significant figures."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
-        if n < 1000 or unit == "EB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.0f} EB"  # pragma: no cover
 
 
 def describe(config: ModelConfig) -> str:

@@ -23,9 +23,9 @@ import torch
 
 from .. import __version__
 from ..model.config import ModelConfig
-from ..errors import CharnnError, CheckpointError, ConfigError, safe_display
-from ..model.rnn import CharRNN, available_memory, format_bytes, parameter_shapes
-from .safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
+from ..errors import CharnnError, CheckpointError, ConfigError, format_bytes, safe_display
+from ..model.rnn import CharRNN, available_memory, parameter_shapes
+from ..safe_files import TMP_PREFIX, serialize, write_atomic  # noqa: F401 (TMP_PREFIX re-exported)
 from ..text.tokenizer import CharTokenizer
 
 FORMAT = "charnn-checkpoint"

@@ -54,11 +54,10 @@ from typing import Any
 from .. import __version__
 from ..errors import FolderLockedError, FolderTakenError, RunFolderError
 # write_atomic, serialize, json_safe, json_line and TMP_PREFIX are also imported from here.
-from .safe_files import (TMP_PREFIX, check_own_file, create_temp, json_line, json_safe,  # noqa: F401
+from ..safe_files import (RUN_MARKER, TMP_PREFIX, check_own_file, create_temp, json_line, json_safe,  # noqa: F401
                          open_own, os_error_reason, read_own, remove_stale_temps, serialize, write_all,
                          write_atomic)
 
-RUN_MARKER = ".charnn-run"
 LOCK_NAME = ".charnn.lock"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_NAMES = ("best.pt", "last.pt")

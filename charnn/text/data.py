@@ -25,7 +25,6 @@ import os
 import stat
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..safe_files import TMP_PREFIX, replace_atomically
 # Reading is its own module; its public names are also imported from here.
 from .reading import (BINARY_SNIFF_BYTES, CHARNN_FILE_PREFIX, ENCODING_HINT, RUN_MARKER,  # noqa: F401
                       Corpus, Progress, Status, check_encoding, corpus_name, count_text, decode_bytes,
@@ -143,23 +143,10 @@ def builtin_corpus_path(progress: Progress | None = None) -> Path:
     return target
 
 
-def _atomic_write(target: Path, write, suffix: str = "") -> None:
-    """Write through ``write(binary_file)`` to a temp file beside ``target``, then
-    ``os.replace``: readers never see a half-written file, and a failure leaves
-    no temp file behind. Raises OSError."""
+def _atomic_write(target: Path, write) -> None:
+    """:func:`~charnn.safe_files.replace_atomically`, its folder made first. Raises OSError."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".charnn-tmp-", suffix=suffix, dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary files
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_atomically(target, write)
 
 
 def _atomic_write_text(target: Path, text: str) -> None:
@@ -214,7 +201,7 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True, 
     ids = encode()
     path = folder / f"{key}-{_ids_digest(ids)}.npy"
     try:
-        _atomic_write(path, lambda f: np.save(f, ids), suffix=".npy")
+        _atomic_write(path, lambda f: np.save(f, ids))
         _prune_cache(folder, keep=path)
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError):
@@ -288,7 +275,7 @@ def _prune_cache(folder: Path, keep: Path) -> None:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        if entry.name.startswith(".charnn-tmp-"):
+        if entry.name.startswith(TMP_PREFIX):
             if now - st.st_mtime > CACHE_STALE_TMP_S:
                 _unlink_quietly(Path(entry.path))
         elif entry.name.endswith(".npy"):

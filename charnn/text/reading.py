@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..errors import DataError, safe_display
+from ..safe_files import RUN_MARKER, file_kind
 
 BINARY_SNIFF_BYTES = 8192
-RUN_MARKER = ".charnn-run"  # present in every charnn run folder
 CHARNN_FILE_PREFIX = ".charnn"  # charnn's own files (lock, marker, temp files)
 
 Progress = Callable[[str], None]
@@ -152,16 +152,6 @@ def _binary_reason(head: bytes) -> str:
 def _label(encoding: str) -> str:
     name = _codec_name(encoding)
     return name.upper() if name.startswith("utf") else encoding
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, for messages: "a FIFO", ..."""
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 class _Unreadable(Exception):

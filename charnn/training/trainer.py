@@ -43,7 +43,7 @@ from ..errors import (CharnnError, CheckpointError, ConfigError, DataError, Fold
 from .finetune import check_arch, fine_tune_start
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, State, check_memory, detach_state, select_streams
 from ..storage.runfolder import RunFolder, choose_out_dir
-from ..storage.safe_files import serialize
+from ..safe_files import serialize
 # DistInfo, parse_duration and lr_factor are re-exported for the API and the tests.
 from ..model.precision import autocast, autocast_precision, emulated_bf16, kernels_for
 from .runtime import DistInfo, StopSignals, setup_distributed  # noqa: F401
