@@ -65,8 +65,9 @@ class _Stepper:
     at a time, and returns every layer's h, c and gates for every character.
 
     Weights are fp32 CPU copies laid out for the step
-    (:func:`~charnn.model.fastrnn.step_weights`: an LSTM's gates as i, f, o, g). Each layer's input half, ``W_ih x + b``, is one matrix product
-    for the whole chunk (a table lookup for layer 0); the step adds ``W_hh h``
+    (:func:`~charnn.model.fastrnn.step_weights`: an LSTM's gates as i, f, o,
+    g). Each layer's input half, ``W_ih x + b``, is one matrix product for
+    the whole chunk (a table lookup for layer 0); the step adds ``W_hh h``
     and applies the nonlinearities in place in the chunk's buffers.
     """
 

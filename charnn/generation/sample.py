@@ -238,7 +238,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def sampling_precision(precision: str, device: torch.device, num_samples: int, greedy: bool) -> str:
-    """The precision of the sampling kernels' weights. ``auto``: fp32 -- exactly torch's numbers, so greedy output matches the
+    """The precision of the sampling kernels' weights. ``auto``: fp32 --
+    exactly torch's numbers, so greedy output matches the
     plain ``nn.LSTM`` loop -- except for a batch of at least BF16_MIN_BATCH
     *sampled* streams on a CPU with native bf16, where the matrix products are
     compute-bound and bf16 weights run them about twice as fast (the samples

@@ -1,1 +1,3 @@
-"""What charnn writes to disk: the checkpoint contract, the run folder, safe (atomic) files."""
+"""What a run keeps on disk: the checkpoint contract and the run folder
+(choosing, locking, saving, the metrics log). The atomic writes under both
+are :mod:`charnn.safe_files`'."""

@@ -8,7 +8,7 @@ Field names are PyTorch's own; CLI flags are the same names in kebab-case.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -17,7 +17,7 @@ from ..errors import ConfigError
 @dataclass
 class TrainConfig:
     corpus: list[str] = field(default_factory=list)  # files/dirs; empty = built-in corpus
-    corpus_hash: str = ""  # sha256 of the normalised text, filled in by the trainer
+    corpus_hash: str = ""  # sha256 of the normalised text (the run records it: RunPlan)
     corpus_name: str = ""  # short name, used for the default output folder
     val_fraction: float = 0.1  # the last part of the text held out, contiguous
     # Many small steps beat few big ones at this budget: 16 x 64 reached 1.273
@@ -59,16 +59,20 @@ class TrainConfig:
     # ModelConfig's defaults. size_reason is the auto choice's one-line why.
     size: str = "auto"
     size_reason: str = ""
-    # The part of a --time-limit a new run spent before its first step (the
-    # size probe, timing the evaluation): the budget includes it, the warmup
-    # counts from after it. Filled in by the trainer.
-    setup_seconds: float = 0.0
+    setup_seconds: float = 0.0  # recorded from the run's RunPlan (charnn.training.plan)
     # Read the text in blocks dealt to the batch rows in a new random order
     # each epoch (charnn.data.BlockBatcher); False: each row reads one stretch
     # of the text in order, as every run before charnn 0.2 did. None = chosen
     # by the trainer at start from the epochs the budget buys
     # (charnn.sizing.choose_order); the checkpoint records the choice.
     shuffle: bool | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"TrainConfig is frozen once validated: it holds the user's options; what a "
+                                 f"run decides is its RunPlan's. dataclasses.replace(cfg, {name}=...) makes a "
+                                 "changed copy")
+        super().__setattr__(name, value)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -144,6 +148,7 @@ class TrainConfig:
             raise ConfigError("corpus must be a list of paths")
         if self.patience and self.val_fraction == 0:
             raise ConfigError("--patience needs a validation split; drop --val-fraction 0")
+        object.__setattr__(self, "_frozen", True)
         return self
 
 
@@ -196,7 +201,6 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
     unknown = set(given) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    merged = TrainConfig.from_dict(saved.to_dict())
     values = dict(given)
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
@@ -210,7 +214,7 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
     if any(b in values for b in BUDGETS):  # a new budget replaces the old one as a whole
         for b in BUDGETS:
             values.setdefault(b, 0 if b == "max_steps" else 0.0)
-    changed = []
+    changed, updates = [], {}
     for k in (*BUDGETS, *RESUME_CHANGEABLE[3:], *RESUME_APPLIED):
         if k in values and values[k] != getattr(saved, k):
             note = ""
@@ -219,10 +223,10 @@ def merge_resume(saved: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig
             elif k in RESUME_APPLIED:
                 note = " (applied from here on; not bit-identical to an uninterrupted run)"
             changed.append(f"{k} {_show(getattr(saved, k), k)} -> {_show(values[k], k)}{note}")
-            setattr(merged, k, values[k])
+            updates[k] = values[k]
     if "corpus" in values:
-        merged.corpus = list(values["corpus"])
-    return merged, changed
+        updates["corpus"] = list(values["corpus"])
+    return replace(saved, **updates), changed
 
 
 def _clash(name: str, given: Any, saved: Any) -> str:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..model import sizing
 from .config import TrainConfig
+from .plan import RunPlan
 from ..errors import ConfigError, plural
 from ..model.scoring import evaluate_ids
 from ..model.precision import AUTOCAST_DTYPE, kernels_for
@@ -31,18 +32,20 @@ RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for
 
 class Validation:
     """The validation side of one run. ``val_ids`` is the held-out part of
-    the text; ``cfg.eval_chars`` None means the slice is chosen here (and
-    written back to ``cfg``, so a checkpoint records it)."""
+    the text; ``plan.eval_chars`` and ``plan.eval_every`` None mean the slice
+    and the interval are chosen here (into the plan, which a checkpoint
+    records)."""
 
-    def __init__(self, cfg: TrainConfig, val_ids: Any, dist_info: DistInfo, device: torch.device,
+    def __init__(self, cfg: TrainConfig, plan: RunPlan, val_ids: Any, dist_info: DistInfo, device: torch.device,
                  precision: str):
         self.cfg = cfg
+        self.run_plan = plan
         self.val_ids = val_ids
         self.dist = dist_info
         self.device = device
         self.precision = precision
         self.seconds_per_char = 0.0  # measured by calibrate()
-        self.auto_chars = cfg.eval_chars is None  # before calibrate() chooses it
+        self.auto_chars = plan.eval_chars is None  # before calibrate() chooses it
 
     @property
     def enabled(self) -> bool:
@@ -50,7 +53,7 @@ class Validation:
 
     def slice(self) -> Any:
         """What each evaluation scores: the first ``eval_chars`` of the split."""
-        n = self.cfg.eval_chars
+        n = self.run_plan.eval_chars
         return self.val_ids if not n or n >= len(self.val_ids) else self.val_ids[:n]
 
     def chars(self) -> int:
@@ -91,26 +94,27 @@ class Validation:
         the automatic evaluation slice. Agreed by all ranks."""
         cfg = self.cfg
         spc = 0.0
-        if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or cfg.eval_chars is None):
+        auto = self.run_plan.eval_chars is None
+        if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or auto):
             n = min(len(self.val_ids), CALIBRATION_CHARS)
             t0 = time.perf_counter()
             self._run(model, self.val_ids[:n])
             spc = (time.perf_counter() - t0) / n
         [spc] = self._shared(spc)
-        if cfg.eval_chars is None:
-            cfg.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
+        if auto:
+            self.run_plan.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
         self.seconds_per_char = spc
         return spc
 
-    def plan(self, budget: Budget, step: int, elapsed: float) -> tuple[float, list[str]]:
+    def before_first_step(self, budget: Budget, step: int, elapsed: float) -> tuple[float, list[str]]:
         """Before the first step: the automatic evaluation interval where the
         budget tells the number of steps, and the reserve for the final
         evaluation under --time-limit (a clear error when no step can fit).
         Returns the reserve and the notes to show."""
         cfg = self.cfg
         total = budget.planned_steps()
-        if cfg.eval_every is None and total is not None:
-            cfg.eval_every = auto_eval_every(total, budget.chunks_per_epoch)
+        if self.run_plan.eval_every is None and total is not None:
+            self.run_plan.eval_every = auto_eval_every(total, budget.chunks_per_epoch)
         reserve = 0.0
         if cfg.time_limit:
             reserve = self.final_reserve()
@@ -120,7 +124,8 @@ class Validation:
                     f"alone take about {reserve:.1f}s here"
                     + (f" and choosing the model took {elapsed:.1f}s" if elapsed >= 0.1 else "")
                     + f"; give at least {self.shortest_time_limit(elapsed)}s")
-        note = patience_note(cfg, cfg.eval_every, total, step) if cfg.eval_every is not None else None
+        every = self.run_plan.eval_every
+        note = patience_note(cfg, every, total, step) if every is not None else None
         return reserve, [note] if note else []
 
     def shortest_time_limit(self, setup_seconds: float) -> int:
@@ -159,13 +164,13 @@ class Validation:
         """--time-limit with automatic --eval-every: after the first steps,
         from their speed (``per_step``: the median of their times, so a pause
         or a burst of other work in them does not multiply the evaluations).
-        The choice is written to ``cfg`` and so recorded in the checkpoint.
+        The choice goes into the plan and so into the checkpoint.
         Returns the notes to show."""
         cfg = self.cfg
-        cfg.eval_every, total = self._interval(budget, step, elapsed, per_step, reserve)
-        notes = [f"evaluating every {plural(cfg.eval_every, 'step')} (about {plural(int(total), 'step')} fit "
+        self.run_plan.eval_every, total = self._interval(budget, step, elapsed, per_step, reserve)
+        notes = [f"evaluating every {plural(self.run_plan.eval_every, 'step')} (about {plural(int(total), 'step')} fit "
                  f"the budget at {per_step * 1000:.0f} ms/step)"]
-        note = patience_note(cfg, cfg.eval_every, total, step)
+        note = patience_note(cfg, self.run_plan.eval_every, total, step)
         return notes + ([note] if note else [])
 
     def grow_every(self, budget: Budget, step: int, elapsed: float, per_step: float,
@@ -176,10 +181,9 @@ class Validation:
         the machine was busier at the start -- the interval grows to match.
         It never shrinks: fewer evaluations than planned cost no training time.
         Returns the note to show, if it grew."""
-        cfg = self.cfg
         every, total = self._interval(budget, step, elapsed, per_step, reserve)
-        if every <= cfg.eval_every:
+        if every <= self.run_plan.eval_every:
             return []
-        cfg.eval_every = every
+        self.run_plan.eval_every = every
         return [f"evaluating every {plural(every, 'step')} from here: the run is faster than its first steps "
                 f"said (about {plural(int(total), 'step')} fit the budget at {per_step * 1000:.0f} ms/step)"]
