@@ -17,15 +17,9 @@ from charnn.training import schedule
 from charnn.training.config import TrainConfig
 from charnn.training.trainer import Trainer
 
-TEXT = ("The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n") * 40
-
-
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHARNN_DATA_DIR", str(tmp_path / "data"))
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
+def corpus(corpus_file, data_dir):
+    return corpus_file
 
 
 def options(corpus, out, **kw) -> TrainConfig:

@@ -27,7 +27,7 @@ bytes for an LSTM -- 100,000 characters of a 2x512 LSTM would be 2.5 GB
 (1.2 GB in float16), which is why the command line keeps only what its page
 shows.
 
-The features live in :mod:`charnn.features`; the standalone HTML page and
+The features live in :mod:`charnn.analysis.features`; the standalone HTML page and
 the saturation scatter as a PNG in :mod:`charnn.inspect_page`. Library code:
 nothing is printed.
 """

@@ -7,7 +7,7 @@ Two entry points:
 - :func:`generate_samples` -- several samples generated together as one batch,
   returned finished as :class:`Sample` objects (what ``charnn sample`` uses).
 
-Both run on :class:`~charnn.fastrnn.PackedRNN`: the prime is consumed in one
+Both run on :class:`~charnn.model.fastrnn.PackedRNN`: the prime is consumed in one
 sequence pass of the model, then each character is one step of written-out
 cell equations (see ``fastrnn.py``).
 
@@ -125,7 +125,7 @@ def check_sample_memory(model: CharRNN, tokenizer: CharTokenizer, prime: str, le
     free = available_memory()
     if need > MAX_SAMPLE_MEMORY or (free is not None and need > free):
         if need > MAX_SAMPLE_MEMORY:
-            limit = f"the limit is {format_bytes(MAX_SAMPLE_MEMORY)} (charnn.sample.MAX_SAMPLE_MEMORY)"
+            limit = f"the limit is {format_bytes(MAX_SAMPLE_MEMORY)} (charnn.generation.sample.MAX_SAMPLE_MEMORY)"
         else:
             limit = f"this machine has {format_bytes(free)} free"
         raise ConfigError(
@@ -147,7 +147,7 @@ def check_prime(tokenizer: CharTokenizer, prime: str, unknown: str = "error") ->
     if len(prime) > MAX_PRIME_CHARS:
         raise ConfigError(
             f"the prime has {len(prime):,} characters; at most {MAX_PRIME_CHARS:,} are read "
-            "(charnn.sample.MAX_PRIME_CHARS) -- the model's memory reaches back a few hundred, "
+            "(charnn.generation.sample.MAX_PRIME_CHARS) -- the model's memory reaches back a few hundred, "
             "so pass the last part of the text"
         )
     bad = tokenizer.unknown_chars(prime)
@@ -192,7 +192,7 @@ def read_prime_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
                             "or pass it with --prime")
         if st.st_size > MAX_PRIME_FILE_BYTES:
             raise DataError(f"prime file {path} is {format_bytes(st.st_size)}; a prime file may be at most "
-                            f"{format_bytes(MAX_PRIME_FILE_BYTES)} (charnn.sample.MAX_PRIME_FILE_BYTES) -- "
+                            f"{format_bytes(MAX_PRIME_FILE_BYTES)} (charnn.generation.sample.MAX_PRIME_FILE_BYTES) -- "
                             "pass the last part of the text")
         with os.fdopen(fd, "rb") as f:
             fd = -1
@@ -204,7 +204,7 @@ def read_prime_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
             os.close(fd)
     if len(data) > MAX_PRIME_FILE_BYTES:
         raise DataError(f"prime file {path} is larger than {format_bytes(MAX_PRIME_FILE_BYTES)} "
-                        "(charnn.sample.MAX_PRIME_FILE_BYTES); pass the last part of the text")
+                        "(charnn.generation.sample.MAX_PRIME_FILE_BYTES); pass the last part of the text")
     # The same reading rules as a corpus, so the prime looks like the training text.
     return normalize_newlines(decode_bytes(data, f"prime file {path}", encoding, hint="convert it to UTF-8"))
 

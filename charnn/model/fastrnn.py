@@ -3,7 +3,7 @@
 ``nn.LSTM`` is built for long sequences. Called once per character it pays
 for a general-purpose step every time: module dispatch, argument checks, and
 on CPUs a oneDNN primitive set up (weights reordered) on every call. Here the
-weights of a trained :class:`~charnn.model.CharRNN` are re-laid out *once* and
+weights of a trained :class:`~charnn.model.rnn.CharRNN` are re-laid out *once* and
 each step is a handful of tensor operations:
 
 - layer 0 never multiplies by the embedding: ``W_ih @ embedding + biases`` is

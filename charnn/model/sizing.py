@@ -119,7 +119,7 @@ SMALL_TEXT_SHAPE = Shape(256, 2, 96)
 DROPOUT_BY_EPOCHS = ((3.0, 0.0), (10.0, 0.1), (25.0, 0.2), (math.inf, 0.3))
 
 
-# Reading order (charnn.data): a run the budget lets read its text at least
+# Reading order (charnn.text.data): a run the budget lets read its text at least
 # this many times reads each stream in order; a shorter one reads shuffled
 # blocks. Shuffling buys coverage: read in order, a run short of an epoch has
 # seen only the start of each stream's stretch, and on the code texts short

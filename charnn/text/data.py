@@ -1,6 +1,6 @@
 """The built-in corpus, encoding, the train/validation split and TBPTT batching.
 
-Text flows one way: files -> normalised text (:mod:`charnn.reading`, what a
+Text flows one way: files -> normalised text (:mod:`charnn.text.reading`, what a
 corpus folder contributes) -> integer ids (a compact numpy array,
 memory-mapped from a cache for big corpora) -> (B, T) batches.
 

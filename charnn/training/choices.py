@@ -2,7 +2,7 @@
 the model's shape and dropout (``--size auto``) and the reading order (in
 order, or shuffled blocks).
 
-The rules themselves are in :mod:`charnn.sizing`; this module feeds them this
+The rules themselves are in :mod:`charnn.model.sizing`; this module feeds them this
 run's facts. A time budget is turned into steps per candidate shape by timing
 a few training steps of each on this device. Under torchrun rank 0's size
 choice holds for every rank; the order follows from it, so all ranks agree.
@@ -90,7 +90,7 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
 
 def choose_order(cfg: TrainConfig, *, epochs: float | None, planned_steps: int | None,
                  train_chars: int) -> tuple[bool, str]:
-    """Whether a new run reads shuffled blocks (:func:`charnn.sizing.choose_order`),
+    """Whether a new run reads shuffled blocks (:func:`charnn.model.sizing.choose_order`),
     and why. ``epochs`` is what --size auto estimated; for a shape given (or
     --init-from) it comes from ``planned_steps`` (--max-steps/--epochs). A
     given shape with only a time budget is not timed for this (the probe

@@ -55,16 +55,16 @@ class TrainConfig:
     encoding: str = "utf-8"  # of the corpus files
     out: str = ""  # output folder
     # The model's shape and dropout: "auto" chooses them from the text and the
-    # budget (charnn.sizing; options given explicitly win), "fixed" takes
+    # budget (charnn.model.sizing; options given explicitly win), "fixed" takes
     # ModelConfig's defaults. size_reason is the auto choice's one-line why.
     size: str = "auto"
     size_reason: str = ""
     setup_seconds: float = 0.0  # recorded from the run's RunPlan (charnn.training.plan)
     # Read the text in blocks dealt to the batch rows in a new random order
-    # each epoch (charnn.data.BlockBatcher); False: each row reads one stretch
+    # each epoch (charnn.text.data.BlockBatcher); False: each row reads one stretch
     # of the text in order, as every run before charnn 0.2 did. None = chosen
     # by the trainer at start from the epochs the budget buys
-    # (charnn.sizing.choose_order); the checkpoint records the choice.
+    # (charnn.model.sizing.choose_order); the checkpoint records the choice.
     shuffle: bool | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -82,7 +82,7 @@ class Trainer:
     come from the checkpoint and ``cfg`` gives only what should change: a
     mapping of the options the user passed (what the CLI hands over), or a
     whole TrainConfig whose every field counts as given (see
-    :func:`charnn.config.merge_resume`: changing what defines the run is
+    :func:`charnn.training.config.merge_resume`: changing what defines the run is
     refused). ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
     ``overwrite``: a new run may replace the run in an explicit ``out`` folder.
     """
