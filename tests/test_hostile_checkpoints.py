@@ -463,7 +463,7 @@ def test_prime_length_limit(ckpt):
 def test_num_samples_memory_is_bounded(ckpt):
     model, tok, _ = ckpt_mod.load_model(ckpt)
     t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"the limit is 2\.1 GB \(charnn\.sample\.MAX_SAMPLE_MEMORY\)"):
+    with pytest.raises(ConfigError, match=r"the limit is 2\.1 GB \(charnn\.generation\.sample\.MAX_SAMPLE_MEMORY\)"):
         generate_samples(model, tok, "a", 10_000, num_samples=10**6, seed=1)
     with pytest.raises(ConfigError, match="MAX_SAMPLE_MEMORY|free"):
         generate_samples(model, tok, "a", 10**9, num_samples=4, seed=1)
