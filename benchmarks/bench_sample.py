@@ -5,7 +5,7 @@ Measures, in ONE process, characters per second of
 - baseline: a loop that calls ``nn.Embedding -> nn.LSTM -> nn.Linear`` one step
   at a time, then ``softmax`` + ``torch.multinomial`` (what most char-rnn
   ports do), on the same weights;
-- charnn: ``charnn.sample.generate`` (one streaming sample, the path
+- charnn: ``charnn.generation.sample.generate`` (one streaming sample, the path
   ``charnn sample`` prints from) and ``generate_samples`` (a batch),
 
 for LSTMs of 2x512 and 2x256, one stream and 64 streams, both sides on the
@@ -31,10 +31,10 @@ import time
 import torch
 
 
-from charnn.config import ModelConfig
-from charnn.model import CharRNN
-from charnn.sample import generate, generate_samples, resolve_precision
-from charnn.tokenizer import CharTokenizer
+from charnn.model.config import ModelConfig
+from charnn.model.rnn import CharRNN
+from charnn.generation.sample import generate, generate_samples, sampling_precision
+from charnn.text.tokenizer import CharTokenizer
 
 VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like source code or prose
 
@@ -119,8 +119,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads (both sides): {args.threads} single stream, {args.batch_threads} "
           f"batched; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; charnn precision {args.precision}: single stream "
-          f"{resolve_precision(args.precision, cpu, 1, False)}, {args.streams} streams "
-          f"{resolve_precision(args.precision, cpu, args.streams, False)}; median of {args.repeats}")
+          f"{sampling_precision(args.precision, cpu, 1, False)}, {args.streams} streams "
+          f"{sampling_precision(args.precision, cpu, args.streams, False)}; median of {args.repeats}")
     print(f"{'model':<10}{'streams':>8}{'baseline ch/s':>15}{'charnn ch/s':>13}{'charnn/base':>13}")
     ok = True
     for hidden in (int(s) for s in args.sizes.split(",")):

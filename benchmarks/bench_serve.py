@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-from charnn import checkpoint
-from charnn.config import ModelConfig
-from charnn.model import CharRNN
-from charnn.tokenizer import CharTokenizer
+from charnn.storage import checkpoint
+from charnn.model.config import ModelConfig
+from charnn.model.rnn import CharRNN
+from charnn.text.tokenizer import CharTokenizer
 
 VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # 97 characters, like bench_sample
 

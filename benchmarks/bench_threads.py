@@ -23,9 +23,10 @@ import time
 WORKER = r"""
 import json, statistics, sys, time
 import torch, torch.nn.functional as F
-from charnn.config import ModelConfig, TrainConfig
-from charnn.devices import set_threads
-from charnn.model import CharRNN
+from charnn.model.config import ModelConfig
+from charnn.training.config import TrainConfig
+from charnn.model.devices import set_threads
+from charnn.model.rnn import CharRNN
 threads = None if sys.argv[1] == "auto" else int(sys.argv[1])
 steps, warmup = int(sys.argv[2]), int(sys.argv[3])
 n = set_threads(threads)

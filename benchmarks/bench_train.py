@@ -24,8 +24,8 @@ from torch import nn
 from rich.console import Console
 
 from charnn.cli.progress import TrainReporter
-from charnn.config import TrainConfig
-from charnn.train import Trainer
+from charnn.training.config import TrainConfig
+from charnn.training.trainer import Trainer
 
 EMBED = 64  # both sides use the same embedding width and vocabulary size
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "war-and-peace.txt"

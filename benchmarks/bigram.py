@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from charnn.data import split_ids
-from charnn.tokenizer import CharTokenizer
+from charnn.text.data import split_ids
+from charnn.text.tokenizer import CharTokenizer
 
 VAL_FRACTION = 0.1  # charnn train's default --val-fraction
 TUNE_FRACTION = 0.1  # share of the training part that chooses lam

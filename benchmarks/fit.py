@@ -61,7 +61,7 @@ SEEDS = [1337]  # charnn's default seed; --seeds adds more for the spread
 
 V01 = {"hidden": 320, "layers": 2, "embed": 128, "dropout": 0.1}  # charnn 0.1's defaults
 #                     name          hidden layers embed dropout weight decay (None: charnn's 0.01)
-GRID = [("2x128-d0",              128,   2,   64,   0.0,  None),  # charnn.sizing.LADDER's shapes...
+GRID = [("2x128-d0",              128,   2,   64,   0.0,  None),  # charnn.model.sizing.LADDER's shapes...
         ("2x192-d0",              192,   2,   64,   0.0,  None),
         ("2x256-d0",              256,   2,   96,   0.0,  None),
         ("2x320-d0",              320,   2,  128,   0.0,  None),

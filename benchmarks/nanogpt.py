@@ -36,8 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charnn.data import read_corpus, split_ids
-from charnn.tokenizer import CharTokenizer
+# The charnn of this checkout, not whichever one is installed (fit.py runs
+# this file as a script, so the repository root is not on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from charnn.text.data import read_corpus, split_ids  # noqa: E402
+from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 
 
 @dataclass(frozen=True)

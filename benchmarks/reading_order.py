@@ -44,7 +44,7 @@ VARIANTS = ("in-order", "in-order-resets", "shuffled", "shuffled-no-reset", "blo
 WORKER = r"""
 import json, sys
 import numpy as np
-import charnn.data as d
+import charnn.text.data as d
 variant, corpus, steps, seed, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 hidden, layers, emb = (int(v) for v in sys.argv[6].split(","))
 shuffle = not variant.startswith("in-order")
@@ -63,9 +63,9 @@ elif variant in ("blocks-in-text-order", "rows-permuted"):
     d.BlockBatcher.layout = layout
     if variant == "rows-permuted":
         d.BlockBatcher.starts_block = lambda self, i: i == 0
-from charnn.config import TrainConfig
-from charnn.devices import set_threads
-from charnn.train import train
+from charnn.training.config import TrainConfig
+from charnn.model.devices import set_threads
+from charnn.training.trainer import train
 set_threads(2)
 cfg = TrainConfig(corpus=[corpus], max_steps=steps, out=out, seed=seed, size="fixed", shuffle=shuffle,
                   sample_every=0, eval_every=steps)

@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 
 WORKER = r"""
 import sys
-from charnn.config import TrainConfig
-from charnn.devices import set_threads
-from charnn.train import train
+from charnn.training.config import TrainConfig
+from charnn.model.devices import set_threads
+from charnn.training.trainer import train
 corpus, steps, seed, out, warmup, order = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 hidden, layers, emb = (int(v) for v in sys.argv[7].split(","))
 dropout = float(sys.argv[8])

@@ -22,15 +22,16 @@ __version__ = "0.2.3"
 _EXPORTS = {
     "CharnnError": "errors", "DataError": "errors", "VocabError": "errors",
     "CheckpointError": "errors", "ConfigError": "errors", "TrainingError": "errors",
-    "CharTokenizer": "tokenizer",
-    "ModelConfig": "config", "TrainConfig": "config",
-    "CharRNN": "model",
-    "read_corpus": "reading",
-    "load": "checkpoint", "load_model": "checkpoint", "save": "checkpoint",
-    "Trainer": "train", "train": "train",
-    "generate": "sample", "generate_samples": "sample", "sample_text": "sample", "Sample": "sample",
-    "evaluate_ids": "evaluate", "EvalResult": "evaluate",
-    "inspect": "inspection",
+    "CharTokenizer": "text.tokenizer",
+    "ModelConfig": "model.config", "TrainConfig": "training.config",
+    "CharRNN": "model.rnn",
+    "read_corpus": "text.reading",
+    "load": "storage.checkpoint", "load_model": "storage.checkpoint", "save": "storage.checkpoint",
+    "Trainer": "training.trainer", "train": "training.trainer",
+    "generate": "generation.sample", "generate_samples": "generation.sample", "sample_text": "generation.sample",
+    "Sample": "generation.sample",
+    "evaluate_ids": "analysis.evaluate", "EvalResult": "analysis.evaluate",
+    "inspect": "analysis.inspection",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -100,3 +100,12 @@ def plural(n: int | float, word: str, many: str | None = None) -> str:
     """``1 step``, ``2 steps``, ``1,000 characters``; ``many`` for irregular plurals."""
     shown = f"{n:,}" if isinstance(n, int) else f"{n:,g}"
     return f"{shown} {word if n == 1 else (many or word + 's')}"
+
+
+def format_bytes(n: float) -> str:
+    """1.3 TB, 23 GB, 512 kB: decimal units, two significant figures."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1000 or unit == "EB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.0f} EB"  # pragma: no cover

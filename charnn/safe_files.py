@@ -1,7 +1,8 @@
 """Writing charnn's own files safely, wherever they are.
 
 - **atomic writes** (:func:`write_atomic`, used by the run folder and by
-  :func:`charnn.checkpoint.save`): a temp file in the same folder, fsync,
+  :func:`charnn.storage.checkpoint.save`; :func:`replace_atomically` under it,
+  used by the corpus cache): a temp file in the same folder, fsync,
   ``os.replace``, fsync of the folder. The bytes are written with plain file
   I/O, so a full disk is a real ``OSError``, turned into a message that says
   so (with the sizes), as are a quota, a file size limit, a read-only file
@@ -23,26 +24,18 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
-from .reading import file_kind
-from .errors import CharnnError, CheckpointError, RunFolderError
+from .errors import CharnnError, CheckpointError, RunFolderError, format_bytes
 
 TMP_PREFIX = ".charnn-tmp-"  # temp files end in .tmp, never .pt, so no one mistakes them
 TMP_SUFFIX = ".tmp"
+RUN_MARKER = ".charnn-run"  # present in every charnn run folder
 
 
 # ---------------------------------------------------------------------------
 # Errors written for the user
 # ---------------------------------------------------------------------------
-
-def _size(n: int) -> str:
-    if n >= 10 * 1024**2:
-        return f"{n / 1024**2:.0f} MB"
-    if n >= 1024**2 // 10:
-        return f"{n / 1024**2:.1f} MB"
-    return f"{max(1, round(n / 1024))} KB"
-
 
 def _free_bytes(folder: Path) -> int | None:
     try:
@@ -76,9 +69,9 @@ def os_error_reason(e: OSError, folder: Path, needed: int | None = None) -> tupl
                 "or choose another --out")
     sizes = []
     if needed is not None:
-        sizes.append(f"{_size(needed)} needed")
+        sizes.append(f"{format_bytes(needed)} needed")
     if free is not None:
-        sizes.append(f"{_size(free)} free")
+        sizes.append(f"{format_bytes(free)} free")
     sizes_text = f"; {', '.join(sizes)}" if sizes else ""
     if e.errno == errno.ENOSPC:
         return (f"the disk is full (no space left on the device{sizes_text})",
@@ -87,7 +80,7 @@ def os_error_reason(e: OSError, folder: Path, needed: int | None = None) -> tupl
         return (f"the disk quota is exceeded (no space left in your quota{sizes_text})",
                 "Free space or choose another --out")
     if e.errno == errno.EFBIG:
-        limit = f" ({_size(needed)} needed)" if needed is not None else ""
+        limit = f" ({format_bytes(needed)} needed)" if needed is not None else ""
         return (f"the file is larger than the file size limit of this process{limit}",
                 "Raise the limit (ulimit -f unlimited) or train a smaller model")
     if e.errno == errno.EROFS:
@@ -111,6 +104,16 @@ def _write_error(path: Path, e: OSError, needed: int | None, existed: bool,
 # ---------------------------------------------------------------------------
 # charnn's own files in the folder: regular files only
 # ---------------------------------------------------------------------------
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for messages: "a FIFO", ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
 
 def _not_regular(path: Path, mode: int) -> RunFolderError:
     return RunFolderError(f"{path} is {file_kind(mode)}, not a regular file; remove it "
@@ -219,6 +222,28 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` through ``write(file)`` so that readers see the old file
+    or the new one, never a mixture: a temp file (``TMP_PREFIX``) in the same
+    folder, write, flush, fsync, ``os.replace``, fsync of the folder. On any
+    failure (Ctrl-C too) the temp file is removed and the exception goes on
+    (an OSError for the disk's faults)."""
+    fd, tmp = create_temp(path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_folder(path.parent)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, *,
                  error: type[CharnnError] = CheckpointError) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new
@@ -235,25 +260,9 @@ def write_atomic(path: str | os.PathLike, data: bytes, *,
         raise error(f"cannot write {path}: it is a folder; choose another file name or --out")
     existed = path.exists()
     try:
-        fd, tmp = create_temp(path.parent)
+        replace_atomically(path, lambda f: f.write(data))
     except OSError as e:
         raise _write_error(path, e, len(data), existed, error) from None
-    try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C too: never leave the temp file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _write_error(path, e, len(data), existed, error) from None
-        raise
-    fsync_folder(path.parent)
     return path
 
 

@@ -69,8 +69,8 @@ class Trained:
 
 def train_tiny(corpus: Path, out: Path, model: dict[str, Any] | None = None, **cfg: Any) -> Trained:
     """Train a tiny model quickly with the library (no CLI, no cache, fp32)."""
-    from charnn.config import TrainConfig
-    from charnn.train import train
+    from charnn.training.config import TrainConfig
+    from charnn.training.trainer import train
 
     options = dict(corpus=[str(corpus)], max_steps=20, eval_every=10, log_every=5, batch_size=8,
                    seq_len=32, out=str(out), precision="fp32", device="cpu", sample_every=0,

@@ -44,7 +44,7 @@ def write_corpus(path: Path, n_words: int = 800, seed: int = 0) -> Path:
 
 
 def tiny_train_config(corpus: Path, out: Path, **kw: Any):
-    from charnn.config import TrainConfig
+    from charnn.training.config import TrainConfig
 
     opts = dict(corpus=[str(corpus)], out=str(out), seq_len=16, batch_size=4, device="cpu",
                 precision="fp32", sample_every=0, warmup_steps=0, max_steps=6, eval_every=3,
@@ -58,7 +58,7 @@ TINY_OVERRIDES = {"hidden_size": 16, "num_layers": 1, "embedding_dim": 8, "dropo
 
 def train_tiny(corpus: Path, out: Path, **kw: Any):
     """Train a tiny model in-process; returns the TrainResult."""
-    from charnn.train import Trainer
+    from charnn.training.trainer import Trainer
 
     cfg = tiny_train_config(corpus, out, **kw)
     return Trainer(cfg, dict(TINY_OVERRIDES), handle_sigint=False, cache=False).run()

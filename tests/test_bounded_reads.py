@@ -71,8 +71,8 @@ def test_streamed_text_is_the_text(folder, tmp_path):
     """CRLF split across read chunks, a byte-order mark, a multi-byte
     character across a chunk boundary: the bounded read gives what a whole
     read gives."""
-    from charnn.reading import read_corpus
-    from charnn.text_head import iter_text
+    from charnn.text.reading import read_corpus
+    from charnn.text.head import iter_text
 
     body = ("é" * 3 + "ab\r\n" + "x\r" + "€") * 5000
     raw = b"\xef\xbb\xbf" + body.encode("utf-8")
@@ -85,7 +85,7 @@ def test_streamed_text_is_the_text(folder, tmp_path):
 
 def test_bad_bytes_far_into_the_file_name_their_offset(tmp_path):
     from charnn.errors import DataError
-    from charnn.text_head import iter_text
+    from charnn.text.head import iter_text
 
     p = tmp_path / "bad.txt"
     p.write_bytes(b"a" * 100_000 + b"\xff" + b"b" * 10)
@@ -94,7 +94,7 @@ def test_bad_bytes_far_into_the_file_name_their_offset(tmp_path):
 
 
 def test_truncating_the_encoding_cache_during_training_does_not_kill_the_run(tmp_path):
-    """The encoded-corpus cache (charnn.data) was memory-mapped: truncating
+    """The encoded-corpus cache (charnn.text.data) was memory-mapped: truncating
     its .npy while a run trained on it ended the run with SIGBUS and no
     message. A real run, a real truncation mid-run; the run finishes."""
     import signal

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from charnn import __version__
-from charnn.checkpoint import build_payload, load, load_model, read_payload, save, validate
-from charnn.config import ModelConfig, TrainConfig
+from charnn.storage.checkpoint import build_payload, load, load_model, read_payload, save, validate
+from charnn.model.config import ModelConfig
+from charnn.training.config import TrainConfig
 from charnn.errors import CharnnError, CheckpointError
-from charnn.model import CharRNN
-from charnn.tokenizer import CharTokenizer
+from charnn.model.rnn import CharRNN
+from charnn.text.tokenizer import CharTokenizer
 
 MODEL_CONFIG_KEYS = {"cell", "vocab_size", "embedding_dim", "hidden_size", "num_layers", "dropout"}
 TOP_LEVEL_KEYS = {"format", "format_version", "charnn_version", "created", "model_config", "vocab",
@@ -324,7 +325,7 @@ def test_unwritable_folder_is_checkpoint_error(tmp_path, payload):
 def test_best_is_a_third_of_last_and_resume_points_to_last(trained, tmp_path):
     """best.pt carries no optimizer moments (Adam keeps two per weight)."""
     from charnn.errors import CheckpointError
-    from charnn.train import Trainer
+    from charnn.training.trainer import Trainer
 
     assert trained.best.stat().st_size < 0.45 * trained.last.stat().st_size
     with pytest.raises(CheckpointError, match=f"resume from {trained.last}"):

@@ -1,6 +1,6 @@
 """Whatever charnn writes, charnn reads (issue 25, break 1).
 
-The caps that keep crafted checkpoints cheap to refuse (charnn.checkpoint)
+The caps that keep crafted checkpoints cheap to refuse (charnn.storage.checkpoint)
 must hold everything a legal run can write: the largest vocabulary (every
 Unicode code point), the longest metric history (--log-every 1 and
 --eval-every 1 for more steps than the checkpoint keeps rows). Files of the
@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import make_text, train_tiny
 
-import charnn.checkpoint as ckpt_mod
-from charnn.config import ModelConfig
+import charnn.storage.checkpoint as ckpt_mod
+from charnn.model.config import ModelConfig
 from charnn.errors import CheckpointError
 from charnn.model import CharRNN
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,10 +211,10 @@ def test_a_crafted_huge_vocabulary_costs_little(tmp_path):
     script = f"""
 import resource, sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
-import charnn.checkpoint as c
-from charnn.config import ModelConfig
+import charnn.storage.checkpoint as c
+from charnn.model.config import ModelConfig
 from charnn.model import CharRNN
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 tok = CharTokenizer(list("abc"))
 m = CharRNN(ModelConfig(cell="lstm", vocab_size=3, embedding_dim=2, hidden_size=2, num_layers=1, dropout=0.0))
 p = c.build_payload(m, tok)

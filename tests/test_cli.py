@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charnn import __version__
-from charnn.config import ModelConfig, TrainConfig
+from charnn.training.config import TrainConfig
 
 from conftest import assert_clean_error, invoke, make_text, train_tiny
 
@@ -104,7 +104,7 @@ def test_train_writes_contract_checkpoint(cli_run):
         # last.pt resumes; best.pt is for sampling and evaluation (no optimizer state)
         assert ({"optimizer_state", "scheduler_state"} <= set(data)) == (name == "last.pt")
     # loads through charnn, too
-    from charnn.checkpoint import load
+    from charnn.storage.checkpoint import load
     assert load(out / "best.pt").model_config.hidden_size == 64
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from charnn import data, reading
-from charnn.data import encode_corpus, read_corpus
+from charnn.text import data
+from charnn.text import reading
+from charnn.text.data import encode_corpus, read_corpus
 from charnn.errors import DataError
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 TIMEOUT_S = 30  # a read that blocks on a FIFO would otherwise hang the suite
 

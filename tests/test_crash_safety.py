@@ -19,10 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charnn.checkpoint as ckpt_mod
+import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
 from charnn.errors import CheckpointError
-from charnn.runfolder import LOCK_NAME, RUN_MARKER
+from charnn.storage.runfolder import LOCK_NAME, RUN_MARKER
 from robust_helpers import TINY_TRAIN, popen, snapshot, train_tiny, write_corpus
 from fs_faults import fill, tmpfs
 

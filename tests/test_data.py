@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from charnn import data
-from charnn.data import (IGNORE_INDEX, BlockBatcher, StreamBatcher, builtin_corpus_files, builtin_corpus_path,
+from charnn.text import data
+from charnn.text.data import (IGNORE_INDEX, BlockBatcher, StreamBatcher, builtin_corpus_files, builtin_corpus_path,
                          encode_corpus, read_corpus, split_ids)
 from charnn.errors import CharnnError, DataError
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 
 # ---------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from charnn import checkpoint
-from charnn.config import TrainConfig
+from charnn.storage import checkpoint
+from charnn.training.config import TrainConfig
 from charnn.errors import ConfigError
-from charnn.train import Trainer, train
+from charnn.training.trainer import Trainer, train
 
 TEXT = ("Happy families are all alike; every unhappy family is unhappy in its own way. "
         "Everything was in confusion in the Oblonskys' house.\n") * 40
@@ -99,8 +99,8 @@ LATE_RANK = """
 import os, sys, time
 from pathlib import Path
 import torch.distributed as dist
-from charnn.config import TrainConfig
-from charnn.train import train
+from charnn.training.config import TrainConfig
+from charnn.training.trainer import train
 
 corpus, out = sys.argv[1], Path(sys.argv[2])
 dist.init_process_group("gloo")
@@ -147,7 +147,7 @@ def test_batch_size_must_split_evenly(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     monkeypatch.setenv("CHARNN_DATA_DIR", str(tmp_path / "data"))
-    import charnn.train as tr
+    import charnn.training.trainer as tr
 
     monkeypatch.setattr(tr, "setup_distributed", lambda device: tr.DistInfo(rank=0, world_size=3))
     with pytest.raises(ConfigError, match="--batch-size 16 must be divisible by the number of processes"):

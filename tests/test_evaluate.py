@@ -1,4 +1,4 @@
-"""charnn.evaluate and `charnn eval`: per-file figures, unknown characters,
+"""charnn.analysis.evaluate and `charnn eval`: per-file figures, unknown characters,
 batch invariance, surprisal (--show, --html) and the gradient-flow analysis."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charnn.checkpoint import load_model
-from charnn.config import ModelConfig
-from charnn.evaluate import (_segments, evaluate_ids, gradient_flow, surprisal, token_losses,
-                             w_hh_singular_values)
-from charnn.model import CharRNN
+from charnn.storage.checkpoint import load_model
+from charnn.model.config import ModelConfig
+from charnn.analysis.evaluate import evaluate_ids, gradient_flow, surprisal, w_hh_singular_values
+from charnn.model.scoring import _segments, token_losses
+from charnn.model.rnn import CharRNN
 
 from conftest import assert_clean_error, invoke, make_text, train_tiny
 

@@ -23,8 +23,8 @@ import corpora  # noqa: E402
 import fit  # noqa: E402
 import nanogpt  # noqa: E402
 
-from charnn.data import read_corpus, split_ids  # noqa: E402
-from charnn.tokenizer import CharTokenizer  # noqa: E402
+from charnn.text.data import read_corpus, split_ids  # noqa: E402
+from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 
 
 def spec(name: str, assemble, **kw) -> corpora.CorpusSpec:

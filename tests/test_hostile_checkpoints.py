@@ -27,15 +27,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charnn.checkpoint as ckpt_mod
+import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
-from charnn.config import ModelConfig
-from charnn.errors import CharnnError, CheckpointError, ConfigError, DataError, NonFiniteError, safe_display
-from charnn.evaluate import evaluate_ids, surprisal
-from charnn.model import CharRNN, parameter_count, parameter_shapes
-from charnn.sample import (DEFAULT_TEMPERATURE, MAX_PRIME_CHARS, MAX_PRIME_FILE_BYTES, MAX_SAMPLE_MEMORY,
+from charnn.model.config import ModelConfig
+from charnn.errors import CheckpointError, ConfigError, DataError, NonFiniteError, safe_display
+from charnn.analysis.evaluate import evaluate_ids, surprisal
+from charnn.model.rnn import CharRNN, parameter_count, parameter_shapes
+from charnn.generation.sample import (DEFAULT_TEMPERATURE, MAX_PRIME_CHARS, MAX_PRIME_FILE_BYTES, MAX_SAMPLE_MEMORY,
                            generate, generate_samples, read_prime_file, sample_text)
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = sorted(set("abcdefghijklmnopqrstuvwxyz .\n"))
@@ -286,7 +286,7 @@ def test_rejection_uses_little_memory(attacks, tmp_path):
     listing.write_text(json.dumps({n: str(p) for n, (p, _) in attacks.items()}))
     script = textwrap.dedent(f"""
         import json, resource, time
-        import charnn.checkpoint as c
+        import charnn.storage.checkpoint as c
         from charnn.errors import CheckpointError
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = {{}}
@@ -333,7 +333,7 @@ def test_legacy_and_raw_pickles_are_refused(tmp_path):
 def test_checkpoint_that_is_a_fifo_is_refused_at_once(tmp_path):
     fifo = tmp_path / "ckpt.pt"
     os.mkfifo(fifo)
-    code = f"import charnn.checkpoint as c\ntry:\n    c.load({str(fifo)!r})\nexcept Exception as e:\n    print(e)"
+    code = f"import charnn.storage.checkpoint as c\ntry:\n    c.load({str(fifo)!r})\nexcept Exception as e:\n    print(e)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert "not a regular file" in run.stdout, run.stdout + run.stderr
 
@@ -388,7 +388,7 @@ def test_overflowing_weights_cli(overflowing, tmp_path):
 
 
 def test_sane_weights_skip_the_per_step_check():
-    from charnn.sample import Sampler
+    from charnn.generation.sample import Sampler
 
     torch.manual_seed(0)
     model = CharRNN(tiny_config()).eval()
@@ -416,7 +416,7 @@ def _run_limited(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_prime_file_fifo_never_blocks(tmp_path, ckpt):
     fifo = tmp_path / "prime.fifo"
     os.mkfifo(fifo)  # no writer ever opens it: a blocking open() would wait forever
-    lib = _run_limited(f"from charnn.sample import read_prime_file\ntry:\n    read_prime_file({str(fifo)!r})\n"
+    lib = _run_limited(f"from charnn.generation.sample import read_prime_file\ntry:\n    read_prime_file({str(fifo)!r})\n"
                        "except Exception as e:\n    print(type(e).__name__, e)")
     assert "DataError" in lib.stdout and "FIFO" in lib.stdout, lib.stdout + lib.stderr
     cli = _run_limited(textwrap.dedent(f"""
@@ -466,7 +466,7 @@ def test_prime_length_limit(ckpt):
 def test_num_samples_memory_is_bounded(ckpt):
     model, tok, _ = ckpt_mod.load_model(ckpt)
     t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"the limit is 2\.1 GB \(charnn\.sample\.MAX_SAMPLE_MEMORY\)"):
+    with pytest.raises(ConfigError, match=r"the limit is 2\.1 GB \(charnn\.generation\.sample\.MAX_SAMPLE_MEMORY\)"):
         generate_samples(model, tok, "a", 10_000, num_samples=10**6, seed=1)
     with pytest.raises(ConfigError, match="MAX_SAMPLE_MEMORY|free"):
         generate_samples(model, tok, "a", 10**9, num_samples=4, seed=1)
@@ -499,7 +499,7 @@ def test_last_seed_of_a_batch_must_fit(ckpt):
 def test_one_default_temperature(ckpt):
     import inspect
 
-    from charnn.sample import Sampler
+    from charnn.generation.sample import Sampler
 
     for fn in (generate, generate_samples, Sampler.__init__):
         assert inspect.signature(fn).parameters["temperature"].default == DEFAULT_TEMPERATURE == 0.8

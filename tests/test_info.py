@@ -1,5 +1,5 @@
 """`charnn info`: what a checkpoint holds, the loss curve in the terminal,
---plot PNG and --json; and the chart helpers in charnn.report."""
+--plot PNG and --json; and the chart helpers in charnn.analysis.report."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from charnn.checkpoint import build_payload, save
+from charnn.storage.checkpoint import build_payload, save
 from charnn.cli import app
-from charnn.config import ModelConfig
-from charnn.model import CharRNN
-from charnn.report import escape_vocab, loss_curves, text_chart
-from charnn.tokenizer import CharTokenizer
+from charnn.model.config import ModelConfig
+from charnn.model.rnn import CharRNN
+from charnn.analysis.report import escape_vocab, loss_curves, text_chart
+from charnn.text.tokenizer import CharTokenizer
 
 runner = CliRunner()
 

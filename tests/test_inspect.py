@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from charnn.checkpoint import load_model
-from charnn.config import ModelConfig
+from charnn.storage.checkpoint import load_model
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError, DataError
-from charnn.evaluate import load_eval_texts
-from charnn.features import BUILTIN_FEATURES, parse_feature, text_features
-from charnn.inspect_page import inspect_page
-from charnn.inspection import inspect
-from charnn.model import CharRNN
-from charnn.report import show_char
-from charnn.tokenizer import CharTokenizer
+from charnn.analysis.evaluate import load_eval_texts
+from charnn.analysis.features import BUILTIN_FEATURES, parse_feature, text_features
+from charnn.analysis.inspect_page import inspect_page
+from charnn.analysis.inspection import inspect
+from charnn.model.rnn import CharRNN
+from charnn.analysis.report import show_char
+from charnn.text.tokenizer import CharTokenizer
 from conftest import assert_clean_error, invoke
 
 CODE = '''import os  # the "os" module
@@ -279,10 +279,10 @@ def test_errors_and_the_package_export(trained):
         inspect(model, "hello")
     with pytest.raises(DataError, match="at least 2"):
         inspect(model, "h", tok)
-    # charnn.inspect is the function (the library lives in charnn.inspection, so no
+    # charnn.inspect is the function (the library lives in charnn.analysis.inspection, so no
     # submodule of that name shadows it), before and after the module is imported.
     assert charnn.inspect(model, "hello hello", tok, max_chars=5).chars == 5
-    code = ("import charnn, types; f = charnn.inspect; import charnn.inspection, charnn.inspect_page; "
+    code = ("import charnn, types; f = charnn.inspect; import charnn.analysis.inspection, charnn.analysis.inspect_page; "
             "print(isinstance(f, types.FunctionType), charnn.inspect is f)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "True"], out.stderr

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charnn.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError
-from charnn.model import CharRNN, build_rnn, detach_state, select_streams
+from charnn.model.rnn import CharRNN, build_rnn, detach_state, select_streams
 
 CELLS = ["lstm", "gru", "rnn"]
 
@@ -177,10 +177,10 @@ def test_bad_config_is_config_error(bad):
 
 
 def test_learns_repeated_string_and_greedy_sampling_reproduces_it(learned_repeat):
-    from charnn.checkpoint import load_model
-    from charnn.data import read_corpus, split_ids
-    from charnn.evaluate import evaluate_ids
-    from charnn.sample import sample_text
+    from charnn.storage.checkpoint import load_model
+    from charnn.text.data import read_corpus, split_ids
+    from charnn.analysis.evaluate import evaluate_ids
+    from charnn.generation.sample import sample_text
 
     result = learned_repeat.result
     assert result.step == 150

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charnn.checkpoint as ckpt_mod
+import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
 from charnn.errors import TrainingError
-from charnn.train import Trainer
+from charnn.training.trainer import Trainer
 from robust_helpers import TINY_OVERRIDES, TINY_TRAIN, snapshot, tiny_train_config, write_corpus
 
 

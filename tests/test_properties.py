@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from charnn.data import IGNORE_INDEX, BlockBatcher, StreamBatcher, normalize_newlines, read_corpus
+from charnn.text.data import IGNORE_INDEX, BlockBatcher, StreamBatcher, normalize_newlines, read_corpus
 from charnn.errors import DataError, VocabError
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from charnn import checkpoint
+from charnn.storage import checkpoint
 from robust_helpers import REPO, TINY_TRAIN, subprocess_env, write_corpus
 
 from conftest import invoke

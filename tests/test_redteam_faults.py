@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from charnn.data import builtin_corpus_path, encode_corpus, read_corpus
+from charnn.text.data import builtin_corpus_path, encode_corpus, read_corpus
 from charnn.errors import CheckpointError, DataError, RunFolderError
-from charnn.runfolder import RunFolder
-from charnn.tokenizer import CharTokenizer
+from charnn.storage.runfolder import RunFolder
+from charnn.text.tokenizer import CharTokenizer
 from conftest import make_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_fifo_appearing_at_metrics_log_during_run_is_a_warning_not_a_hang(tmp_pa
     blocks forever unless opened non-blocking."""
     script = f"""
 import os
-from charnn.runfolder import RunFolder
+from charnn.storage.runfolder import RunFolder
 with RunFolder({str(tmp_path / 'out')!r}) as folder:
     os.mkfifo(folder.metrics_path)
     msg = folder.log({{"step": 1, "train_loss": 2.0}})
@@ -158,7 +158,7 @@ def test_no_free_inodes_is_said_so(tmp_path: Path):
                 folder.save(b"x" * 20_000, "last.pt")
         message = str(info.value)
         assert "no free inodes" in message and "too many files" in message, message
-        assert "disk is full" not in message and "MB free" not in message, message
+        assert "disk is full" not in message and "B free" not in message, message
         assert "Remove files" in message
         assert not (mnt / "out" / "last.pt").exists()
     finally:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from charnn.errors import CheckpointError
-import charnn.checkpoint as ckpt_mod
+import charnn.storage.checkpoint as ckpt_mod
 
 from conftest import make_text, train_tiny
 
@@ -87,7 +87,7 @@ def test_sigterm_while_a_page_is_written_leaves_the_old_page_and_no_temp_file(tm
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         import charnn.safe_files as sf
-        from charnn.outputs import write_output
+        from charnn.storage.outputs import write_output
         real = sf.write_all
         def half_then_term(fd, data):
             real(fd, data[: len(data) // 2])

@@ -17,10 +17,10 @@ import signal
 import pytest
 import torch
 
-from charnn import checkpoint
+from charnn.storage import checkpoint
 from charnn.cli.progress import TrainReporter
-from charnn.config import RESUME_APPLIED, RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
-from charnn.devices import cpu_has_bf16
+from charnn.training.config import RESUME_APPLIED, RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
+from charnn.model.devices import cpu_has_bf16
 
 from conftest import invoke, make_text
 
@@ -357,7 +357,7 @@ def test_resume_with_the_budget_spent_says_so(run_copy):
 
 
 def test_library_resume_with_a_mapping_of_given_options(run_copy):
-    from charnn.train import Trainer
+    from charnn.training.trainer import Trainer
 
     t = Trainer({"eval_every": 2}, resume=run_copy / "last.pt", handle_sigint=False)
     try:

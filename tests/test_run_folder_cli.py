@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from charnn import checkpoint
+from charnn.storage import checkpoint
 from fs_faults import tmpfs
 from robust_helpers import TINY_TRAIN, popen, write_corpus
 from test_crash_safety import _wait_for_progress, reaped

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charnn.checkpoint as ckpt_mod
+import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
 from charnn.errors import CheckpointError
 from robust_helpers import REPO, TINY_TRAIN, train_tiny, write_corpus

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from charnn import checkpoint as ckpt_mod
+from charnn.storage import checkpoint as ckpt_mod
 from charnn.cli import SAMPLE_DIVIDER, app
-from charnn.config import ModelConfig
+from charnn.model.config import ModelConfig
 from charnn.errors import ConfigError, DataError, VocabError
-from charnn.fastrnn import PackedRNN
-from charnn.model import CharRNN
-from charnn.sample import (Sample, _until, check_prime, filter_logits, generate, generate_samples,
+from charnn.model.fastrnn import PackedRNN
+from charnn.model.rnn import CharRNN
+from charnn.generation.sample import (Sample, _until, check_prime, filter_logits, generate, generate_samples,
                            read_prime_file, sample_text)
-from charnn.tokenizer import CharTokenizer
+from charnn.text.tokenizer import CharTokenizer
 
 runner = CliRunner()
 VOCAB = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'()\n0123456789"))

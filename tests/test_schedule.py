@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from charnn.config import TrainConfig
-from charnn.runtime import DistInfo
-from charnn.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
+from charnn.training.config import TrainConfig
+from charnn.training.plan import RunPlan
+from charnn.training.runtime import DistInfo
+from charnn.training.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
                              nice_interval, nice_interval_below, patience_note, warmup_factor)
-from charnn.validation import Validation
+from charnn.training.validation import Validation
 from robust_helpers import TINY_MODEL, write_corpus
 
 from conftest import invoke
@@ -151,21 +152,22 @@ def test_a_pause_in_the_first_steps_does_not_multiply_the_evaluations(tmp_path):
 
 def test_the_automatic_interval_grows_when_the_run_turns_out_faster_and_never_shrinks():
     cfg = TrainConfig(time_limit=100.0, eval_chars=1000)
-    v = Validation(cfg, np.zeros(5000, dtype=np.int64), DistInfo(), torch.device("cpu"), "fp32")
+    plan = RunPlan.of(cfg)
+    v = Validation(cfg, plan, np.zeros(5000, dtype=np.int64), DistInfo(), torch.device("cpu"), "fp32")
     v.seconds_per_char = 1e-5  # an evaluation: 0.01 s
     budget = Budget(cfg, chunks_per_epoch=10**6)
     # The first steps looked slow (0.5 s): about 200 steps fit, every 50.
     v.choose_every(budget, 20, 10.0, 0.5, 0.1)
-    assert cfg.eval_every == 50
+    assert plan.eval_every == 50
     # At the first evaluation the run has made 50 steps at 0.1 s: about 800 fit.
     [note] = v.grow_every(budget, 50, 14.0, 0.1, 0.1)
-    assert cfg.eval_every == 200 and "every 200 steps from here" in note
+    assert plan.eval_every == 200 and "every 200 steps from here" in note
     # Slower again: it stays (fewer evaluations than planned cost no training).
-    assert v.grow_every(budget, 200, 40.0, 0.5, 0.1) == [] and cfg.eval_every == 200
+    assert v.grow_every(budget, 200, 40.0, 0.5, 0.1) == [] and plan.eval_every == 200
 
 
 def test_default_threads_follow_omp_num_threads_and_share_the_cores_among_local_ranks(monkeypatch):
-    from charnn.devices import available_cores, default_threads, max_threads
+    from charnn.model.devices import available_cores, default_threads, max_threads
 
     cores = available_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

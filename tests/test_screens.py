@@ -234,7 +234,7 @@ def test_show_dims_only_the_first_character():
 @pytest.mark.parametrize("system", ["standard", "256", "truecolor"])
 def test_surprisal_bands_are_distinct(system):
     from charnn.cli.eval import band_styles, surprisal_legend
-    from charnn.report import BANDS
+    from charnn.analysis.report import BANDS
 
     console = Console(color_system=system, force_terminal=True, file=io.StringIO(), width=200)
     assert console.color_system == system
@@ -458,7 +458,7 @@ def test_device_cuda_n(trained):
 
 
 def test_resolve_device_counts_gpus(monkeypatch):
-    from charnn.devices import resolve_device
+    from charnn.model.devices import resolve_device
     from charnn.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

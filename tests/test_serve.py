@@ -32,11 +32,11 @@ with warnings.catch_warnings():  # starlette asks for httpx2 in its test client;
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient  # noqa: E402
 
-from charnn import checkpoint as ckpt_mod  # noqa: E402
-from charnn.config import ModelConfig  # noqa: E402
-from charnn.model import CharRNN  # noqa: E402
+from charnn.storage import checkpoint as ckpt_mod  # noqa: E402
+from charnn.model.config import ModelConfig  # noqa: E402
+from charnn.model.rnn import CharRNN  # noqa: E402
 from charnn.serve import Limits, create_app, load_models  # noqa: E402
-from charnn.tokenizer import CharTokenizer  # noqa: E402
+from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
@@ -245,7 +245,7 @@ def test_concurrent_streams_are_batched_and_give_the_same_texts_as_alone(client)
 def test_streams_sharing_a_temperature_are_picked_together_and_match_sample(client, trained):
     """One-stream requests with the same temperature share one batched pick
     (serve.engine._pick_plain); each must still be exactly its own ``charnn sample``."""
-    from charnn.sample import generate as sample_generate  # what charnn sample runs for one sample
+    from charnn.generation.sample import generate as sample_generate  # what charnn sample runs for one sample
 
     model, tok, _ = ckpt_mod.load_model(trained.best)
     primes = ["The ", "A ", "She ", "How ", "P", "All ", "T", ""] * 2
@@ -283,7 +283,7 @@ def test_stop_hold_back_matches_the_sampler():
     """Streamed pieces with a stop string: what ``sample._until`` yields, in order."""
     import random
 
-    from charnn.sample import _until
+    from charnn.generation.sample import _until
     from charnn.serve.engine import _StreamText
 
     rng = random.Random(0)

@@ -24,11 +24,11 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
 from charnn import checkpoint as ckpt_mod  # noqa: E402
-from charnn.config import ModelConfig  # noqa: E402
+from charnn.model.config import ModelConfig  # noqa: E402
 from charnn.errors import CharnnError  # noqa: E402
 from charnn.model import CharRNN  # noqa: E402
 from charnn.serve.api import model_names  # noqa: E402
-from charnn.tokenizer import CharTokenizer  # noqa: E402
+from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402
 from serve_helpers import REPO, serve, wait_until  # noqa: E402
 from test_serve import Chromium, sample_cli, sse_events, streamed_texts  # noqa: E402

@@ -1,25 +1,23 @@
-"""--size auto: the rule (charnn.sizing) and what a run records and says."""
+"""--size auto: the rule (charnn.model.sizing) and what a run records and says."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-import torch
 
-from charnn import checkpoint as ckpt_mod
-from charnn import sizing
-from charnn.config import TrainConfig
+from charnn.storage import checkpoint as ckpt_mod
+from charnn.model import sizing
+from charnn.training.config import TrainConfig
 from charnn.errors import ConfigError
-from charnn.train import Trainer
+from charnn.training.trainer import Trainer
 
 from conftest import invoke, make_text
 
 
 def test_recurrent_params_match_a_real_model():
-    from charnn.config import ModelConfig
-    from charnn.model import CharRNN
+    from charnn.model.config import ModelConfig
+    from charnn.model.rnn import CharRNN
 
     for shape in sizing.LADDER[:3]:
         for cell in ("lstm", "gru", "rnn"):

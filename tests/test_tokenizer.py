@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charnn.errors import CharnnError, VocabError
-from charnn.tokenizer import CharTokenizer, dtype_for
+from charnn.text.tokenizer import CharTokenizer, dtype_for
 
 
 def test_vocab_is_sorted_set_of_code_points():
@@ -38,7 +38,7 @@ def test_from_text_on_iterable_equals_from_string():
 
 
 def test_from_text_large_text_spans_chunks(monkeypatch):
-    import charnn.tokenizer as tokmod
+    import charnn.text.tokenizer as tokmod
 
     monkeypatch.setattr(tokmod, "_CHUNK", 7)  # force several encoding chunks
     text = "abc😀defg\u0301hij" * 5

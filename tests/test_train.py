@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from charnn.checkpoint import load, load_model
-from charnn.data import StreamBatcher, read_corpus, split_ids
+from charnn.storage.checkpoint import load, load_model
+from charnn.text.data import StreamBatcher, read_corpus, split_ids
 from charnn.errors import ConfigError, DataError
-from charnn.evaluate import evaluate_ids
+from charnn.analysis.evaluate import evaluate_ids
 
 from conftest import make_text, train_tiny
 

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from charnn import checkpoint
-from charnn.config import TrainConfig
+from charnn.storage import checkpoint
+from charnn.training.config import TrainConfig
 from charnn.errors import ConfigError, VocabError
-from charnn.train import Trainer, lr_factor, parse_duration, resolve_precision, train
+from charnn.model.precision import autocast_precision
+from charnn.training.trainer import Trainer, lr_factor, parse_duration, train
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, "
@@ -212,10 +213,10 @@ def test_parse_duration_rejects_garbage(text):
 
 def test_precision_choices_on_cpu(corpus, tmp_path):
     cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    assert autocast_precision("fp32", cpu) == "fp32"
+    assert autocast_precision("auto", cpu) in ("fp32", "bf16")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        resolve_precision("fp16", cpu)
+        autocast_precision("fp16", cpu)
     result = train(cfg(corpus, tmp_path / "a", max_steps=6, precision="bf16"), TINY, handle_sigint=False)
     assert math.isfinite(result.best_val_loss)
     assert checkpoint.load(tmp_path / "a" / "last.pt").data["model_state"]["head.weight"].dtype == torch.float32

@@ -29,6 +29,7 @@ except ImportError:  # older typer runs on the click package
 from rich.console import Console
 
 from ..errors import plural, safe_display  # noqa: F401  (plural: the commands import it from here)
+from ..safe_files import json_safe
 from typer.core import TyperCommand
 
 # HELP CONVENTIONS (every command):
@@ -109,7 +110,7 @@ DEVICE_HELP = "Where to run: auto, cpu, cuda, cuda:N (GPU number N) or mps."
 
 def parse_device(value: Optional[str]) -> Optional[str]:
     """``--device``: auto | cpu | cuda | cuda:N | mps, checked here (exit 2);
-    whether that device exists is :func:`charnn.devices.resolve_device`'s job."""
+    whether that device exists is :func:`charnn.model.devices.resolve_device`'s job."""
     if value is None:
         return None
     name = value.strip().lower()
@@ -147,25 +148,6 @@ def escape_text(text: str) -> str:
 
 
 # -- JSON ------------------------------------------------------------------------
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every NaN / infinity replaced by None (JSON has neither),
-    tuples as lists, and other non-JSON objects as their ``str``."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return json_safe(value.item())
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(value)
-
 
 def dumps(value: Any, **kwargs: Any) -> str:
     """Strict JSON (no NaN, no Infinity) of ``value`` after :func:`json_safe`."""
@@ -412,7 +394,7 @@ def run_command(body: Callable[[], Any]) -> Any:
         stdout.flush()  # a full disk shows here, not in the interpreter's last flush
         return result
     except CharnnError as e:
-        from ..train import TrainingInterrupted
+        from ..training.trainer import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
             say(interrupted_message(str(e)))
@@ -471,7 +453,7 @@ def parse_time_limit(value: Optional[str]) -> Optional[str]:
     if not value.strip():
         raise typer.BadParameter("is empty; write it like 30s, 5m, 2h or 1h30m")
     from ..errors import ConfigError
-    from ..schedule import parse_duration  # no torch import just to read an option
+    from ..training.schedule import parse_duration  # no torch import just to read an option
 
     try:
         parse_duration(value)

@@ -77,11 +77,11 @@ def evaluate(
     def body() -> None:
         import numpy as np
 
-        from ..checkpoint import load_model
-        from ..devices import resolve_device, set_threads
-        from ..evaluate import evaluate_texts, load_eval_texts
+        from ..storage.checkpoint import load_model
+        from ..model.devices import resolve_device, set_threads
+        from ..analysis.evaluate import evaluate_texts, load_eval_texts
 
-        from ..outputs import check_output, corpus_inputs
+        from ..storage.outputs import check_output, corpus_inputs
 
         if html is not None:
             check_output(html, "html", "--html", inputs=[checkpoint, *(files or [])], overwrite=overwrite)
@@ -108,7 +108,7 @@ def evaluate(
             data["html"] = str(path)
         flow = None
         if gradient_flow:
-            from ..evaluate import gradient_flow as measure
+            from ..analysis.evaluate import gradient_flow as measure
 
             ids = np.concatenate([np.asarray(t.ids, dtype=np.int64) for t in texts])
             with _working("measuring the gradient flow"):
@@ -179,7 +179,7 @@ def _print_eval(out: Console, report: Any, scored: Optional[str] = None) -> None
 def _surprisal_of(model: Any, texts: list, limit: int) -> list[tuple[Any, Any, bool]]:
     """(text, Surprisal of its first part, cut?) for as many texts as ``limit``
     characters reach."""
-    from ..evaluate import surprisal
+    from ..analysis.evaluate import surprisal
 
     out, left = [], limit
     for t in texts:
@@ -194,7 +194,7 @@ def _surprisal_of(model: Any, texts: list, limit: int) -> list[tuple[Any, Any, b
 def band_styles(color_system: Optional[str]) -> list[str]:
     """One rich style per surprisal band, distinct on this terminal: the
     page's colours at 256 and true colour, named ANSI colours at 16."""
-    from ..report import BANDS, BANDS_16
+    from ..analysis.report import BANDS, BANDS_16
 
     if color_system in ("standard", "windows"):
         return [f"black on {c}" for c in BANDS_16]
@@ -204,7 +204,7 @@ def band_styles(color_system: Optional[str]) -> list[str]:
 def surprisal_legend(styles: list[str]) -> Any:
     from rich.text import Text
 
-    from ..report import BANDS
+    from ..analysis.report import BANDS
 
     legend = Text("surprisal: ")
     for style, (_, _, label) in zip(styles, BANDS):
@@ -219,7 +219,7 @@ def surprisal_line(chars: str, losses: Any, styles: list[str]) -> Any:
     to ``Text(...)`` would be the base of every span appended after it."""
     from rich.text import Text
 
-    from ..report import LN2, band
+    from ..analysis.report import LN2, band
 
     line = Text()
     # The text's own control characters (ESC, bidi overrides) are shown as
@@ -243,7 +243,7 @@ def _print_surprisal(out: Console, model: Any, tokenizer: Any, texts: list, limi
 
 def _write_surprisal_page(model: Any, tokenizer: Any, texts: list, report: Any, path: Path, limit: int,
                           name: str) -> tuple[Path, int]:
-    from ..report import surprisal_page, surprisal_section, write_text
+    from ..analysis.report import surprisal_page, surprisal_section, write_text
 
     sections, shown = [], 0
     for t, s, cut in _surprisal_of(model, texts, limit):

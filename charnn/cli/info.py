@@ -39,9 +39,9 @@ def info(
     curve."""
 
     def body() -> None:
-        from ..checkpoint import load
-        from ..outputs import check_output
-        from ..report import escape_vocab, loss_curves, plot_png, text_chart
+        from ..analysis.report import escape_vocab, loss_curves, plot_png, text_chart
+        from ..storage.outputs import check_output
+        from ..storage.checkpoint import load
 
         if plot is not None:
             check_output(plot, "png", "--plot", inputs=[checkpoint], overwrite=overwrite)

@@ -23,7 +23,7 @@ def _check_features(values: Optional[list[str]]) -> Optional[list[str]]:
     if not values:
         return values
     from ..errors import ConfigError
-    from ..features import parse_feature
+    from ..analysis.features import parse_feature
 
     seen: set[str] = set()
     for v in values:
@@ -89,15 +89,15 @@ def inspect_command(
     def run() -> None:
         import numpy as np
 
-        from ..checkpoint import load_model
-        from ..devices import set_threads
-        from ..evaluate import load_eval_texts
+        from ..storage.checkpoint import load_model
+        from ..model.devices import set_threads
+        from ..analysis.evaluate import load_eval_texts
         from ..errors import CharnnError
-        from ..inspect_page import inspect_page, pyplot, saturation_png
-        from ..inspection import inspect
-        from ..report import write_text
+        from ..analysis.inspect_page import inspect_page, pyplot, saturation_png
+        from ..analysis.inspection import inspect
+        from ..analysis.report import write_text
 
-        from ..outputs import check_output, corpus_inputs
+        from ..storage.outputs import check_output, corpus_inputs
 
         inputs = [checkpoint, *(files or [])]
         if plot is not None:
@@ -167,7 +167,7 @@ def _progress(console: Console | None = None) -> Iterator[Callable[[int, int], N
 
 
 def _builtins() -> list[str]:
-    from ..features import BUILTIN_FEATURES
+    from ..analysis.features import BUILTIN_FEATURES
 
     return list(BUILTIN_FEATURES)
 

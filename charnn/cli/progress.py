@@ -243,7 +243,7 @@ class TrainReporter:
                     and progress - self._sampled_at < self.sample_spacing:
                 return
             self._sampled_at = progress
-            from ..sample import sample_text
+            from ..generation.sample import sample_text
 
             text = sample_text(e["model"], e["tokenizer"], "", 200, temperature=0.8, seed=e["step"])
             self.print(self.preview(text))

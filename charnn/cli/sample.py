@@ -95,10 +95,10 @@ def sample(
     def body() -> None:
         import torch
 
-        from ..checkpoint import load_model
+        from ..storage.checkpoint import load_model
         from ..errors import describe_char
-        from ..sample import check_prime, generate, generate_samples, random_seed, read_prime_file
-        from ..devices import resolve_device, set_threads
+        from ..generation.sample import check_prime, generate, generate_samples, random_seed, read_prime_file
+        from ..model.devices import resolve_device, set_threads
 
         text = read_prime_file(prime_file) if prime_file is not None else (prime or "")
         model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device))

@@ -69,7 +69,7 @@ def serve(
         from ..serve import require_extra
 
         require_extra()  # before loading anything: say how to install the extra
-        from ..devices import set_threads
+        from ..model.devices import set_threads
         from ..serve import Limits, bind, create_app, is_loopback, load_models, run, url_of
 
         limits = Limits(max_queue=max_queue, max_batch=max_batch, max_n=max_n, max_prime=max_prime,

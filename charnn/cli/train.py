@@ -15,9 +15,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..config import ModelConfig, TrainConfig
+from ..model.config import ModelConfig
+from ..training.config import TrainConfig
 from ..errors import ConfigError, safe_display, shell_arg
-from ..schedule import AUTO_EVAL_CHARS, AUTO_EVALS, AUTO_WARMUP_SHARE, AUTO_WARMUP_STEPS, MAX_EVAL_EVERY
+from ..training.schedule import AUTO_EVAL_CHARS, AUTO_EVALS, AUTO_WARMUP_SHARE, AUTO_WARMUP_STEPS, MAX_EVAL_EVERY
 from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
                      parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
@@ -168,9 +169,9 @@ def train(
     stopped."""
 
     def body() -> None:
-        from ..devices import set_threads
-        from ..schedule import parse_duration
-        from ..train import Trainer
+        from ..model.devices import set_threads
+        from ..training.schedule import parse_duration
+        from ..training.trainer import Trainer
 
         ordered = None if order in (None, Order.auto) else order == Order.shuffled
         if order is not None and shuffle is not None and ordered != shuffle:

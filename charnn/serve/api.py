@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CharnnError, VocabError, describe_char
-from ..evaluate import evaluate_ids, surprisal
-from ..sample import MAX_SEED, check_prime, random_seed, validate_options
+from ..analysis.evaluate import evaluate_ids, surprisal
+from ..generation.sample import MAX_SEED, check_prime, random_seed, validate_options
 
 INSTALL_HINT = "pip install 'charnn[serve]'"
 MAX_TOP = 10  # alternatives per character a request may ask for
@@ -87,7 +87,7 @@ class ServedModel:
     path: Path
     model: Any  # CharRNN, in eval mode
     tokenizer: Any  # CharTokenizer
-    checkpoint: Any  # charnn.checkpoint.Checkpoint
+    checkpoint: Any  # charnn.storage.checkpoint.Checkpoint
 
     def describe(self) -> dict[str, Any]:
         ts = self.checkpoint.train_state or {}
@@ -140,7 +140,7 @@ def model_names(paths: list[Path]) -> list[str]:
 
 def load_models(paths: list[str | Path]) -> list[ServedModel]:
     """Load each checkpoint once (CPU, eval mode), named by :func:`model_names`."""
-    from ..checkpoint import load_model
+    from ..storage.checkpoint import load_model
 
     if not paths:
         raise ServeError("give at least one checkpoint to serve")
@@ -320,7 +320,7 @@ class Busy(ApiError):
 def score_text(served: ServedModel, text: str, unknown: str = "error", top: int = 5) -> dict[str, Any]:
     """Loss of ``text`` exactly as ``charnn eval`` computes it for a file with
     this content, and each character's probability and top alternatives."""
-    from ..data import normalize_newlines
+    from ..text.data import normalize_newlines
 
     tok = served.tokenizer
     text = normalize_newlines(text)  # as a file is read

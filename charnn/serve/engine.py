@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fastrnn import PackedRNN
-from ..sample import NOISE_BLOCK, Sampler
+from ..generation.sample import NOISE_BLOCK, Sampler
+from ..model.fastrnn import PackedRNN
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel
 from .primes import PRIME_CACHE, PrimeCache, PrimeQueue
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from ..fastrnn import PackedRNN
-from ..sample import start_ids
+from ..model.fastrnn import PackedRNN
+from ..generation.sample import start_ids
 
 PRIME_CACHE = 64  # primes per model whose state is kept for the next request with the same prime
 

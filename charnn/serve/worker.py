@@ -170,8 +170,8 @@ def _child_main(conn_in: Connection, conn_out: Connection) -> None:
     """The child process: receive the model, start reading commands, run the batch loop."""
     import torch
 
-    from ..model import CharRNN
-    from ..tokenizer import CharTokenizer
+    from ..model.rnn import CharRNN
+    from ..text.tokenizer import CharTokenizer
 
     parcel, limits = conn_in.recv()  # the parent sends the model first
     torch.set_num_threads(parcel.threads)

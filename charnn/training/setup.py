@@ -1,0 +1,162 @@
+"""What a run does before its first step, besides opening its folder: settle
+its options, read its text, and decide the model's size and the reading
+order -- once, before the batcher and the budget are built from them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from dataclasses import replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError, DataError, shell_arg
+from ..model.config import ModelConfig
+from ..model.devices import resolve_device
+from ..model.precision import autocast_precision, emulated_bf16
+from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
+from ..storage import checkpoint as ckpt_mod
+from ..text.data import BUILTIN_NAME, Corpus, builtin_corpus_path, encode_corpus, make_batcher, read_corpus, split_ids
+from ..text.tokenizer import CharTokenizer
+from . import choices
+from .config import TrainConfig, given_options, merge_resume
+from .finetune import check_arch, fine_tune_start
+from .plan import RunPlan
+from .runtime import DistInfo
+from .schedule import planned_steps
+from .step import make_optimizer
+
+
+def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None,
+                overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """The run's options, validated and frozen: a new run's, or the resumed
+    run's with the given ones on top (and a line per option that changed).
+    The caller's own TrainConfig stays as it was."""
+    changed: list[str] = []
+    if resumed is not None:
+        resume = resumed.path
+        given = given_options(cfg) if isinstance(cfg, TrainConfig) else dict(cfg or {})
+        check_arch(overrides, resumed.model_config, Path(resume), "cannot resume from",
+                   "A resumed run keeps its model; drop those options, or start a new run from its "
+                   f"weights with --init-from {shell_arg(resume)}")
+        try:
+            saved = TrainConfig.from_dict(resumed.train_config)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{resume}: its training options are invalid ({e}); it cannot be resumed. "
+                                  f"--init-from {shell_arg(resume)} starts a new run from its weights") from None
+        cfg, changed = merge_resume(saved, given)
+        if "out" not in given:
+            cfg = replace(cfg, out=str(Path(resume).parent))  # the run's folder, wherever it is now
+    elif isinstance(cfg, Mapping) or cfg is None:
+        cfg = TrainConfig(**dict(cfg or {}))
+    return replace(cfg).validate(), changed
+
+
+def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | None,
+              init_from: str | os.PathLike | None, overrides: dict[str, Any], extend_vocab: bool, cache: bool, *,
+              exclude: list[Path], status: Callable[[str], None], warn: Callable[[str], None],
+              ) -> tuple[Corpus, CharTokenizer, CharRNN | None, np.ndarray, np.ndarray]:
+    """The run's text, its vocabulary (the resumed run's, the one started
+    from, or the text's own), and its ids split into training and
+    validation; with --init-from also the model started from."""
+    corpus = read_run_corpus(cfg, resumed.path if resumed is not None else None, exclude, status)
+    plan.corpus_hash = corpus.sha256
+    plan.corpus_name = plan.corpus_name or corpus.name
+    for w in corpus.warnings:
+        warn(w)
+    model = None
+    if resumed is not None:
+        tokenizer = resumed.tokenizer
+    elif init_from:
+        tokenizer, model, notes = fine_tune_start(init_from, corpus.text, overrides, extend_vocab)
+        plan.size_reason = f"the shape of {Path(init_from).name} (--init-from)" if cfg.size == "auto" else ""
+        for message in notes:
+            warn(message)
+    else:
+        tokenizer = CharTokenizer.from_text(corpus.text)
+    ids = encode_corpus(corpus, tokenizer, cache=cache, progress=status)
+    train_ids, val_ids = split_ids(ids, cfg.val_fraction)
+    if cfg.val_fraction > 0 and len(val_ids) < 2:
+        raise DataError(f"the corpus has {len(ids):,} characters: too few to hold out "
+                        f"{cfg.val_fraction:.0%} for validation; add text or pass --val-fraction 0")
+    if resumed is not None and plan.shuffle is None:  # only a hand-made file: charnn records its choice
+        plan.shuffle = False
+    return corpus, tokenizer, model, train_ids, val_ids
+
+
+def read_run_corpus(cfg: TrainConfig, resume: str | os.PathLike | None, exclude: list[Path],
+                    status: Callable[[str], None]) -> Corpus:
+    """The run's text; a resumed run's must be the text it was trained on."""
+    if not cfg.corpus:
+        corpus = read_corpus([builtin_corpus_path(status)], exclude=exclude, progress=status)
+        corpus.name = BUILTIN_NAME
+    else:
+        try:
+            corpus = read_corpus(cfg.corpus, encoding=cfg.encoding, exclude=exclude, progress=status)
+        except DataError as e:
+            if resume is None:
+                raise
+            raise DataError(f"{e}. To resume, pass the run's corpus at its new location: "
+                            f"charnn train PATH --resume {shell_arg(resume)}") from None
+    if resume is not None and cfg.corpus_hash and corpus.sha256 != cfg.corpus_hash:
+        raise DataError(f"the corpus {', '.join(cfg.corpus) or '(built-in)'} is not the text this run was "
+                        "trained on (it changed, or is another text); an exact resume needs the same text. "
+                        f"To train on this text from the checkpoint's weights, use --init-from {shell_arg(resume)}")
+    return corpus
+
+
+def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]) -> tuple[torch.device, str]:
+    """Where this rank trains and in which precision (a note where it is slow)."""
+    device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    precision = autocast_precision(cfg.precision, device)
+    if emulated_bf16(device, precision):
+        notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32 here")
+    return device, precision
+
+
+def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], train_ids: np.ndarray, *,
+                   new_model: bool, vocab_size: int, rows: slice, device: torch.device, precision: str,
+                   dist_info: DistInfo, status: Callable[[str], None]) -> tuple[Any, CharRNN | None, list[str], float]:
+    """Decide what the options left open, into ``plan``: a new run's model
+    size (``--size auto`` times candidate shapes on the first batch) and its
+    reading order (from the epochs its budget buys). Returns the run's
+    batcher, the new model (``new_model``; None otherwise), the notes to show
+    and the seconds the size probe took (training time: under --time-limit
+    also ``plan.setup_seconds``). The layout it plans with (the order known so
+    far, else in order) is the run's batcher unless the order chosen here is
+    shuffled."""
+    layout = make_batcher(train_ids, cfg.batch_size, cfg.seq_len, shuffle=bool(plan.shuffle), seed=cfg.seed)
+    steps = planned_steps(cfg, len(layout))
+    notes: list[str] = []
+    model, auto_epochs, probe_seconds = None, None, 0.0  # auto_epochs: what --size auto estimated the budget buys
+    if new_model:
+        if cfg.size == "auto":
+            started = time.perf_counter()
+            x, y = layout.chunk(0)
+            probe = choices.ProbeSetup(x[rows], y[rows], device, precision, lambda m: make_optimizer(m, cfg))
+            choice = choices.choose_size(cfg, overrides, planned_steps=steps, train_chars=len(train_ids),
+                                         vocab_size=vocab_size, probe=probe, dist_info=dist_info, status=status)
+            probe_seconds = time.perf_counter() - started
+            if cfg.time_limit:  # the scheduler's first factor already skips it; the trainer adds the rest
+                plan.setup_seconds = round(probe_seconds, 6)
+            overrides = {**overrides, **choice.overrides()}
+            plan.size_reason = choice.reason
+            auto_epochs = choice.epochs
+            notes.append(f"size: {choice.reason}")
+        mc = ModelConfig(**{k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__})
+        mc.vocab_size = vocab_size
+        check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = CharRNN(mc)
+    if plan.shuffle is None:  # a new run: the reading order follows the epochs its budget buys
+        plan.shuffle, why = choices.choose_order(cfg, epochs=auto_epochs, train_chars=len(train_ids),
+                                                 planned_steps=steps)
+        notes.append(f"reading: {why}")
+        if plan.shuffle:
+            layout = make_batcher(train_ids, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
+    return layout, model, notes, probe_seconds
