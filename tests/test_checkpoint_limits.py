@@ -24,7 +24,7 @@ from conftest import make_text, train_tiny
 import charnn.storage.checkpoint as ckpt_mod
 from charnn.model.config import ModelConfig
 from charnn.errors import CheckpointError
-from charnn.model import CharRNN
+from charnn.model.rnn import CharRNN
 from charnn.text.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,12 +77,12 @@ def test_metric_history_is_bounded_by_the_trainer(tmp_path):
     trainer kept every eval row when thinning, so the history grew without
     bound. It stays at most MAX_METRIC_ROWS, and the longest history the
     trainer keeps, with the longest values, fits the object-pickle cap."""
-    from charnn.train import Trainer
+    from charnn.training.output import RunOutput
+    from charnn.training.runtime import DistInfo
 
-    trainer = Trainer.__new__(Trainer)  # only the metrics bookkeeping, no run
-    trainer.metrics, trainer.folder = [], None
+    trainer = RunOutput(DistInfo(rank=0, world_size=1))  # the metrics bookkeeping, no folder
     for row in _worst_rows(3 * ckpt_mod.MAX_METRIC_ROWS):
-        trainer._log_row(row)
+        trainer.log(row)
         assert len(trainer.metrics) <= ckpt_mod.MAX_METRIC_ROWS
     steps = [r["step"] for r in trainer.metrics]
     assert steps == sorted(steps) and trainer.metrics[-1]["step"] == (1 << 40) + 3 * ckpt_mod.MAX_METRIC_ROWS
@@ -213,7 +213,7 @@ import resource, sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
 import charnn.storage.checkpoint as c
 from charnn.model.config import ModelConfig
-from charnn.model import CharRNN
+from charnn.model.rnn import CharRNN
 from charnn.text.tokenizer import CharTokenizer
 tok = CharTokenizer(list("abc"))
 m = CharRNN(ModelConfig(cell="lstm", vocab_size=3, embedding_dim=2, hidden_size=2, num_layers=1, dropout=0.0))

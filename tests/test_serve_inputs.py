@@ -23,10 +23,10 @@ httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
 
-from charnn import checkpoint as ckpt_mod  # noqa: E402
+from charnn.storage import checkpoint as ckpt_mod  # noqa: E402
 from charnn.model.config import ModelConfig  # noqa: E402
 from charnn.errors import CharnnError  # noqa: E402
-from charnn.model import CharRNN  # noqa: E402
+from charnn.model.rnn import CharRNN  # noqa: E402
 from charnn.serve.api import model_names  # noqa: E402
 from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CharnnError, safe_display
-from ..text.reading import file_kind
 from ..safe_files import write_atomic
+from ..text.reading import file_kind
 
 # What a file of each kind starts with (after a byte-order mark and blanks for HTML).
 _KINDS = {"html": "an HTML page", "png": "a PNG image"}
