@@ -391,9 +391,10 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
 # only the first part of each of the B stretches, and its last steps were all
 # on one neighbourhood of each: on text that changes along its length (source
 # files in path order, documentation by topic) the model is then fitted to
-# wherever the budget happened to end. So the training text is cut into blocks of K chunks
-# (K*T characters: K is 32, or a little less so that the blocks fill the rows
-# evenly; a text with fewer than 32 chunks per row gets one block per row),
+# wherever the budget happened to end. So the training text is cut into
+# blocks of K chunks (K*T characters: K is 32, or a little less so that the
+# blocks fill the rows evenly; a text with fewer than 32 chunks per row gets
+# one block per row),
 # every epoch deals them out to the rows in a fresh random order (from the
 # run's seed and the epoch: an exact resume needs only the position), and
 # each row reads its blocks in turn, every block left to right with the
