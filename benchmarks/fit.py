@@ -14,7 +14,7 @@ cell already there is skipped, so a stopped run picks up where it was.
     python benchmarks/fit.py run --phase 5m             # the best of 1m and 2 rungs up, with v0.1 and auto
     python benchmarks/fit.py run --phase 20m            # the best of 5m and 1 rung up, on the corpora marked for it
     python benchmarks/fit.py run --phase 5m --corpus kjv-1m   # the held-out text: v0.1 and auto only
-    python benchmarks/fit.py table                      # Markdown tables for the README
+    python benchmarks/fit.py table                      # Markdown tables (docs/gen_tables.py puts them in the docs)
 
 Run it on an otherwise idle machine: each cell holds /tmp/charnn-bench.lock
 (``--lock``) while it runs, and the 1-minute load average before and after is
@@ -84,18 +84,17 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     **{name: shape_options(*row) for name, *row in GRID},
 }
 BASELINES = ("v0.1", "auto")  # in every phase, on every corpus
-# Not charnn: nanoGPT's CPU recipe (benchmarks/nanogpt.py), the reference of
-# issue 12, in the phases marked for it, on every corpus.
+# Not charnn: nanoGPT's CPU recipe (benchmarks/nanogpt.py), the reference
+# charnn is compared with, in the phases marked for it, on every corpus.
 REFERENCES = ("nanogpt",)
 NANOGPT = Path(__file__).resolve().with_name("nanogpt.py")
 
 
 # How charnn reads its text: "auto" (charnn chooses from the epochs the
-# budget buys: the default since charnn 0.2.1), "shuffled" (blocks in a new
-# random order each epoch) or "in-order" (each stream one stretch, charnn
-# 0.1). A row's order is read from its options, so rows from before the
-# option existed (no flag) are in order, as charnn read them then. v0.1 is
-# always charnn 0.1 as it was: its shape, in order.
+# budget buys), "shuffled" (blocks in a new random order each epoch) or
+# "in-order" (each stream one stretch). A row's order is read from its
+# options; a row with no order flag was read in order. v0.1 is charnn 0.1's
+# baseline: its shape, in order.
 ORDERS = ("auto", "shuffled", "in-order")
 ORDER_FLAGS = {"auto": ("--order", "auto"), "shuffled": ("--shuffle",), "in-order": ("--no-shuffle",)}
 
@@ -492,7 +491,7 @@ def phase_cells(name: str, corpora: list[CorpusFile], rows: list[dict], configs:
 
 
 # ---------------------------------------------------------------------------
-# How long it takes (measured on this project's 2-core machine, see README)
+# How long it takes (measured on this project's 2-core machine; `fit.py plan` prices cells with it)
 # ---------------------------------------------------------------------------
 
 PROCESS_S = 3.0  # python + torch import, checkpoint load/save, per process

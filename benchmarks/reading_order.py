@@ -5,12 +5,12 @@ time budget, so a busy machine changes how long it takes but not the figure),
 then scores the whole held-out last 10% with ``charnn eval``. Only the order
 of the training chunks differs between the variants:
 
-- ``in-order``: each of the 16 rows reads one stretch of the text (charnn 0.1,
-  ``--no-shuffle``);
+- ``in-order``: each of the 16 rows reads one stretch of the text
+  (``--no-shuffle``);
 - ``in-order-resets``: the same, with the state reset every 32 chunks, as the
   shuffled blocks reset it;
 - ``shuffled``: blocks of 32 chunks dealt to the rows in a new random order
-  each epoch (``--shuffle``, the default since charnn 0.2);
+  each epoch (``--shuffle``);
 - ``shuffled-no-reset``: the same, with the state carried across blocks;
 - ``blocks-in-text-order``: the same blocks, dealt round robin in text order
   (row r reads blocks r, r+16, r+32, ...);

@@ -36,7 +36,7 @@ __all__ = ["BUILTIN_FEATURES", "FeatureSpec", "parse_feature", "text_features"]
 #     as comment.
 #   - bracket_depth counts ( [ { minus ) ] } outside strings and comments,
 #     never below 0; an opening bracket already counts on itself, a closing
-#     one no longer does (the depth after reading the character).
+#     one does not (the depth after reading the character).
 
 BUILTIN_FEATURES: dict[str, str] = {
     "line_position": "characters since the last newline (0 on the newline itself)",

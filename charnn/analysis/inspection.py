@@ -28,7 +28,7 @@ bytes for an LSTM -- 100,000 characters of a 2x512 LSTM would be 2.5 GB
 shows.
 
 The features live in :mod:`charnn.analysis.features`; the standalone HTML page and
-the saturation scatter as a PNG in :mod:`charnn.inspect_page`. Library code:
+the saturation scatter as a PNG in :mod:`charnn.analysis.inspect_page`. Library code:
 nothing is printed.
 """
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-try:  # typer >= 0.2x carries its own copy of click (and no longer installs click)
+try:  # typer >= 0.2x carries its own copy of click (and does not install click)
     from typer import _click as click
     from typer._click import utils as click_utils
 except ImportError:  # older typer runs on the click package
@@ -82,7 +82,7 @@ class Order(str, Enum):
 
 
 class Device(str, Enum):
-    """Kept for ``train`` until it moves to ``DEVICE_OPTION`` (``--device cuda:1``)."""
+    """The plain device names; ``--device`` also takes ``cuda:N``, so no command uses this enum."""
 
     auto = "auto"
     cpu = "cpu"

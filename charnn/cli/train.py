@@ -225,6 +225,6 @@ def train(
         # The process group is destroyed and every file is closed. Exit now:
         # gloo's worker threads can abort the process while the interpreter
         # tears down (pytorch/pytorch#190489), turning a finished run into
-        # exit -6 (seen once in this project's tests).
+        # exit -6 (it happened in this project's tests).
         sys.stderr.flush()
         os._exit(0)

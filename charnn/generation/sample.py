@@ -9,7 +9,7 @@ Two entry points:
 
 Both run on :class:`~charnn.model.fastrnn.PackedRNN`: the prime is consumed in one
 sequence pass of the model, then each character is one step of written-out
-cell equations (see ``fastrnn.py``).
+cell equations (see :mod:`charnn.model.fastrnn`).
 
 Randomness: sample ``i`` of a batch with seed ``S`` draws from its own random
 stream seeded ``S + i``. Sampling is the Gumbel-max trick -- the next id is

@@ -17,8 +17,8 @@ CELLS = ("lstm", "gru", "rnn")
 class ModelConfig:
     cell: str = "lstm"  # lstm | gru | rnn (tanh)
     vocab_size: int = 0  # set from the tokenizer
-    # Defaults chosen by measurement for a laptop's budget (5 minutes on 2 CPU
-    # cores; see the README): on War and Peace 2x320 beat 2x256, 2x384 and 2x512.
+    # --size fixed's shape: in 5-minute races on War and Peace (2 CPU cores;
+    # docs/training.md, "Why this model size") 2x320 beat 2x256, 2x384, 2x512.
     embedding_dim: int = 128  # beat 64 (1.85 vs 1.95 nats after 400 steps)
     hidden_size: int = 320  # width of each recurrent layer
     num_layers: int = 2  # stacked recurrent layers

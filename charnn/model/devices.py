@@ -118,8 +118,8 @@ def default_threads() -> int:
     of a distributed run on this machine (LOCAL_WORLD_SIZE: two ranks of two
     threads each on 2 cores stalled for 3 s every few steps, 85 steps in
     20 s where one thread each made 1,201), and never more than 4 (the small
-    matrices of a char-level model gain little beyond that). See the
-    README's threads table.
+    matrices of a char-level model gain little beyond that). Measured by
+    benchmarks/bench_threads.py (benchmarks/README.md, "Threads").
     """
     cores = available_cores()
     given = _env_count("OMP_NUM_THREADS")

@@ -16,7 +16,7 @@ AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast_precision(name: str, device: torch.device) -> str:
     """The autocast precision a model trains in: fp32 | bf16 | fp16 for this device; ``auto`` picks the fastest that
-    trains as well as fp32 (see the README's benchmark)."""
+    trains as well as fp32 (bf16: 1.7-1.85x faster at the same loss per step; docs/training.md)."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

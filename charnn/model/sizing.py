@@ -17,8 +17,9 @@ The reading order (``--order auto``, :func:`choose_order`) follows the same
 estimate: in order when the run reads its text at least once, shuffled
 blocks when not.
 
-The constants come from the measurement suite in ``benchmarks/fit.py`` (its
-results are in ``benchmarks/results/fit.csv``; the README shows the table).
+The constants come from the measurement suite ``benchmarks/fit.py`` (results
+in ``benchmarks/results/fit.csv``, tables in ``benchmarks/README.md``; the
+rule explained: ``docs/training.md``, "Why this model size").
 Options given explicitly always win: they replace the chosen values.
 """
 
@@ -51,84 +52,47 @@ LADDER = (
     Shape(128, 2, 64),
     Shape(192, 2, 64),
     Shape(256, 2, 96),
-    Shape(320, 2, 128),  # charnn 0.1's fixed default
+    Shape(320, 2, 128),  # --size fixed's shape
     Shape(448, 2, 128),
     Shape(512, 3, 128),
 )
 
-# -- the rule's constants (from benchmarks/results/fit.csv; see the README) ---
-# Compute: a shape needs at least this many optimizer steps per million
-# recurrent parameters (a bigger model needs more steps before it overtakes a
-# smaller one at the same budget). Measured at 1 minute (benchmarks/fit.py):
-# 2x192 (0.52-0.59M) with 1,190-1,210 steps lost to 2x128 with 1,800-2,100 on
-# the Jargon File, Python's docs and its source; on War and Peace 2x192 with
-# 1,418 steps beat 2x128 with 2,000, but lost to 2x128 with 2,361. A first
-# rule at 2,400 per million chose 2x192 on the Jargon File and the docs (from
-# the probe's estimate of ~1,300-1,550 steps) and lost 5.3% and 1.8% to
-# 2x128; 3,000 chooses 2x128 on all four. charnn 0.1's own 5-minute race
-# agrees (2x320, 1.4M, best at 5,374 steps; 2x384 and 2x512 worse).
+# The rule's constants; the runs behind each are benchmarks/fit.py's
+# (benchmarks/results/fit.csv, tables in benchmarks/README.md).
 #
-# At 5 minutes the crossover between 2x192 and 2x256 lies at 4-5k steps per
-# million and differs by text: 2x256 won on the Jargon File and War and Peace
-# with 4.7k, lost on Python's source with 3.8-3.9k (by 3-4%) and on the docs
-# with 4.6k (by 0.9%). A threshold there (4,400, tried) put every one of these
-# texts on a knife edge: the probe's estimate and the steps a run then makes
-# differ by 0.84-1.64x as the machine's speed moves, so the Jargon File got
-# 2x192 with dropout 0.1 and lost 3.7%. 3,000 keeps 2x256 on the English texts
-# (1.5-3.1 epochs) with a margin. What does separate the two groups is whether
-# the shape reads its text once; the two limits below use that.
+# Compute: optimizer steps a shape needs per million recurrent parameters (a
+# bigger model needs more steps before it overtakes a smaller one). At 1
+# minute 2x192 with 1.2-1.4k steps lost to 2x128 with 1.8-2.4k on three of
+# four texts; at 5 minutes the 2x192/2x256 crossover lies at 4-5k and differs
+# by text, and the probe's estimate is off by 0.84-1.64x on a busy machine, so
+# 3,000 keeps the choice clear of that edge (2x256 on the English texts at 5
+# minutes, 2x128 on all four at 1).
 STEPS_PER_MPARAM = 3000
-# The compute limit for a shape that would stop before one epoch: every step
-# is on text the model has not seen, so the steps a smaller model adds are
-# worth more than on repeated text. At 5 minutes on the two texts too large
-# to read once (the docs, 0.45-0.7 epochs; the source, 0.2-0.3): 2x256 with
-# 3.8-4.5k steps per million lost to 2x192 with 10-12k by 0.9% and 3.3-4.7%.
-# 6,000 is between the two with a margin of 1.3-1.7x either way.
-#
-# Those runs read each stream's stretch in order (charnn 0.1's batcher). Since
-# charnn 0.2 reads shuffled blocks, and measured again that way at 5 minutes
-# (seed 1337): the docs, 2x256 (4.2k per million, 0.41 epochs) 2.1% behind
-# 2x192 (12.6k, 0.67); the held-out C++ headers, 2x128, 2x192 and 2x256
-# within 0.4% of each other (1.161-1.166), so the limit costs at most that
-# there; Python's source, 2x256 (4.1k per million, 0.23 epochs) 1.5% behind
-# 2x192 (10k, 0.32).
+# The same for a shape that would stop before one epoch: every step is on new
+# text, so a smaller model's extra steps are worth more. At 5 minutes, reading
+# shuffled blocks, 2x256 with ~4k per million lost to 2x192 with 10-12.6k on
+# Python's docs (2.1%) and source (1.5%); 6,000 lies between with a margin.
 STEPS_PER_MPARAM_PART = 6000
-# Read in order, a shape that would not read its text once also lost to a
-# smaller one that would (1.6-5.2%: the source at 20 minutes, War and Peace
-# at 5, the Jargon File at 1), and the rule then refused such a shape. That
-# was the batcher, not the shape: a run stopped short of one epoch had never
-# seen the end of any stream's stretch. Read in shuffled blocks it reverses:
-# on the docs at 5 minutes, 2x128 (1.12 epochs) lost to 2x192 (0.67) by 4.8%.
-#
 # Data: at most this many recurrent parameters per training character.
 PARAMS_PER_CHAR = 2.0
-# A text too small for every shape (the Chinese poems: 35k characters, a
-# 2,841-character alphabet) overfits within a few hundred steps whatever the
-# size; best.pt keeps the best evaluation, and there a larger model learns
-# faster: at 1 minute, 3 seeds each, 2x256 reached 4.920 and 2x320 4.928 where
-# 2x128 with dropout 0.2-0.3 reached 4.97-4.98 (seed std 0.03-0.06).
+# A text too small for every shape overfits within a few hundred steps
+# whatever the size, and best.pt keeps the best evaluation; there a larger
+# model learns faster (the Chinese poems, 35k characters, 1 minute, 3 seeds:
+# 2x256 4.920, 2x320 4.928, 2x128 with dropout 0.2-0.3 4.97-4.98).
 SMALL_TEXT_SHAPE = Shape(256, 2, 96)
 # Dropout by epochs of the text the budget buys: (epochs below, dropout).
-# Below 3 epochs dropout only slows learning (1 minute, 0.6-1.4 epochs:
-# dropout 0.3 lost 0.1 nats/char on every text of 1 MB and more; charnn 0.1's
-# race: 0 beat 0.1 at 1.9 epochs; the Jargon File at 5 minutes, 2.8 epochs:
-# 0.1 1.485 against 1.447-1.468 with 0); at 3.6-4.3 epochs 0.1 beat 0 on the
-# held-out King James text (1.085 against 1.102, with fewer steps) and at 7
-# epochs on 1 MB of English; at 26-30 epochs 0.3 beat 0 (the Chinese poems).
-# (A threshold of 6 was tried on one confounded Jargon File pair and reverted.)
+# Below 3 epochs dropout only slows learning (0.3 lost 0.1 nats/char on every
+# text of 1 MB and more at 0.6-1.4 epochs); 0.1 won from about 3.6 epochs
+# (the King James text) and 0.3 at 26-30 (the Chinese poems).
 DROPOUT_BY_EPOCHS = ((3.0, 0.0), (10.0, 0.1), (25.0, 0.2), (math.inf, 0.3))
 
 
-# Reading order (charnn.text.data): a run the budget lets read its text at least
-# this many times reads each stream in order; a shorter one reads shuffled
-# blocks. Shuffling buys coverage: read in order, a run short of an epoch has
-# seen only the start of each stream's stretch, and on the code texts short
-# of an epoch shuffled blocks gained 4-8% (C++ headers, Python's source, 1 and
-# 5 minutes). A run that reads its text once sees all of it either way, and
-# there the order cost nothing beyond the seed spread (War and Peace, the
-# King James text, the Chinese poems at 1.5-62 epochs) or cost the shuffled
-# run 5-8% (the Jargon File: shuffled runs stall on the first plateau; README,
-# "The Jargon File"; benchmarks/reading_order.py).
+# Reading order (charnn.text.data): a run the budget lets read its text at
+# least this many times reads each stream in order, a shorter one shuffled
+# blocks. Short of an epoch, in order sees only the start of each stream's
+# stretch, and shuffled blocks gained 4-8% (the code texts, 1 and 5 minutes);
+# from one epoch on, order cost nothing beyond the seed spread, or cost the
+# shuffled run 5-8% on the Jargon File (benchmarks/reading_order.py).
 ORDER_EPOCHS = 1.0
 
 

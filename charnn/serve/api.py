@@ -67,7 +67,7 @@ class Limits:
     max_samples: int = 8  # num_samples per request (charnn sample uses fp32 below 16, as the server does)
     max_text: int = 100_000  # characters /v1/score reads
     max_body: int = 1 << 20  # bytes of request body
-    max_connections: int = 512  # open connections; more get 503 at once (lowered to fit the open-files limit)
+    max_connections: int = 512  # open connections; more get 503 at once (fewer where the open-files limit is lower)
     client_timeout: int = 10  # seconds a client may take to send its headers, its body, or to take a piece of a reply
     stream_buffer: int = 16384  # characters (each with its alternatives) a stream may hold for a client not reading
     batch_timeout: int = 10  # seconds a batch process with work may go without answering before it is stopped

@@ -40,7 +40,7 @@ from ..model.rnn import available_memory
 # MAX_METRIC_ROWS metric rows (the trainer thins them; a row pickles to at most
 # ~110 bytes, measured in tests/test_checkpoint_limits.py), the options (a few
 # kB), train_state's counters and about 100 resume notes of at most 300
-# characters (charnn.train). The vocabulary and weights are tensors, outside it.
+# characters (charnn.training.state). Vocabulary and weights are tensors, outside it.
 MAX_METRIC_ROWS = 2000  # the checkpoint keeps a short history; the JSONL log keeps all
 MAX_PICKLE_BYTES = 512 << 10  # ~2x the largest a run writes; parsing the largest allowed takes ~1 s
 MAX_MEMBERS = 10_000  # zip members (a real checkpoint has ~50)

@@ -314,8 +314,8 @@ def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
 # TBPTT batching
 # ---------------------------------------------------------------------------
 #
-# In order (--no-shuffle, and every run from before charnn 0.2): the training
-# text is cut into B contiguous streams, one per batch row, each
+# In order (--no-shuffle, and every checkpoint without a recorded order): the
+# training text is cut into B contiguous streams, one per batch row, each
 # read left to right in chunks of T characters; the state carried out of chunk
 # c of row b is exactly the context of chunk c+1 of row b:
 #
@@ -387,14 +387,14 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
     return x, y
 
 
-# Shuffled blocks (the default since charnn 0.2). Read in order, a run that
-# stops before one epoch has seen only the first part of each of the B
-# stretches, and its last steps were all on one neighbourhood of each: on
-# text that changes along its length (source files in path order,
-# documentation by topic) the model is then fitted to wherever the budget
-# happened to end. So the training text is cut into blocks of K chunks
-# (K*T characters: K is 32, or a little less so that the blocks fill the rows
-# evenly; a text with fewer than 32 chunks per row gets one block per row),
+# Shuffled blocks. Read in order, a run that stops before one epoch has seen
+# only the first part of each of the B stretches, and its last steps were all
+# on one neighbourhood of each: on text that changes along its length (source
+# files in path order, documentation by topic) the model is then fitted to
+# wherever the budget happened to end. So the training text is cut into
+# blocks of K chunks (K*T characters: K is 32, or a little less so that the
+# blocks fill the rows evenly; a text with fewer than 32 chunks per row gets
+# one block per row),
 # every epoch deals them out to the rows in a fresh random order (from the
 # run's seed and the epoch: an exact resume needs only the position), and
 # each row reads its blocks in turn, every block left to right with the
@@ -410,17 +410,12 @@ def _gather(ids: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> tuple[torch.
 # epoch; the padding (under 6% of an epoch, the end of the text's last block
 # and the empty slots of the last column) is skipped by the loss.
 #
-# Blocks are not made smaller for a small text: with 1-chunk blocks (a reset
-# every chunk) the Chinese poems (35k characters) learned much more slowly
-# (1 minute, 2x256: 5.99 at step 100 and 4.99 at the end, where the streams
-# read in order reached 5.21 and 4.89); blocks of 256 chunks instead of 32
-# did no better on the Jargon File or the docs at 1 minute (1.799 and 1.796
-# against 1.771 and 1.794).
-#
-# Known cost: on the Jargon File shuffled runs often stall on the first
-# plateau (each character's overall frequency) where runs reading in order
-# leave it by step ~90, and stay 6-9% behind at 1,500 steps; it is not the
-# resets (benchmarks/reading_order.py; README, "The Jargon File").
+# 32 chunks: 1-chunk blocks (a reset every chunk) learned much more slowly on
+# the Chinese poems (1 minute, 2x256: 4.99 against 4.89 in order), 256 did no
+# better on the Jargon File or the docs (1 minute). Known cost: on the Jargon
+# File shuffled runs often stall on the first plateau and stay 6-9% behind at
+# 1,500 steps, not because of the resets (benchmarks/reading_order.py;
+# benchmarks/README.md, "Reading order").
 BLOCK_CHUNKS = 32  # chunks per block at most: 2,048 characters at the default --seq-len 64
 
 
@@ -465,8 +460,8 @@ class BlockBatcher(_Batcher):
 
 def make_batcher(ids: np.ndarray, batch_size: int, seq_len: int, *, shuffle: bool,
                  seed: int) -> "StreamBatcher | BlockBatcher":
-    """The batcher of a run: shuffled blocks, or (``shuffle=False``, and every
-    run from before charnn 0.2) each row one stretch of the text in order."""
+    """The batcher of a run: shuffled blocks, or (``shuffle=False``) each row
+    one stretch of the text in order."""
     if shuffle:
         return BlockBatcher(ids, batch_size, seq_len, seed)
     return StreamBatcher(ids, batch_size, seq_len)

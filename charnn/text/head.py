@@ -1,7 +1,7 @@
 """The start of a text file, read incrementally: for commands that look at
 the first N characters (``inspect --max-chars``), whatever the file's size.
 
-The same checks as reading a corpus (:mod:`charnn.reading`): a regular file,
+The same checks as reading a corpus (:mod:`charnn.text.reading`): a regular file,
 not binary, strict decoding with an error naming the byte offset, newlines
 normalised. Memory and time are bounded by what the caller keeps, not by
 the file: a 1 GB file costs one chunk beyond the characters asked for.

@@ -42,8 +42,8 @@ def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: 
     """Seconds per training step of a throwaway model of ``shape``. ``dropout``:
     the one given, else 0, the rule's choice wherever the shape is in doubt
     (under 3 epochs); a step with dropout 0.1 takes 3-13% longer (measured on
-    2x128 and 2x192), which once made the probe under-count the steps of
-    every such run."""
+    2x128 and 2x192), so timing with it would under-count the steps of a
+    run without it."""
     mc = ModelConfig(cell=cell, vocab_size=vocab_size, hidden_size=shape.hidden_size,
                      num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=dropout)
     check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)

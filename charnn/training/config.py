@@ -20,11 +20,11 @@ class TrainConfig:
     corpus_hash: str = ""  # sha256 of the normalised text (the run records it: RunPlan)
     corpus_name: str = ""  # short name, used for the default output folder
     val_fraction: float = 0.1  # the last part of the text held out, contiguous
-    # Many small steps beat few big ones at this budget: 16 x 64 reached 1.273
-    # nats/char in 5 minutes where 32 x 128 reached 1.341 (2x256: 1.291 vs 1.341).
+    # Many small steps beat few big ones: 16 x 64 reached 1.273 nats/char in 5
+    # minutes on War and Peace where 32 x 128 reached 1.341 (docs/training.md).
     seq_len: int = 64  # TBPTT chunk length
     batch_size: int = 16  # contiguous streams trained side by side
-    lr: float = 7e-3  # AdamW peak learning rate (2e-3 .. 1.2e-2 tried; 7e-3 .. 1e-2 best)
+    lr: float = 7e-3  # AdamW peak learning rate (7e-3 .. 1e-2 best of 2e-3 .. 1.2e-2)
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases/embeddings)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # max global L2 norm of the gradients (0 = off)
@@ -63,8 +63,8 @@ class TrainConfig:
     size_reason: str = ""
     setup_seconds: float = 0.0  # recorded from the run's RunPlan (charnn.training.plan)
     # Read the text in blocks dealt to the batch rows in a new random order
-    # each epoch (charnn.text.data.BlockBatcher); False: each row reads one stretch
-    # of the text in order, as every run before charnn 0.2 did. None = chosen
+    # each epoch (charnn.text.data.BlockBatcher); False: each row reads one
+    # stretch of the text in order (--no-shuffle). None = chosen
     # by the trainer at start from the epochs the budget buys
     # (charnn.model.sizing.choose_order); the checkpoint records the choice.
     shuffle: bool | None = None
@@ -90,11 +90,11 @@ class TrainConfig:
         if isinstance(kwargs.get("betas"), (list, tuple)):
             kwargs["betas"] = tuple(kwargs["betas"])
         if "eval_chars" not in data:
-            kwargs["eval_chars"] = 0  # charnn 0.1 scored the whole validation split
+            kwargs["eval_chars"] = 0  # a file without it scored the whole validation split
         if "size" not in data:
-            kwargs["size"] = "fixed"  # before --size auto, every run had the fixed default shape
+            kwargs["size"] = "fixed"  # a file without it had the fixed default shape
         if "shuffle" not in data:
-            kwargs["shuffle"] = False  # before charnn 0.2, every run read its text in order
+            kwargs["shuffle"] = False  # a file without it read its text in order
         return cls(**kwargs).validate()
 
     def validate(self) -> "TrainConfig":

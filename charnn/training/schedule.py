@@ -16,12 +16,9 @@ from .config import TrainConfig
 from ..errors import ConfigError, shell_arg
 
 # Automatic warmup: AUTO_WARMUP_STEPS steps, or AUTO_WARMUP_SHARE of a budget
-# too short for that. The share was 5% until charnn 0.2.2: a 450-step run (the
-# Chinese poems, 1 minute) then warmed up for ~22 steps, and one seed in three
-# never left the first plateau (the characters' frequencies; 6.24 nats/char,
-# worse than a bigram count model). 100 steps of warmup got all three off it
-# (4.91-4.94; 22 steps: 4.95-5.45; 2x256, fixed 450 steps, benchmarks/warmup.py).
-# Runs of 2,000 steps and more warm up for 100 steps either way.
+# too short for that. A short warmup leaves short runs on the first plateau: at
+# 450 steps (2x256, the Chinese poems) 100 steps of warmup got three seeds of
+# three off it (4.91-4.94 nats/char), 22 steps only two (benchmarks/warmup.py).
 AUTO_WARMUP_STEPS = 100
 AUTO_WARMUP_SHARE = 0.25
 AUTO_EVALS = 8  # automatic --eval-every: about this many evaluations per run

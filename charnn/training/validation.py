@@ -28,7 +28,7 @@ from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
 SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
 # A suggested --time-limit must still train when the machine is busier on the
-# next try: a suite run under load took 3.9 s to choose the size after 2 s before.
+# next try: choosing the size took 3.9 s under the test suite's load, 2 s quiet.
 SETUP_MARGIN = 2.0
 RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for load
 
