@@ -4,6 +4,7 @@ each one bounds, so a crafted file costs next to nothing to refuse."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -120,16 +121,34 @@ def _check_archive(f: io.BufferedReader, size: int, path: Path) -> None:
                               f"{format_bytes(free)} free memory to load them")
 
 
-def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _broken_link(path: Path) -> str:
+    """What is wrong with a symlink ``path`` that leads to no file."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return (f"checkpoint {path} is a symlink loop (its links lead back to themselves); "
+                    "give the checkpoint file itself")
+    return f"checkpoint {path} is a symlink to {os.readlink(path)}, which does not exist; check the link"
+
+
+def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 prefer: str = "best.pt") -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True`` after the zip-level checks,
-    every failure a CheckpointError. The object graph is checked by :func:`validate`."""
+    every failure a CheckpointError. The object graph is checked by :func:`validate`.
+    ``prefer``: the file of a run folder to suggest when ``path`` is the folder
+    (``last.pt`` to resume, ``best.pt`` to sample or evaluate)."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(_broken_link(path))
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         hint = ""
-        if (path / "best.pt").exists():
-            hint = f"; did you mean {path / 'best.pt'}?"
+        for name in dict.fromkeys((prefer, "best.pt", "last.pt")):
+            if (path / name).exists():
+                hint = f"; did you mean {path / name}?"
+                break
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer. The checks and
