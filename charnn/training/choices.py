@@ -38,11 +38,11 @@ class ProbeSetup:
     make_optimizer: Callable[[torch.nn.Module], Any]
 
 
-# Before a shape's full timing (a warmup step and three timed ones), one
-# untimed-warmup step on this fraction of the batch's rows, scaled to the
-# whole batch: an over-estimate (allocation and kernel selection count), cheap
-# enough on any vocabulary that a 100,000-character head cannot spend the
-# budget on the probe itself.
+# Before a shape's full timing (a warmup step and three timed ones), one step
+# with no warmup on this fraction of the batch's rows, scaled to the whole
+# batch: an over-estimate (allocation and the optimizer's fixed cost count),
+# cheap enough that a 100,000-character head cannot spend the budget on the
+# probe itself.
 GLANCE_ROWS = 8
 FULL_PROBE_STEPS = 4  # what sizing.time_training_steps runs by default
 
