@@ -127,18 +127,22 @@ def load_eval_texts(tokenizer, checkpoint, files: list[str], encoding: str = "ut
 
 def _head_of(path: str, tokenizer, encoding: str, unknown: str, max_chars: int) -> EvalText:
     """The first ``max_chars`` usable characters of a file, read no further."""
-    from .errors import VocabError
+    from ..errors import VocabError
     from ..text.head import iter_text
 
     pieces, have, skipped = [], 0, 0
     for text in iter_text(path, encoding):
-        try:
-            ids = tokenizer.encode_array(text, unknown=unknown)
-        except VocabError as e:
-            raise VocabError(f"{path}: {e}", characters=e.characters) from None
-        skipped += len(text) - len(ids)
-        pieces.append(ids[: max_chars - have])
-        have += len(pieces[-1])
+        # Only the characters that will be scored are encoded (and, with
+        # --unknown error, checked): never the rest of the chunk read.
+        while text and have < max_chars:
+            part, text = text[: max_chars - have], text[max_chars - have :]
+            try:
+                ids = tokenizer.encode_array(part, unknown=unknown)
+            except VocabError as e:
+                raise VocabError(f"{path}: {e}", characters=e.characters) from None
+            skipped += len(part) - len(ids)
+            pieces.append(ids)
+            have += len(ids)
         if have >= max_chars:
             break
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

@@ -132,7 +132,9 @@ _PAGE = PAGE_HEAD + """h1 {{ font-size: 1.2em; }} h2 {{ font-size: 1.05em; margi
          background: linear-gradient(to right, #2166ac, #f7f7f7, #b2182b); border: 1px solid #aaa; }}
 .text {{ font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; line-height: 1.45;
         border: 1px solid #ccc; padding: 1em; word-break: break-all; }}
-.text span.c {{ border-radius: 2px; cursor: default; }}
+/* Each character its own bidi isolate: a bidi control in the text (U+202E) acts on its own
+   element only (its tooltip names it) and cannot reorder the characters after it. */
+.text span.c {{ border-radius: 2px; cursor: default; unicode-bidi: isolate; }}
 .text span.c:hover {{ outline: 2px solid #000; }}
 .text span.nl {{ color: #999; }}
 #panel {{ position: fixed; right: 1em; top: 1em; background: #fff; border: 1px solid #888; padding: 0.6em 0.9em;

@@ -84,7 +84,9 @@ _PAGE = PAGE_HEAD + """h1 {{ font-size: 1.2em; }}
 .legend span {{ display: inline-block; padding: 0.1em 0.6em; margin-right: 0.3em; border-radius: 3px; }}
 .text {{ font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; line-height: 1.6;
         border: 1px solid #ccc; padding: 1em; word-break: break-all; }}
-.text span.c {{ border-radius: 2px; cursor: default; }}
+/* Each character its own bidi isolate: a bidi control in the text (U+202E) acts on its own
+   element only (its tooltip names it) and cannot reorder the characters after it. */
+.text span.c, .text span.ctx {{ border-radius: 2px; cursor: default; unicode-bidi: isolate; }}
 .text span.c:hover {{ outline: 2px solid #000; }}
 .text span.ctx {{ color: #888; }}
 #panel {{ position: fixed; right: 1em; top: 1em; background: #fff; border: 1px solid #888; padding: 0.6em 0.9em;

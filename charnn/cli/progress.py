@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
 from rich.cells import cell_len, set_cell_size
@@ -53,6 +54,7 @@ def fit(parts: list[str], optional: list[str], width: int, sep: str = "  ") -> s
 
 
 SAMPLE_SPACING = 0.1  # without --sample-every: a sample per tenth of the budget at most
+PREVIEW_SECONDS = 1.0  # the most a sample shown during training may take to generate
 
 
 class TrainReporter:
@@ -243,10 +245,18 @@ class TrainReporter:
                     and progress - self._sampled_at < self.sample_spacing:
                 return
             self._sampled_at = progress
-            from ..generation.sample import sample_text
+            from ..generation.sample import generate
 
-            text = sample_text(e["model"], e["tokenizer"], "", 200, temperature=0.8, seed=e["step"])
-            self.print(self.preview(text))
+            # Bounded in time as well as length: it is not part of the training
+            # budget, and one character of a 100,000-character vocabulary costs
+            # about 40 ms on a CPU.
+            deadline = time.perf_counter() + PREVIEW_SECONDS
+            chars = []
+            for ch in generate(e["model"], e["tokenizer"], "", 200, temperature=0.8, seed=e["step"]):
+                chars.append(ch)
+                if time.perf_counter() > deadline:
+                    break
+            self.print(self.preview("".join(chars)))
 
     def preview(self, text: str, lines: int = 4) -> str:
         """A sample as a few indented lines, each cut to the console's width."""

@@ -96,8 +96,10 @@ def token_losses(model: CharRNN, ids: np.ndarray | torch.Tensor, *, max_streams:
                 logits, state = model(xb, state)  # (S, T, V)
             if check_finite:
                 _check_finite(logits)
-            nll = F.cross_entropy(logits.float().transpose(1, 2), yb, ignore_index=IGNORE_INDEX,
-                                  reduction="none")  # (S, T)
+            # Flattened, not transposed: with the classes strided the loss took
+            # 4x longer on a 100,000-character vocabulary.
+            nll = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=IGNORE_INDEX,
+                                  reduction="none").view(yb.shape)  # (S, T)
             w = where[:, lo : lo + chunk_len]
             mask = w >= 0
             out[w[mask]] = nll.cpu()[mask]

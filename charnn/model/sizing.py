@@ -248,7 +248,7 @@ def scaled_step_time(shape: Shape, timed: dict[Shape, float], vocab_size: int, c
 
 
 def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any, y: Any,
-                        device: Any, precision: str) -> float:
+                        device: Any, precision: str, *, steps: int = 3, warmup: int = 1) -> float:
     """Seconds per training step of ``model`` (a throwaway CharRNN) on inputs
     ``x`` and targets ``y``: forward, backward, clipping and the optimizer's
     step, in the run's precision, as the trainer does them. The global random
@@ -280,7 +280,7 @@ def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any
             torch.mps.synchronize()
 
     try:
-        return step_seconds(run_steps)
+        return step_seconds(run_steps, steps=steps, warmup=warmup)
     finally:
         torch.set_rng_state(rng)
 

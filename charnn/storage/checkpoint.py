@@ -274,9 +274,9 @@ def validate(data: Any, path: str | os.PathLike = "checkpoint") -> Checkpoint:
     )
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", prefer: str = "best.pt") -> Checkpoint:
     """Read and validate a checkpoint."""
-    return validate(read_payload(path, map_location=map_location), path)
+    return validate(read_payload(path, map_location=map_location, prefer=prefer), path)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CharRNN, CharTokenizer, Checkpoint]:

@@ -4,9 +4,11 @@ each one bounds, so a crafted file costs next to nothing to refuse."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
+import re
 import stat
 import zipfile
 from itertools import repeat
@@ -84,6 +86,7 @@ def _check_archive(f: io.BufferedReader, size: int, path: Path) -> None:
         raise untrusted(path, f"{len(infos):,} zip members; charnn checkpoints have a few dozen")
     prefix = infos[0].filename.split("/", 1)[0] if infos else ""
     names, total, pickle_size, storage_bytes = set(), 0, None, 0
+    pickle_info: zipfile.ZipInfo | None = None
     for info in infos:
         name = info.filename
         head, _, rest = name.partition("/")
@@ -98,7 +101,7 @@ def _check_archive(f: io.BufferedReader, size: int, path: Path) -> None:
             raise untrusted(path, f"member {shown} claims more bytes than the file has")
         total += info.file_size
         if rest == "data.pkl":
-            pickle_size = info.file_size
+            pickle_size, pickle_info = info.file_size, info
         elif rest.startswith("data/") and rest[5:].isdigit():
             storage_bytes += info.file_size
         elif rest in _SMALL_RECORDS or rest.startswith(".data/"):
@@ -112,6 +115,14 @@ def _check_archive(f: io.BufferedReader, size: int, path: Path) -> None:
     if total > size:
         raise untrusted(path, f"its members declare {total:,} bytes but the file has {size:,}")
     if pickle_size > MAX_PICKLE_BYTES:
+        if _format_1_head(f, pickle_info):
+            raise CheckpointError(
+                f"{path} was written by charnn 0.2.3 or older (checkpoint format 1) for a vocabulary of more "
+                f"than about 30,000 characters. Format 1 keeps the vocabulary inside the object pickle, here "
+                f"{format_bytes(pickle_size)}, over the {format_bytes(MAX_PICKLE_BYTES)} charnn reads from any "
+                "file (the cap that keeps crafted files cheap to refuse), so no charnn can read it. The "
+                "run's text is not affected: train again on it (charnn train TEXT --out NEW_FOLDER); the "
+                "new checkpoints store the vocabulary as a tensor and load")
         raise untrusted(path, f"its object pickle is {format_bytes(pickle_size)}; charnn reads at most "
                                f"{format_bytes(MAX_PICKLE_BYTES)}")
     free = available_memory()
@@ -120,16 +131,54 @@ def _check_archive(f: io.BufferedReader, size: int, path: Path) -> None:
                               f"{format_bytes(free)} free memory to load them")
 
 
-def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _broken_link(path: Path) -> str:
+    """What is wrong with a symlink ``path`` that leads to no file."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return (f"checkpoint {path} is a symlink loop (its links lead back to themselves); "
+                    "give the checkpoint file itself")
+    return f"checkpoint {path} is a symlink to {os.readlink(path)}, which does not exist; check the link"
+
+
+# How charnn's payload dict starts in a pickle (protocol 2, as torch.save
+# writes): "format", its value, then "format_version" and a one-byte int.
+_FORMAT_1_HEAD = re.compile(rb"X\x06\x00\x00\x00format.{0,40}?X\x0e\x00\x00\x00format_versionq.K\x01", re.S)
+
+
+def _format_1_head(f: io.BufferedReader, info: zipfile.ZipInfo | None) -> bool:
+    """Whether an object pickle too large to read starts like a charnn format-1
+    checkpoint's: its first bytes only, to choose the error message (the file
+    is refused either way)."""
+    if info is None:
+        return False
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f).open(info) as member:
+            head = member.read(256)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return False
+    return _FORMAT_1_HEAD.search(head) is not None
+
+
+def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 prefer: str = "best.pt") -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True`` after the zip-level checks,
-    every failure a CheckpointError. The object graph is checked by :func:`validate`."""
+    every failure a CheckpointError. The object graph is checked by :func:`validate`.
+    ``prefer``: the file of a run folder to suggest when ``path`` is the folder
+    (``last.pt`` to resume, ``best.pt`` to sample or evaluate)."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(_broken_link(path))
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         hint = ""
-        if (path / "best.pt").exists():
-            hint = f"; did you mean {path / 'best.pt'}?"
+        for name in dict.fromkeys((prefer, "best.pt", "last.pt")):
+            if (path / name).exists():
+                hint = f"; did you mean {path / name}?"
+                break
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer. The checks and

@@ -38,7 +38,25 @@ class ProbeSetup:
     make_optimizer: Callable[[torch.nn.Module], Any]
 
 
-def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> float:
+# Before a shape's full timing (a warmup step and three timed ones), one step
+# with no warmup on this fraction of the batch's rows, scaled to the whole
+# batch: an over-estimate (allocation and the optimizer's fixed cost count),
+# cheap enough that a 100,000-character head cannot spend the budget on the
+# probe itself.
+GLANCE_ROWS = 8
+FULL_PROBE_STEPS = 4  # what sizing.time_training_steps runs by default
+
+
+def glance_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> float:
+    """A quick upper estimate of the seconds per full-batch step of ``shape``."""
+    rows = probe.x.shape[0]
+    r = max(1, rows // GLANCE_ROWS)
+    small = ProbeSetup(probe.x[:r], probe.y[:r], probe.device, probe.precision, probe.make_optimizer)
+    return probe_step_time(shape, cell, dropout, vocab_size, small, steps=1, warmup=0) * rows / r
+
+
+def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
+                    **timing: int) -> float:
     """Seconds per training step of a throwaway model of ``shape``. ``dropout``:
     the one given, else 0, the rule's choice wherever the shape is in doubt
     (under 3 epochs); a step with dropout 0.1 takes 3-13% longer (measured on
@@ -48,7 +66,7 @@ def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: 
                      num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=dropout)
     check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
     return sizing.time_training_steps(CharRNN(mc), probe.make_optimizer, probe.x, probe.y, probe.device,
-                                      probe.precision)
+                                      probe.precision, **timing)
 
 
 def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: int | None, train_chars: int,
@@ -61,18 +79,23 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
     timings: dict[sizing.Shape, float] = {}
     started = time.perf_counter()
 
+    share = sizing.PROBE_SHARE * cfg.time_limit
+    dropout = given["dropout"] or 0.0
+
     def step_time(shape: sizing.Shape) -> float:
         if shape in timings:
             return timings[shape]
-        if time.perf_counter() - started > sizing.PROBE_SHARE * cfg.time_limit:
-            # Timing more would eat the budget: estimate from the largest shape timed.
-            estimate = sizing.scaled_step_time(shape, timings, vocab_size, cell)
-            if estimate is not None:
-                timings[shape] = estimate
-                return estimate
         status(f"timing a {shape.name} model on this device (--size auto)")
         try:
-            timings[shape] = probe_step_time(shape, cell, given["dropout"] or 0.0, vocab_size, probe)
+            # The full timing runs only where its predicted cost fits what is
+            # left of the probe's share; otherwise the estimate stands.
+            estimate = sizing.scaled_step_time(shape, timings, vocab_size, cell)
+            if estimate is None:
+                estimate = glance_step_time(shape, cell, dropout, vocab_size, probe)
+            if time.perf_counter() - started + FULL_PROBE_STEPS * estimate > share:
+                timings[shape] = estimate
+            else:
+                timings[shape] = probe_step_time(shape, cell, dropout, vocab_size, probe)
         except ConfigError:  # too big for this machine's memory: it buys no steps
             timings[shape] = math.inf
         return timings[shape]
@@ -81,6 +104,15 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
     choice = sizing.choose(train_chars=train_chars, vocab_size=vocab_size,
                            tokens_per_step=cfg.batch_size * cfg.seq_len, cell=cell, steps=planned_steps,
                            seconds=seconds, step_time=step_time if seconds else None, given=given)
+    if seconds and choice.steps == 0 and math.isfinite(timings.get(choice.shape, math.inf)):
+        step = timings[choice.shape]
+        tokens = cfg.batch_size * cfg.seq_len
+        raise ConfigError(
+            f"--time-limit {cfg.time_limit:g}s is too short to train: one training step of the smallest model "
+            f"({choice.shape.name}) on {vocab_size:,} distinct characters takes about {step:.1f}s here, "
+            f"with {cfg.batch_size} x {cfg.seq_len} = {tokens:,} characters per step. Give at least "
+            f"--time-limit {math.ceil(10 * step / sizing.TRAINING_SHARE + cfg.time_limit)}s, or make each step "
+            f"smaller with --batch-size or --seq-len")
     if dist_info.enabled:
         shared = [choice]
         dist.broadcast_object_list(shared, src=0)

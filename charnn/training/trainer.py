@@ -104,7 +104,7 @@ class Trainer:
                                            if k in ModelConfig.__dataclass_fields__}}).validate()
 
         # -- options: a new run's, or the resumed run's with the given ones on top
-        resumed = ckpt_mod.load(resume) if resume else None
+        resumed = ckpt_mod.load(resume, prefer="last.pt") if resume else None
         self.cfg, self.changed = run_options(cfg, resumed, overrides)
         cfg = self.cfg
         if resumed is not None:

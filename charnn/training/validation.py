@@ -26,6 +26,7 @@ from .runtime import DistInfo
 from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
+GLANCE_CHARS = 512  # under --time-limit, timed first: the full calibration only runs if it fits the probe's share
 SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
 # A suggested --time-limit must still train when the machine is busier on the
 # next try: choosing the size took 3.9 s under the test suite's load, 2 s quiet.
@@ -100,9 +101,18 @@ class Validation:
         auto = self.run_plan.eval_chars is None
         if self.dist.is_main and len(self.val_ids) >= 2 and (cfg.time_limit or auto):
             n = min(len(self.val_ids), CALIBRATION_CHARS)
-            t0 = time.perf_counter()
-            self._run(model, self.val_ids[:n])
-            spc = (time.perf_counter() - t0) / n
+            if cfg.time_limit and n > GLANCE_CHARS:
+                # A short slice first: on a large vocabulary the full slice
+                # alone could take longer than the budget.
+                t0 = time.perf_counter()
+                self._run(model, self.val_ids[:GLANCE_CHARS])
+                spc = (time.perf_counter() - t0) / GLANCE_CHARS
+                if spc * n > sizing.PROBE_SHARE * cfg.time_limit:
+                    n = 0
+            if n:
+                t0 = time.perf_counter()
+                self._run(model, self.val_ids[:n])
+                spc = (time.perf_counter() - t0) / n
         [spc] = self._shared(spc)
         if auto:
             self.run_plan.eval_chars = auto_eval_chars(len(self.val_ids), cfg.time_limit, spc)
