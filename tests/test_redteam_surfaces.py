@@ -80,7 +80,8 @@ def test_written_file_names_reach_the_terminal_escaped(trained, tmp_path):
 
 @pytest.mark.system
 def test_sigterm_while_a_page_is_written_leaves_the_old_page_and_no_temp_file(tmp_path):
-    """The process gets a real SIGTERM halfway through writing the new page's bytes."""
+    """The process gets a real SIGTERM after the new page's bytes are in the
+    temporary file and before it replaces the old page."""
     page = tmp_path / "page.html"
     page.write_text("<!doctype html><p>the old page</p>", encoding="utf-8")
     script = textwrap.dedent(f"""
@@ -88,12 +89,11 @@ def test_sigterm_while_a_page_is_written_leaves_the_old_page_and_no_temp_file(tm
         sys.path.insert(0, {str(REPO)!r})
         import charnn.safe_files as sf
         from charnn.storage.outputs import write_output
-        real = sf.write_all
-        def half_then_term(fd, data):
-            real(fd, data[: len(data) // 2])
+        real = os.fsync
+        def term_before_rename(fd):  # the temp file is written, not yet in place
             os.kill(os.getpid(), signal.SIGTERM)
-            real(fd, data[len(data) // 2:])
-        sf.write_all = half_then_term
+            real(fd)
+        sf.os.fsync = term_before_rename
         write_output({str(page)!r}, "<!doctype html>" + "x" * 1_000_000)
         print("not stopped")
     """)
