@@ -151,7 +151,7 @@ def surprisal_section(name: str, chars: Sequence[str], loss: Sequence[float], pr
         return ""
     parts = [f'<span class="ctx" title="context only: the first character is not predicted">'
              f"{html.escape(chars[0])}</span>"]
-    parts += [_char_span(ch, float(l), float(p), list(t)) for ch, l, p, t in zip(chars[1:], loss, prob, top)]
+    parts += [_char_span(ch, float(nats), float(p), list(t)) for ch, nats, p, t in zip(chars[1:], loss, prob, top)]
     head = f"<h2>{html.escape(name)}</h2>" + (f"<p>{html.escape(note)}</p>" if note else "")
     return head + '<div class="text">' + "".join(parts) + "</div>"
 

@@ -398,16 +398,16 @@ def run_command(body: Callable[[], Any]) -> Any:
 
         if isinstance(e, TrainingInterrupted):
             say(interrupted_message(str(e)))
-            raise typer.Exit(e.exit_code)  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM
+            raise typer.Exit(e.exit_code) from None  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM
         say(f"Error: {e}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         say("Interrupted.")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except StdoutError as e:
-        raise typer.Exit(_stdout_failure(e))
+        raise typer.Exit(_stdout_failure(e)) from None
     except BrokenPipeError as e:
-        raise typer.Exit(_stdout_failure(StdoutError(e)))
+        raise typer.Exit(_stdout_failure(StdoutError(e))) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as e:  # a bug: say so plainly; CHARNN_DEBUG=1 shows the traceback
@@ -415,7 +415,7 @@ def run_command(body: Callable[[], Any]) -> Any:
             raise
         say(f"Error: unexpected {type(e).__name__}: {e}. This is a bug in charnn; "
             "rerun with CHARNN_DEBUG=1 for the traceback and report it.")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def say(text: str) -> None:

@@ -286,7 +286,7 @@ def _prune_cache(folder: Path, keep: Path) -> None:
             entries.append((newest, st.st_mtime_ns, st.st_size, Path(entry.path)))
     entries.sort(key=lambda e: (e[0], e[1]), reverse=True)  # kept entry, then newest first
     count = total = 0
-    for i, (newest, _, size, path) in enumerate(entries):
+    for i, (newest, _, size, _path) in enumerate(entries):
         if not newest and (count + 1 > CACHE_MAX_ENTRIES or total + size > CACHE_MAX_BYTES):
             for _, _, _, old in entries[i:]:
                 _unlink_quietly(old)

@@ -313,7 +313,7 @@ class _CorpusReader:
             self.status.say(f"reading {len(found):,} files ({count_text(total)}B)")
         read = 0
         for i, (_, f, _) in enumerate(found):
-            self.status.tick(lambda: f"reading files: {i:,} of {len(found):,}")
+            self.status.tick(lambda i=i: f"reading files: {i:,} of {len(found):,}")
             text = self.folder_file(f)
             if text is not None:
                 self.add(str(f), text)
