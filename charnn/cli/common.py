@@ -81,15 +81,6 @@ class Order(str, Enum):
     in_order = "in-order"
 
 
-class Device(str, Enum):
-    """The plain device names; ``--device`` also takes ``cuda:N``, so no command uses this enum."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
