@@ -50,6 +50,8 @@ MAX_PRIME_FILE_BYTES = 4 << 20  # a prime file of at most 4 MiB ...
 MAX_PRIME_CHARS = 1 << 20  # ... and a prime of at most 1,048,576 characters (the model remembers a few hundred)
 MAX_SAMPLE_MEMORY = 2 << 30  # generate_samples: 2 GiB for all samples' texts and working tensors
 MAX_SEED = (1 << 64) - 1  # torch generators take 64-bit seeds
+# Logits are divided by the temperature in float32; a larger one does not convert.
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 SAMPLING_NONFINITE = ("the model produced non-finite values (inf or NaN) while sampling; the checkpoint's "
                      "weights are out of range -- use an earlier checkpoint")
 
@@ -79,6 +81,9 @@ def validate_options(temperature: float, top_k: int, top_p: float, length: int,
                      num_samples: int = 1, precision: str = "fp32") -> None:
     if not (temperature >= 0 and temperature != float("inf")):
         raise ConfigError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
+    if temperature > MAX_TEMPERATURE:
+        raise ConfigError(f"temperature must be at most {MAX_TEMPERATURE:.4g} (float32's largest number), "
+                          f"got {temperature:g}")
     if top_k < 0:
         raise ConfigError(f"top-k must be 0 (off) or positive, got {top_k}")
     if not 0 < top_p <= 1:

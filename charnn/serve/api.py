@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import CharnnError, VocabError, describe_char
 from ..analysis.evaluate import evaluate_ids, surprisal
-from ..generation.sample import MAX_SEED, check_prime, random_seed, validate_options
+from ..generation.sample import MAX_SEED, MAX_TEMPERATURE, check_prime, random_seed, validate_options
 
 INSTALL_HINT = "pip install 'charnn[serve]'"
 MAX_TOP = 10  # alternatives per character a request may ask for
@@ -280,6 +280,9 @@ def parse_generate(body: Any, models: dict[str, ServedModel], limits: Limits) ->
     temperature = _float(body, "temperature", DEFAULTS["temperature"])
     if temperature < 0:
         raise ApiError(400, f"temperature must be 0 (greedy) or a positive number, got {temperature}", "temperature")
+    if temperature > MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must be at most {MAX_TEMPERATURE:.4g} (float32's largest number), "
+                            f"got {temperature:g}", "temperature")
     top_k = _int(body, "top_k", 0, None, 0, " (0 = off)")
     top_p = _float(body, "top_p", 1.0)
     if not 0 < top_p <= 1:

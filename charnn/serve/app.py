@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -183,8 +184,12 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
 
     async def _events(spec: GenerateSpec, group: Any, channel: Channel):
         try:
+            # sending_since marks each send: the generator resumes once uvicorn's write buffer has room again,
+            # so a send that stays open is a client that does not read (see Channel).
+            channel.sending_since = time.monotonic()
             yield _sse("start", {"model": spec.model, "seed": spec.seed, "seeds": group.seeds, "prime": spec.prime,
                                  "num_samples": spec.num_samples, "dropped": spec.dropped})
+            channel.sending_since = None
             while True:
                 texts: dict[int, list[str]] = {}
                 infos: dict[int, list[Any]] = {}
@@ -196,18 +201,23 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
                             infos.setdefault(b, []).extend(info)
                     else:
                         end = (kind, payload)
+                events = []
                 for b, parts in texts.items():  # one event per sample
                     data: dict[str, Any] = {"sample": b, "text": "".join(parts)}
                     if spec.top:
                         data["probs"] = [p for p, _ in infos[b]]
                         data["top"] = [t for _, t in infos[b]]
-                    yield _sse("text", data)
+                    events.append(_sse("text", data))
                 if end is not None:
                     kind, payload = end
                     if kind == "done":
-                        yield _sse("done", {"model": spec.model, "seed": spec.seed, "samples": payload})
+                        events.append(_sse("done", {"model": spec.model, "seed": spec.seed, "samples": payload}))
                     else:
-                        yield _sse("error", {"error": {"message": payload[1], "status": payload[0]}})
+                        events.append(_sse("error", {"error": {"message": payload[1], "status": payload[0]}}))
+                channel.sending_since = time.monotonic()
+                yield b"".join(events)
+                channel.sending_since = None
+                if end is not None:
                     return
                 # Let characters gather: an event per sample every FLUSH_INTERVAL, not one per step.
                 await asyncio.sleep(FLUSH_INTERVAL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -18,6 +19,10 @@ from .primes import PRIME_CACHE, PrimeCache, PrimeQueue
 
 OVERFLOW = ("this stream was dropped: its client stopped reading while the text piled up on the server; "
             "read the stream as it arrives")
+# Seconds a send to the client must have been waiting before a full buffer
+# counts as a client that stopped reading. A small fast model makes more text
+# between two sends than the buffer holds, for a client that reads all of it.
+STALLED_SEND = 0.5
 
 __all__ = ["PRIME_CACHE", "Channel", "Engine", "Group", "PrimeCache", "stop_table"]
 
@@ -30,8 +35,10 @@ class Channel:
     ``keep``: the kinds worth keeping (a JSON reply needs only ``done`` or
     ``error``). ``limit``: how much text may wait for a client that does not
     read, in units of about 100 bytes: one per item and per piece, and
-    ``weight`` per character (1 plus the alternatives sent with it). Past it
-    the channel ends the stream with an ``error`` item, drops what comes
+    ``weight`` per character (1 plus the alternatives sent with it). Past it,
+    once the coroutine's send to the client has waited ``STALLED_SEND``
+    seconds (``sending_since``, set by the coroutine), the channel ends the
+    stream with an ``error`` item, drops the text waiting and what comes
     after, and calls ``on_overflow`` on the event loop, so the request can be
     cancelled and its place in the batch freed."""
 
@@ -44,6 +51,7 @@ class Channel:
         self.weight = weight
         self.on_overflow: Any = None
         self.overflowed = False
+        self.sending_since: float | None = None  # when the coroutine began its current send to the client
         self._pending = 0  # text units waiting for get_all
         self._items: deque = deque()
         self._lock = threading.Lock()
@@ -58,8 +66,10 @@ class Channel:
                 if self.overflowed:
                     return
                 self._pending += 1 + sum(1 + self.weight * len(text) for text, _ in item[1].values())
-                if self._pending > self.limit:
+                since = self.sending_since
+                if self._pending > self.limit and since is not None and time.monotonic() - since > STALLED_SEND:
                     self.overflowed = overflow = True
+                    self._items = deque(i for i in self._items if i[0] != "text")
                     item = ("error", (408, OVERFLOW))
             self._items.append(item)
             waiter = None

@@ -1,0 +1,70 @@
+"""charnn serve against hostile and careless clients: a real server process,
+raw sockets. Each test here is an attack that once broke the server (a 500, a
+stream dropped with a message that blamed the client, ...)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from serve_helpers import http_request, raw_request, serve  # noqa: E402
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    s = serve(tmp_path_factory.mktemp("log"), trained.best)
+    yield s
+    assert s.stop() == 0
+    assert "Traceback" not in s.stderr()
+
+
+def post(s, path: str, body: dict) -> tuple[int, bytes]:
+    data = json.dumps(body).encode()
+    reply = raw_request(s.host, s.port, http_request("POST", path, f"localhost:{s.port}", data,
+                                                     {"Content-Type": "application/json", "Connection": "close"}),
+                        timeout=60)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), payload
+
+
+def read_stream(s, body: dict) -> bytes:
+    """A client that reads a streamed reply as fast as the network lets it."""
+    data = json.dumps(body).encode()
+    with socket.create_connection((s.host, s.port), timeout=60) as sock:
+        sock.sendall(http_request("POST", "/v1/generate", f"localhost:{s.port}", data,
+                                  {"Content-Type": "application/json", "Connection": "close"}))
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_client_that_reads_at_full_speed_gets_the_whole_stream(server):
+    """The largest legal stream (n, num_samples and top at their limits) from a
+    small fast model, read as fast as it comes: every character arrives and the
+    stream ends with `done`. A tiny model makes text faster than the server
+    sends it between two flushes, and the stream was dropped as if its client
+    had stopped reading (408, "its client stopped reading")."""
+    body = {"prime": "The ", "n": 2000, "num_samples": 8, "top": 10, "stream": True, "seed": 5}
+    for _ in range(2):
+        reply = read_stream(server, body)
+        assert b"event: error" not in reply, reply[-400:]
+        done = reply.split(b"event: done\ndata: ", 1)[1].split(b"\n", 1)[0]
+        assert [len(x["text"]) for x in json.loads(done)["samples"]] == [2004] * 8
+
+
+@pytest.mark.parametrize("temperature", [1e308, 3.5e38])
+def test_a_temperature_above_what_float32_holds_is_a_400(server, temperature):
+    """A finite temperature too large for the model's float32 numbers was a 500
+    ("this is a bug in charnn")."""
+    status, payload = post(server, "/v1/generate", {"n": 5, "seed": 1, "temperature": temperature})
+    assert status == 400, payload
+    err = json.loads(payload)["error"]
+    assert err["field"] == "temperature" and "at most" in err["message"]
