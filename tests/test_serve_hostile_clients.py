@@ -5,7 +5,10 @@ stream dropped with a message that blamed the client, ...)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 
 import pytest
 
@@ -68,3 +71,36 @@ def test_a_temperature_above_what_float32_holds_is_a_400(server, temperature):
     assert status == 400, payload
     err = json.loads(payload)["error"]
     assert err["field"] == "temperature" and "at most" in err["message"]
+
+
+def test_a_server_stopped_and_continued_keeps_its_batch_process(trained, tmp_path):
+    """Ctrl-Z then `fg` (SIGSTOP, SIGCONT) on the server while a stream runs,
+    for longer than --batch-timeout. The batch process ran on meanwhile; the
+    silence was the server's own. Its watchdog killed the healthy process: the
+    stream ended with "it answered nothing ... so the server stopped it" and
+    every later request got 503 until a restart."""
+    s = serve(tmp_path, trained.best, "--batch-timeout", "2", "--max-n", "100000000")
+    try:
+        data = json.dumps({"prime": "The ", "n": 100_000_000, "stream": True, "seed": 1}).encode()
+        sock = socket.create_connection((s.host, s.port), timeout=30)
+        sock.sendall(http_request("POST", "/v1/generate", f"localhost:{s.port}", data,
+                                  {"Content-Type": "application/json"}))
+        first = b""
+        while b"event: text" not in first:
+            first += sock.recv(1 << 16)
+        seen = b""
+        for _ in range(3):  # after SIGCONT the watchdog may look before the results already sent are read
+            os.kill(s.proc.pid, signal.SIGSTOP)
+            time.sleep(3.5)
+            os.kill(s.proc.pid, signal.SIGCONT)
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:  # the stream goes on
+                seen = (seen + sock.recv(1 << 16))[-4096:]
+                assert b"event: error" not in seen, seen
+        sock.close()
+        status, payload = post(s, "/v1/generate", {"prime": "The ", "n": 5, "seed": 1})
+        assert status == 200, payload
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+        assert s.stop() == 0
+    assert "Traceback" not in s.stderr()

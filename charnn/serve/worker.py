@@ -293,10 +293,18 @@ class ProcessEngine:
 
     def _watch(self) -> None:
         """Ping a child that has work; kill one that stays silent for ``batch_timeout`` seconds."""
+        last = time.monotonic()
         while self._dead is None and not self._closing:
             time.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            slept, last = now - last, now
             if not self._ready.is_set() or not self._groups:
-                self._heard = time.monotonic()  # idle: silence is expected
+                self._heard = now  # idle: silence is expected
+                continue
+            if slept > WATCH_INTERVAL + 1:
+                # This process was stopped (Ctrl-Z, SIGSTOP) or starved, not the child: what the
+                # child sent meanwhile is still in the pipe. Count its silence from now.
+                self._heard = now
                 continue
             silent = time.monotonic() - self._heard
             if silent > self.limits.batch_timeout:
