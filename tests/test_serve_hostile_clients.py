@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import http_request, raw_request, serve  # noqa: E402
+from serve_helpers import http_request, parse_reply, raw_request, serve  # noqa: E402
 
 pytestmark = pytest.mark.system
 
@@ -104,3 +104,46 @@ def test_a_server_stopped_and_continued_keeps_its_batch_process(trained, tmp_pat
         os.kill(s.proc.pid, signal.SIGCONT)
         assert s.stop() == 0
     assert "Traceback" not in s.stderr()
+
+
+GARBAGE_AFTER_HEADERS = [
+    # a chunked body that turns invalid after the reply was sent
+    (b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n", b"zz\r\nxx\r\n"),
+    (b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"zz\r\nxx\r\n"),
+    # bytes that are no request at all, sent while a stream is being written
+    (b"POST /v1/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
+     b'{"n":2000,"stream":true,"seed":1}', b"\x00\x01garbage\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("first,later", GARBAGE_AFTER_HEADERS, ids=["models-chunked", "415-chunked", "stream"])
+def test_a_malformed_request_after_a_reply_began_closes_the_connection_without_a_traceback(trained, tmp_path,
+                                                                                          first, later):
+    """uvicorn answers bytes h11 cannot parse with a 400; when a reply has
+    begun (or was sent) there is no room for one: it printed an h11
+    LocalProtocolError traceback, or wrote "Invalid HTTP request received."
+    into the middle of a stream's body."""
+    s = serve(tmp_path, trained.best)
+    try:
+        with socket.create_connection((s.host, s.port), timeout=15) as sock:
+            sock.sendall(first)
+            time.sleep(0.5)
+            sock.sendall(later)
+            reply = b""
+            while chunk := sock.recv(1 << 20):
+                reply += chunk
+        assert reply.count(b"HTTP/1.1 ") == 1 and b"Invalid HTTP request" not in reply, reply[-300:]
+        status, payload = post(s, "/v1/generate", {"n": 5, "seed": 1})
+        assert status == 200, payload
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.stderr(), s.stderr()[-2000:]
+
+
+def test_a_request_h11_cannot_parse_gets_a_json_400(server):
+    raw = raw_request(server.host, server.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
+                                                b"Host: localhost\r\n\r\n")
+    status, headers, body = parse_reply(raw)
+    assert status == 400 and headers["content-type"] == "application/json", raw
+    assert json.loads(body)["error"]["status"] == 400

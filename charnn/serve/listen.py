@@ -58,6 +58,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 REFUSED = "too many open connections to this server; retry in a second"
+MALFORMED = "the request is not valid HTTP/1.1; check its request line, headers and body framing"
 SLOW = "the request's headers did not arrive in time; send the whole request at once"
 CUT_FLUSH = 1.0  # seconds cut streams get to send their error event before their connections are closed
 RESERVED_FILES = 64  # file descriptors kept free for the server's own use (pipes, the page, torch)
@@ -138,6 +139,16 @@ def protocol_class(max_connections: int, client_timeout: float) -> type:
             super().handle_events()
             if self.cycle is not before:  # a request's headers arrived
                 self._headers_timer = self._stop(self._headers_timer)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own 400 goes through h11, which refuses it once a reply
+            # has begun or been sent (a traceback), and is plain text.
+            import h11
+
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not (
+                    self.cycle is not None and self.cycle.response_started):
+                self.transport.write(_raw_reply(400, "Bad Request", MALFORMED))
+            self.transport.close()  # a reply under way cannot be finished on a connection out of step
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
