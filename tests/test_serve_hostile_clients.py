@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import http_request, parse_reply, raw_request, serve  # noqa: E402
+from serve_helpers import REPO, http_request, parse_reply, raw_request, serve  # noqa: E402
 
 pytestmark = pytest.mark.system
 
@@ -147,3 +149,27 @@ def test_a_request_h11_cannot_parse_gets_a_json_400(server):
     status, headers, body = parse_reply(raw)
     assert status == 400 and headers["content-type"] == "application/json", raw
     assert json.loads(body)["error"]["status"] == 400
+
+
+def test_allow_host_with_a_port_allows_that_host(trained, tmp_path):
+    """`--allow-host proxy.example:8080` -- the Host a proxy passes on -- was
+    taken and never matched: every request got 421 telling the user to start
+    the server with --allow-host proxy.example."""
+    s = serve(tmp_path, trained.best, "--allow-host", "Proxy.Example:8080")
+    try:
+        for host in ("proxy.example:8080", "proxy.example"):
+            status, _, _ = parse_reply(raw_request(s.host, s.port, http_request("GET", "/v1/models", host)))
+            assert status == 200, host
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("value", ["*", "", "a b"])
+def test_allow_host_that_is_no_host_name_is_refused_at_start(trained, tmp_path, value):
+    """`--allow-host '*'` started a server that answered no such name."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "charnn", "serve", str(trained.best), "--port", "0",
+                           "--allow-host", value], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "--allow-host" in proc.stderr and "not a host name" in proc.stderr
+    assert "Traceback" not in proc.stderr

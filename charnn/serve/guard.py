@@ -50,8 +50,19 @@ class HostRules:
         self.names = {n.lower().rstrip(".") for n in LOOPBACK_NAMES}
         if self.bound and not self.any_ip:
             self.names.add(self.bound)
-        self.allow = [a.strip().lower().rstrip(".") for a in allow]
-        self.names.update(a.strip("[]") for a in self.allow)
+        self.allow = [self._allowed_name(a) for a in allow]
+        self.names.update(self.allow)
+
+    @staticmethod
+    def _allowed_name(value: str) -> str:
+        """The host name of an ``--allow-host`` value; a port is dropped, as Host headers' ports are not checked."""
+        from .api import ServeError
+
+        parts = split_host(value.strip())
+        if parts is None or not parts[0] or "*" in parts[0]:
+            raise ServeError(f"--allow-host {json.dumps(value)} is not a host name; give a name such as "
+                             "charnn.example.org (with an optional :port), once per name (there is no wildcard)")
+        return parts[0]
 
     def allows(self, name: str) -> bool:
         if name in self.names or name.endswith(".localhost"):
