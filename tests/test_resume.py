@@ -284,13 +284,23 @@ def test_the_reading_order_is_kept_on_resume(corpus, tmp_path, monkeypatch):
                                                      weights(tmp_path / "straight" / "last.pt").values()))
 
 
-@pytest.mark.parametrize("budget,shuffled", [(["--max-steps", "30"], True), (["--max-steps", "90"], False),
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory):
+    """A text of ~22 steps an epoch at RUN's shape, so budgets on both sides
+    of one epoch train in seconds."""
+    path = tmp_path_factory.mktemp("resume-short") / "corpus.txt"
+    path.write_text(make_text(3500, seed=3), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("budget,shuffled", [(["--max-steps", "9"], True), (["--max-steps", "27"], False),
                                              (["--epochs", "0.5"], True), (["--epochs", "1"], False)])
-def test_the_order_is_chosen_from_the_budget_and_kept(corpus, tmp_path, monkeypatch, budget, shuffled):
+def test_the_order_is_chosen_from_the_budget_and_kept(short_corpus, tmp_path, monkeypatch, budget, shuffled):
     """With no --order, a run whose budget reads its text at least once reads
-    it in order, a shorter one shuffled (this corpus: ~75 steps an epoch);
+    it in order, a shorter one shuffled (this corpus: ~22 steps an epoch);
     it says which and why, records it, and its printed resume command keeps
     it, bit for bit, even with a budget on resume that would choose the other."""
+    corpus = short_corpus
     args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", *budget]
     straight = invoke(*args, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
@@ -305,7 +315,7 @@ def test_the_order_is_chosen_from_the_budget_and_kept(corpus, tmp_path, monkeypa
     resumed = invoke(*printed_resume(stopped.stderr))
     assert resumed.exit_code == 0, resumed.output
     assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
-    longer = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--max-steps", "200")
+    longer = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--max-steps", "60")
     assert longer.exit_code == 0, longer.output
     assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_config["shuffle"] is shuffled
 
