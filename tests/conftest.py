@@ -203,3 +203,33 @@ def assert_clean_error(result, *fragments: str, code: int = 1):
         assert "Error" not in result.stdout
         for fragment in fragments:
             assert fragment in result.stderr, (fragment, result.stderr)
+
+
+# -- A short repeated text and a two-layer model for library-level training tests
+# (resume, fine-tuning, schedules): a few steps train in well under a second.
+
+TALE_TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, "
+    "it was the age of foolishness, it was the epoch of belief, it was the epoch of "
+    "incredulity, it was the season of Light, it was the season of Darkness.\n"
+) * 12
+TALE_MODEL = {"hidden_size": 16, "num_layers": 2, "dropout": 0.2, "embedding_dim": 8}
+
+
+@pytest.fixture
+def tale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """TALE_TEXT in a file, with a private CHARNN_DATA_DIR."""
+    monkeypatch.setenv("CHARNN_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TALE_TEXT, encoding="utf-8")
+    return path
+
+
+def tale_config(corpus: Path, out: Path, **kw: Any):
+    """A TrainConfig for a tiny CPU fp32 run on ``corpus``; ``kw`` overrides."""
+    from charnn.training.config import TrainConfig
+
+    base = dict(corpus=[str(corpus)], out=str(out), batch_size=4, seq_len=16, precision="fp32",
+                device="cpu", sample_every=0, warmup_steps=3, eval_every=5, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)

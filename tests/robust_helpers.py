@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,10 @@ def popen(args: list[str], data_dir: Path, cwd: Path, **kw: Any) -> subprocess.P
                             stdout=kw.pop("stdout", subprocess.PIPE),
                             stderr=kw.pop("stderr", subprocess.PIPE), preexec_fn=kw.pop("preexec_fn", _interruptible),
                             **kw)
+
+
+def python_script(script: str, *args: str, **kw) -> subprocess.Popen:
+    """Run a Python script in a child process of this checkout (unbuffered, one thread)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
