@@ -5,6 +5,7 @@ Tiny models only (hidden 16, one layer), text in temporary folders, CPU, fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,29 @@ def python_script(script: str, *args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Whatever the block does or raises, the process does not outlive it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_progress(out: Path, proc: subprocess.Popen, since: int, timeout: float = 40.0) -> None:
+    """Until the run has logged past ``since`` bytes of metrics (it is training)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{err.decode()}")
+        if metrics.exists() and metrics.stat().st_size > since and (out / "last.pt").exists():
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("training made no progress in time")

@@ -1,5 +1,5 @@
-"""A red-team pass over inspect, eval, info and their output files (issue 25):
-each test creates the fault for real (a page that is the training corpus, a
+"""The files inspect, eval and info write, under faults: each test creates
+the fault for real (a page that is the training corpus, a
 page inside a folder being scored, an escape sequence in a file name, SIGTERM
 while a page is written, a full disk, a crafted vocabulary) and runs the
 command a user types."""

@@ -23,8 +23,7 @@ from charnn.errors import CharnnError, RunFolderError
 from charnn.storage import checkpoint
 from charnn.storage.runfolder import LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, choose_out_dir, folder_holds_run
 from fs_faults import tmpfs
-from robust_helpers import TINY_TRAIN, popen, python_script, write_corpus
-from test_crash_safety import _wait_for_progress, reaped
+from robust_helpers import TINY_TRAIN, popen, python_script, reaped, wait_for_progress, write_corpus
 
 from conftest import invoke
 
@@ -107,7 +106,7 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
                   "--eval-every", "5", "--log-every", "1"], tmp_path / "data", tmp_path,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with reaped(proc):
-        _wait_for_progress(out, proc, 0)
+        wait_for_progress(out, proc, 0)
         # The command charnn would print, while the first process still writes:
         second = invoke("train", "--resume", out / "last.pt", "--max-steps", "3")
         assert second.exit_code == 1, second.output

@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from serve_helpers import http_request, json_error, parse_reply, raw_request, serve, wait_until  # noqa: E402
-from test_serve_api import Chromium, batch_processes  # noqa: E402
+from serve_helpers import Chromium, batch_processes  # noqa: E402
 
 pytestmark = pytest.mark.system
 
