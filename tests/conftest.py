@@ -19,6 +19,31 @@ import torch
 # Tiny models gain nothing from a second thread, and with other processes on a
 # 2-core machine OpenMP's spinning threads make them many times slower.
 torch.set_num_threads(1)
+# The user's way of saying so, for every command run in this process and every
+# child that inherits the environment: without it each command measures the
+# idle cores for 0.25 s first (charnn.model.devices.default_threads). The tests
+# of that measurement set or remove the variable themselves.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _one_click_command_per_app() -> None:
+    """Typer's CliRunner rebuilds the click command tree from the app on every
+    invoke (about 70 ms for charnn's); the tree depends only on the app, which
+    does not change during the run, so build it once per app."""
+    import typer.testing
+
+    built: dict[int, tuple[Any, Any]] = {}
+    build = typer.testing._get_command
+
+    def get_command(app: Any) -> Any:
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))
+        return built[id(app)][1]
+
+    typer.testing._get_command = get_command
+
+
+_one_click_command_per_app()
 
 # A small deterministic English-like corpus: varied enough to have ~40
 # characters, regular enough that a tiny model learns something in 40 steps.

@@ -95,7 +95,7 @@ def test_help_has_one_default_style_and_named_values(helps):
 
 
 def test_train_help_states_the_automatic_values_the_code_uses(helps):
-    from charnn import schedule
+    from charnn.training import schedule
 
     text = " ".join(helps["train"].split())
     assert (f"[default: {schedule.AUTO_WARMUP_STEPS} steps or {schedule.AUTO_WARMUP_SHARE:.0%} of the budget, "

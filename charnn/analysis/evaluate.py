@@ -127,7 +127,7 @@ def load_eval_texts(tokenizer, checkpoint, files: list[str], encoding: str = "ut
 
 def _head_of(path: str, tokenizer, encoding: str, unknown: str, max_chars: int) -> EvalText:
     """The first ``max_chars`` usable characters of a file, read no further."""
-    from .errors import VocabError
+    from ..errors import VocabError
     from ..text.head import iter_text
 
     pieces, have, skipped = [], 0, 0
