@@ -206,3 +206,17 @@ def wait_for_progress(out: Path, proc: subprocess.Popen, since: int, timeout: fl
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("training made no progress in time")
+
+
+def checkpoint_payload(hidden: int = 16) -> dict:
+    """A real checkpoint payload: ~13 KB at hidden 16, ~300 KB at hidden 128."""
+    from charnn.model.config import ModelConfig
+    from charnn.model.rnn import CharRNN
+    from charnn.storage.checkpoint import build_payload
+    from charnn.text.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text("hello world, the quick brown fox")
+    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=hidden,
+                                num_layers=1, dropout=0.0))
+    return build_payload(model, tok, train_state={"step": hidden})

@@ -15,38 +15,25 @@ import pytest
 import torch
 
 import charnn.storage.checkpoint as ckpt_mod
-from charnn.storage.checkpoint import build_payload
-from charnn.model.config import ModelConfig
 from charnn.errors import CheckpointError, RunFolderError
-from charnn.model.rnn import CharRNN
 from charnn.storage.runfolder import (LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, json_line, serialize,
                                      step_file_name, write_atomic)
-from charnn.text.tokenizer import CharTokenizer
 from fs_faults import fill, remount_read_only, tmpfs
-from robust_helpers import python_script, snapshot
+from robust_helpers import checkpoint_payload, python_script, snapshot
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
 
 
-def _payload(hidden: int = 16) -> dict:
-    """A real checkpoint payload: ~13 KB at hidden 16, ~300 KB at hidden 128."""
-    torch.manual_seed(0)
-    tok = CharTokenizer.from_text("hello world, the quick brown fox")
-    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=hidden,
-                                num_layers=1, dropout=0.0))
-    return build_payload(model, tok, train_state={"step": hidden})
-
-
 @pytest.fixture(scope="module")
 def small():
-    return _payload(16)
+    return checkpoint_payload(16)
 
 
 @pytest.fixture(scope="module")
 def big():
-    return _payload(128)
+    return checkpoint_payload(128)
 
 
 def _temps(folder: Path) -> list[str]:

@@ -23,11 +23,16 @@ from charnn.errors import CharnnError, RunFolderError
 from charnn.storage import checkpoint
 from charnn.storage.runfolder import LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, choose_out_dir, folder_holds_run
 from fs_faults import tmpfs
-from robust_helpers import TINY_TRAIN, popen, python_script, reaped, wait_for_progress, write_corpus
+from robust_helpers import TINY_TRAIN, checkpoint_payload, popen, python_script, reaped, wait_for_progress, write_corpus
 
 from conftest import invoke
 
 FAST = [*TINY_TRAIN, "--max-steps", "4", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return checkpoint_payload(16)
 
 
 HOLDER = """
