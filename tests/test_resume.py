@@ -186,12 +186,12 @@ def run_copy(stopped_run, tmp_path):
 NEW_VALUES = {
     "seq_len": "32", "batch_size": "8", "val_fraction": "0.2", "seed": "8", "encoding": "latin-1",
     "lr": "0.004", "weight_decay": "0.1", "warmup_steps": "5", "size": "fixed",
-    "max_steps": "14", "epochs": "0.2", "time_limit": "4s", "eval_every": "3", "eval_chars": "400",
+    "max_steps": "14", "epochs": "0.2", "time_limit": "3s", "eval_every": "3", "eval_chars": "400",
     "log_every": "2", "patience": "40", "keep": "3", "sample_every": "2", "device": "cpu",
     "precision": "bf16", "grad_clip": "0.25",
 }
 # The same value in the form train_config records.
-RECORDED = {"max_steps": 14, "epochs": 0.2, "time_limit": 4.0, "eval_every": 3, "eval_chars": 400,
+RECORDED = {"max_steps": 14, "epochs": 0.2, "time_limit": 3.0, "eval_every": 3, "eval_chars": 400,
             "log_every": 2, "patience": 40, "keep": 3, "sample_every": 2, "precision": "bf16",
             "grad_clip": 0.25}
 
@@ -326,7 +326,7 @@ def test_a_time_budget_with_a_given_shape_reads_shuffled(corpus, tmp_path):
     """--size fixed and only --time-limit: the shape is not timed (a probe
     would eat a short budget), so the epochs are not known; it reads
     shuffled and says why."""
-    result = invoke("train", corpus, *MODEL, *RUN, "--size", "fixed", "--time-limit", "4s",
+    result = invoke("train", corpus, *MODEL, *RUN, "--size", "fixed", "--time-limit", "3s",
                     "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert ("reading: shuffled blocks (the epochs the budget buys are not known)"

@@ -104,7 +104,7 @@ def test_readme_epochs_and_patience_example_evaluates_often_enough(tmp_path):
 
 def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", n_words=3000)
-    result = invoke("train", corpus, *SMALL, "--time-limit", "6s", "--lr", "0.01", "--log-every", "1",
+    result = invoke("train", corpus, *SMALL, "--time-limit", "4s", "--lr", "0.01", "--log-every", "1",
                     "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     rows = [json.loads(r) for r in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
