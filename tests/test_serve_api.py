@@ -62,10 +62,11 @@ def models(trained, gru_ckpt):
     return load_models([trained.best, gru_ckpt])
 
 
-@pytest.fixture(scope="module", params=["batch-process", "batch-thread"])
+@pytest.fixture(scope="module", params=[pytest.param("batch-process", marks=pytest.mark.system), "batch-thread"])
 def client(models, request):
     """Each API test runs against both designs: each model's batch in a child
-    process (the default) and on a thread of the server (--batch-in-process)."""
+    process (the default; a real process, so the system tier) and on a thread
+    of the server (--batch-in-process)."""
     app = create_app(models, Limits(max_n=5000, max_prime=200, max_samples=8),
                      batch_process=request.param == "batch-process")
     with TestClient(app, base_url="http://localhost") as c:  # a Host the server answers

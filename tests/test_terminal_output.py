@@ -83,6 +83,7 @@ def test_every_help_fits_80_columns(helps):
         assert "╭" not in text and "│" not in text, name  # plain click help, not squeezed rich panels
 
 
+@pytest.mark.system
 def test_help_has_one_default_style_and_named_values(helps):
     for name in CONVENTIONAL:
         text = helps[name]
@@ -94,6 +95,7 @@ def test_help_has_one_default_style_and_named_values(helps):
     assert "[default: 0.8]" in helps["sample"] and "[default: 500]" in helps["sample"]
 
 
+@pytest.mark.system
 def test_train_help_states_the_automatic_values_the_code_uses(helps):
     from charnn.training import schedule
 
