@@ -107,6 +107,7 @@ def test_train_help_states_the_automatic_values_the_code_uses(helps):
     assert f"[default: up to {schedule.AUTO_EVAL_CHARS:,}, fewer" in text, text
 
 
+@pytest.mark.system
 def test_help_descriptions_get_room(helps):
     """Descriptions start by column 34 and so get at least ~45 columns."""
     for name, text in helps.items():
@@ -116,6 +117,7 @@ def test_help_descriptions_get_room(helps):
                 assert line.index(m.group(2)) <= 34, (name, line)
 
 
+@pytest.mark.system
 def test_help_text_is_not_eaten_by_markup_and_states_units(helps):
     helps = {k: " ".join(v.split()) for k, v in helps.items()}  # as read, not as wrapped
     assert "charnn[plot]" in helps["info"]
