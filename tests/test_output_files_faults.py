@@ -84,16 +84,22 @@ def test_sigterm_while_a_page_is_written_leaves_the_old_page_and_no_temp_file(tm
     page = tmp_path / "page.html"
     page.write_text("<!doctype html><p>the old page</p>", encoding="utf-8")
     script = textwrap.dedent(f"""
-        import os, signal, sys
+        import io, os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         import charnn.safe_files as sf
         from charnn.storage.outputs import write_output
-        real = sf.write_all
-        def half_then_term(fd, data):
-            real(fd, data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGTERM)
-            real(fd, data[len(data) // 2:])
-        sf.write_all = half_then_term
+        real = sf.replace_atomically
+        def half_then_term(path, write):
+            def halves(f):
+                whole = io.BytesIO()
+                write(whole)
+                data = whole.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
+                f.write(data[len(data) // 2:])
+            real(path, halves)
+        sf.replace_atomically = half_then_term
         write_output({str(page)!r}, "<!doctype html>" + "x" * 1_000_000)
         print("not stopped")
     """)
