@@ -609,6 +609,18 @@ def test_full_queue_gets_503_with_retry_after_and_a_disconnect_frees_the_slot(tr
 
 
 @pytest.mark.system
+def test_sigterm_as_soon_as_the_address_is_announced_stops_cleanly(trained, reap):
+    """A supervisor may stop the server the moment it says where it listens:
+    the signal is already handled then (a graceful stop, exit 0), not
+    SIGTERM's default action."""
+    proc, _ = start_server(trained.best)
+    reap(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "Stopped (SIGTERM)" in proc.stderr.read()
+
+
+@pytest.mark.system
 def test_address_in_use_is_a_clear_error(trained, reap):
     proc, url = start_server(trained.best)
     reap(proc)
