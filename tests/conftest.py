@@ -19,6 +19,31 @@ import torch
 # Tiny models gain nothing from a second thread, and with other processes on a
 # 2-core machine OpenMP's spinning threads make them many times slower.
 torch.set_num_threads(1)
+# The user's way of saying so, for every command run in this process and every
+# child that inherits the environment: without it each command measures the
+# idle cores for 0.25 s first (charnn.model.devices.default_threads). The tests
+# of that measurement set or remove the variable themselves.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _one_click_command_per_app() -> None:
+    """Typer's CliRunner rebuilds the click command tree from the app on every
+    invoke (about 70 ms for charnn's); the tree depends only on the app, which
+    does not change during the run, so build it once per app."""
+    import typer.testing
+
+    built: dict[int, tuple[Any, Any]] = {}
+    build = typer.testing._get_command
+
+    def get_command(app: Any) -> Any:
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))
+        return built[id(app)][1]
+
+    typer.testing._get_command = get_command
+
+
+_one_click_command_per_app()
 
 # A small deterministic English-like corpus: varied enough to have ~40
 # characters, regular enough that a tiny model learns something in 40 steps.
@@ -203,3 +228,33 @@ def assert_clean_error(result, *fragments: str, code: int = 1):
         assert "Error" not in result.stdout
         for fragment in fragments:
             assert fragment in result.stderr, (fragment, result.stderr)
+
+
+# -- A short repeated text and a two-layer model for library-level training tests
+# (resume, fine-tuning, schedules): a few steps train in well under a second.
+
+TALE_TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, "
+    "it was the age of foolishness, it was the epoch of belief, it was the epoch of "
+    "incredulity, it was the season of Light, it was the season of Darkness.\n"
+) * 12
+TALE_MODEL = {"hidden_size": 16, "num_layers": 2, "dropout": 0.2, "embedding_dim": 8}
+
+
+@pytest.fixture
+def tale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """TALE_TEXT in a file, with a private CHARNN_DATA_DIR."""
+    monkeypatch.setenv("CHARNN_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TALE_TEXT, encoding="utf-8")
+    return path
+
+
+def tale_config(corpus: Path, out: Path, **kw: Any):
+    """A TrainConfig for a tiny CPU fp32 run on ``corpus``; ``kw`` overrides."""
+    from charnn.training.config import TrainConfig
+
+    base = dict(corpus=[str(corpus)], out=str(out), batch_size=4, seq_len=16, precision="fp32",
+                device="cpu", sample_every=0, warmup_steps=3, eval_every=5, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -5,12 +5,15 @@ Tiny models only (hidden 16, one layer), text in temporary folders, CPU, fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +173,50 @@ def popen(args: list[str], data_dir: Path, cwd: Path, **kw: Any) -> subprocess.P
                             stdout=kw.pop("stdout", subprocess.PIPE),
                             stderr=kw.pop("stderr", subprocess.PIPE), preexec_fn=kw.pop("preexec_fn", _interruptible),
                             **kw)
+
+
+def python_script(script: str, *args: str, **kw) -> subprocess.Popen:
+    """Run a Python script in a child process of this checkout (unbuffered, one thread)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Whatever the block does or raises, the process does not outlive it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_progress(out: Path, proc: subprocess.Popen, since: int, timeout: float = 40.0) -> None:
+    """Until the run has logged past ``since`` bytes of metrics (it is training)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{err.decode()}")
+        if metrics.exists() and metrics.stat().st_size > since and (out / "last.pt").exists():
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("training made no progress in time")
+
+
+def checkpoint_payload(hidden: int = 16) -> dict:
+    """A real checkpoint payload: ~13 KB at hidden 16, ~300 KB at hidden 128."""
+    from charnn.model.config import ModelConfig
+    from charnn.model.rnn import CharRNN
+    from charnn.storage.checkpoint import build_payload
+    from charnn.text.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text("hello world, the quick brown fox")
+    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=hidden,
+                                num_layers=1, dropout=0.0))
+    return build_payload(model, tok, train_state={"step": hidden})

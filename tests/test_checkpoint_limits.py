@@ -149,6 +149,7 @@ def _as_format_1(payload: dict) -> dict:
     return {**payload, "format_version": 1, "vocab": [chr(c) for c in payload["vocab"].tolist()]}
 
 
+@pytest.mark.system
 def test_format_1_files_still_load_and_resume(tmp_path):
     """A file charnn 0.2.3 wrote (format 1, the vocabulary as a list of
     characters) samples and resumes; the run's next save is format 2."""

@@ -6,7 +6,6 @@ saves last.pt and exits 130."""
 from __future__ import annotations
 
 import errno
-import contextlib
 import os
 import random
 import re
@@ -23,39 +22,12 @@ import charnn.storage.checkpoint as ckpt_mod
 from charnn.cli import app
 from charnn.errors import CheckpointError
 from charnn.storage.runfolder import LOCK_NAME, RUN_MARKER
-from robust_helpers import TINY_TRAIN, popen, snapshot, train_tiny, write_corpus
+from robust_helpers import TINY_TRAIN, popen, reaped, snapshot, train_tiny, wait_for_progress, write_corpus
 from fs_faults import fill, tmpfs
 
 TMP_FILE = re.compile(r"^\.charnn-tmp-.*\.tmp$")
 KILL_SEED = 20240611
 KILLS = 4
-
-
-
-@contextlib.contextmanager
-def reaped(proc: subprocess.Popen):
-    """Whatever the block does or raises, the process does not outlive it."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_for_progress(out: Path, proc: subprocess.Popen, since: int, timeout: float = 40.0) -> None:
-    """Until the run has logged past ``since`` bytes of metrics (it is training)."""
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{err.decode()}")
-        if metrics.exists() and metrics.stat().st_size > since and (out / "last.pt").exists():
-            return
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("training made no progress in time")
 
 
 def _check_folder(out: Path) -> int:
@@ -91,7 +63,7 @@ def test_sigkill_loop_leaves_only_loadable_checkpoints(tmp_path):
         since = (out / "metrics.jsonl").stat().st_size if (out / "metrics.jsonl").exists() else 0
         proc = popen(args, data_dir, tmp_path, stdout=subprocess.DEVNULL)
         with reaped(proc):
-            _wait_for_progress(out, proc, since)
+            wait_for_progress(out, proc, since)
             time.sleep(rng.uniform(0.0, 0.6))
             proc.send_signal(signal.SIGKILL)
             _, err = proc.communicate(timeout=20)
@@ -127,7 +99,7 @@ def test_stop_signal_saves_last_and_exits_128_plus_signal(tmp_path, signum):
     proc = popen(["train", str(corpus), *TINY_TRAIN, "--out", str(out), "--max-steps", "1000000",
                   "--eval-every", "5", "--log-every", "1"], tmp_path / "data", tmp_path)
     with reaped(proc):
-        _wait_for_progress(out, proc, 0)
+        wait_for_progress(out, proc, 0)
         time.sleep(0.3)
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=30)

@@ -20,9 +20,11 @@ import torch
 from charnn.storage import checkpoint
 from charnn.cli.progress import TrainReporter
 from charnn.training.config import RESUME_APPLIED, RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
+from charnn.errors import ConfigError, VocabError
 from charnn.model.devices import cpu_has_bf16
+from charnn.training.trainer import Trainer, train
 
-from conftest import invoke, make_text
+from conftest import TALE_MODEL, TALE_TEXT, invoke, make_text, tale_config
 
 # Non-default values for every option that shapes a run (the defaults would
 # hide a resume that silently falls back to them).
@@ -184,12 +186,12 @@ def run_copy(stopped_run, tmp_path):
 NEW_VALUES = {
     "seq_len": "32", "batch_size": "8", "val_fraction": "0.2", "seed": "8", "encoding": "latin-1",
     "lr": "0.004", "weight_decay": "0.1", "warmup_steps": "5", "size": "fixed",
-    "max_steps": "14", "epochs": "0.2", "time_limit": "4s", "eval_every": "3", "eval_chars": "400",
+    "max_steps": "14", "epochs": "0.2", "time_limit": "3s", "eval_every": "3", "eval_chars": "400",
     "log_every": "2", "patience": "40", "keep": "3", "sample_every": "2", "device": "cpu",
     "precision": "bf16", "grad_clip": "0.25",
 }
 # The same value in the form train_config records.
-RECORDED = {"max_steps": 14, "epochs": 0.2, "time_limit": 4.0, "eval_every": 3, "eval_chars": 400,
+RECORDED = {"max_steps": 14, "epochs": 0.2, "time_limit": 3.0, "eval_every": 3, "eval_chars": 400,
             "log_every": 2, "patience": 40, "keep": 3, "sample_every": 2, "precision": "bf16",
             "grad_clip": 0.25}
 
@@ -284,13 +286,23 @@ def test_the_reading_order_is_kept_on_resume(corpus, tmp_path, monkeypatch):
                                                      weights(tmp_path / "straight" / "last.pt").values()))
 
 
-@pytest.mark.parametrize("budget,shuffled", [(["--max-steps", "30"], True), (["--max-steps", "90"], False),
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory):
+    """A text of ~22 steps an epoch at RUN's shape, so budgets on both sides
+    of one epoch train in seconds."""
+    path = tmp_path_factory.mktemp("resume-short") / "corpus.txt"
+    path.write_text(make_text(3500, seed=3), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("budget,shuffled", [(["--max-steps", "9"], True), (["--max-steps", "27"], False),
                                              (["--epochs", "0.5"], True), (["--epochs", "1"], False)])
-def test_the_order_is_chosen_from_the_budget_and_kept(corpus, tmp_path, monkeypatch, budget, shuffled):
+def test_the_order_is_chosen_from_the_budget_and_kept(short_corpus, tmp_path, monkeypatch, budget, shuffled):
     """With no --order, a run whose budget reads its text at least once reads
-    it in order, a shorter one shuffled (this corpus: ~75 steps an epoch);
+    it in order, a shorter one shuffled (this corpus: ~22 steps an epoch);
     it says which and why, records it, and its printed resume command keeps
     it, bit for bit, even with a budget on resume that would choose the other."""
+    corpus = short_corpus
     args = ["train", corpus, *MODEL, *RUN, "--precision", "fp32", *budget]
     straight = invoke(*args, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
@@ -305,7 +317,7 @@ def test_the_order_is_chosen_from_the_budget_and_kept(corpus, tmp_path, monkeypa
     resumed = invoke(*printed_resume(stopped.stderr))
     assert resumed.exit_code == 0, resumed.output
     assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
-    longer = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--max-steps", "200")
+    longer = invoke("train", "--resume", tmp_path / "stopped" / "last.pt", "--max-steps", "60")
     assert longer.exit_code == 0, longer.output
     assert checkpoint.load(tmp_path / "stopped" / "last.pt").train_config["shuffle"] is shuffled
 
@@ -314,7 +326,7 @@ def test_a_time_budget_with_a_given_shape_reads_shuffled(corpus, tmp_path):
     """--size fixed and only --time-limit: the shape is not timed (a probe
     would eat a short budget), so the epochs are not known; it reads
     shuffled and says why."""
-    result = invoke("train", corpus, *MODEL, *RUN, "--size", "fixed", "--time-limit", "4s",
+    result = invoke("train", corpus, *MODEL, *RUN, "--size", "fixed", "--time-limit", "3s",
                     "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert ("reading: shuffled blocks (the epochs the budget buys are not known)"
@@ -380,3 +392,120 @@ def test_a_spent_time_budget_says_it_is_the_runs_total(corpus, tmp_path):
     more = invoke("train", "--resume", tmp_path / "run" / "last.pt", "--time-limit", bigger.group(1) + "s",
                   "--max-steps", step + 5)  # the suggested command trains (capped here by steps)
     assert more.exit_code == 0, more.output
+
+
+def max_diff(a, b) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_resume_is_bit_exact(tale, tmp_path):
+    # 12 steps straight vs 5 steps + resume to 12: the same bits.
+    train(tale_config(tale, tmp_path / "a", max_steps=12, keep=3), TALE_MODEL, handle_sigint=False)
+    train(tale_config(tale, tmp_path / "b", max_steps=12), TALE_MODEL, resume=tmp_path / "a" / "step-0000005.pt",
+          handle_sigint=False)
+    straight, resumed = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
+    assert max_diff(straight, resumed) == 0.0
+    a, b = checkpoint.load(tmp_path / "a" / "last.pt"), checkpoint.load(tmp_path / "b" / "last.pt")
+    assert a.train_state["step"] == b.train_state["step"] == 12
+    assert a.train_state["chars_seen"] == b.train_state["chars_seen"]
+    assert a.data["optimizer_state"]["state"][0]["step"] == b.data["optimizer_state"]["state"][0]["step"]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_resume_across_an_epoch_boundary_is_exact(tale, tmp_path, shuffle):
+    # Tiny text: one epoch is a few chunks, so the run crosses epoch resets
+    # (shuffled: each epoch deals the blocks out in a new order).
+    c = tale_config(tale, tmp_path / "a", max_steps=30, keep=6, batch_size=8, seq_len=32, shuffle=shuffle)
+    Trainer(c, TALE_MODEL, handle_sigint=False).run()
+    epochs = checkpoint.load(tmp_path / "a" / "last.pt").train_state["epoch"]
+    assert epochs >= 1
+    train(tale_config(tale, tmp_path / "b", max_steps=30, batch_size=8, seq_len=32, shuffle=shuffle), TALE_MODEL,
+          resume=tmp_path / "a" / "step-0000015.pt", handle_sigint=False)
+    assert max_diff(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")) == 0.0
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_state_is_carried_within_a_block_and_reset_where_one_starts(tale, tmp_path, shuffle):
+    """Shuffled, the next chunk of a row is the next stretch of text only
+    within a block: the state is carried there and reset where every row
+    starts a new block (in order: only at an epoch's start)."""
+    t = Trainer(tale_config(tale, tmp_path / "a", max_steps=100, batch_size=4, seq_len=8, shuffle=shuffle), TALE_MODEL,
+                handle_sigint=False)
+    seen = []
+    original = t._train_step
+
+    def spy(x, y, n):  # records what the real step is given; changes nothing
+        seen.append((t.epoch, t.chunk, t.state is None))
+        return original(x, y, n)
+
+    t._train_step = spy
+    t.run()
+    assert len(seen) == 100 and len({e for e, _, _ in seen}) >= 2  # crosses an epoch
+    if shuffle:
+        assert 1 < t.batcher.block_chunks < len(t.batcher)
+    for epoch, chunk, reset in seen:
+        assert reset == (chunk % t.batcher.block_chunks == 0 if shuffle else chunk == 0), (epoch, chunk)
+
+
+def test_resume_with_a_different_architecture_is_a_clear_error(tale, tmp_path):
+    train(tale_config(tale, tmp_path / "a", max_steps=5), TALE_MODEL, handle_sigint=False)
+    with pytest.raises(ConfigError, match=r"--hidden-size 32 \(checkpoint: 16\)"):
+        Trainer(tale_config(tale, tmp_path / "b", max_steps=10), {**TALE_MODEL, "hidden_size": 32},
+                resume=tmp_path / "a" / "last.pt", handle_sigint=False)
+
+
+def test_init_from_keeps_vocabulary_and_weights(tale, tmp_path):
+    train(tale_config(tale, tmp_path / "a", max_steps=5), TALE_MODEL, handle_sigint=False)
+    base = checkpoint.load(tmp_path / "a" / "last.pt")
+    other = tmp_path / "other.txt"
+    other.write_text("it was the age of the season of the best " * 20, encoding="utf-8")
+    t = Trainer(tale_config(other, tmp_path / "b", max_steps=3), None, init_from=tmp_path / "a" / "last.pt",
+                handle_sigint=False)
+    assert t.tokenizer.chars == base.tokenizer.chars
+    assert t.step == 0  # a new run: fresh step count, optimizer and schedule
+    assert max_diff(base.data["model_state"], {k: v.cpu() for k, v in t.model.state_dict().items()}) == 0.0
+    t.run()
+    assert checkpoint.load(tmp_path / "b" / "last.pt").tokenizer.chars == base.tokenizer.chars
+
+
+def test_init_from_new_characters_needs_extend_vocab(tale, tmp_path):
+    train(tale_config(tale, tmp_path / "a", max_steps=3), TALE_MODEL, handle_sigint=False)
+    other = tmp_path / "other.txt"
+    other.write_text("Zebra quartz € jumps! " * 30, encoding="utf-8")
+    with pytest.raises(VocabError, match=r"'€' \(U\+20AC\)") as refused:
+        Trainer(tale_config(other, tmp_path / "b", max_steps=3), None, init_from=tmp_path / "a" / "last.pt",
+                handle_sigint=False)
+    # Only options `train` has are suggested (it has no --unknown).
+    assert "--extend-vocab" in str(refused.value) and "--unknown" not in str(refused.value)
+    t = Trainer(tale_config(other, tmp_path / "b", max_steps=3), None, init_from=tmp_path / "a" / "last.pt",
+                extend_vocab=True, handle_sigint=False)
+    old = checkpoint.load(tmp_path / "a" / "last.pt")
+    assert set(old.tokenizer.chars) < set(t.tokenizer.chars)
+    assert "€" in t.tokenizer.chars and t.tokenizer.chars == sorted(t.tokenizer.chars)
+    # The rows of the characters the model knew moved with them.
+    for ch, i in old.tokenizer.stoi.items():
+        j = t.tokenizer.stoi[ch]
+        assert torch.equal(t.model.embedding.weight[j].cpu(), old.data["model_state"]["embedding.weight"][i])
+        assert torch.equal(t.model.head.weight[j].cpu(), old.data["model_state"]["head.weight"][i])
+    t.run()
+
+
+def test_resume_accepts_the_same_text_at_a_new_path(tale, tmp_path):
+    train(tale_config(tale, tmp_path / "a", max_steps=4), TALE_MODEL, handle_sigint=False)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(TALE_TEXT, encoding="utf-8")
+    tale.unlink()
+    t = Trainer(tale_config(moved, tmp_path / "b", max_steps=6), None, resume=tmp_path / "a" / "last.pt",
+                handle_sigint=False)
+    assert t.step == 4 and t.run().step == 6
+
+
+def test_resume_refuses_other_text(tale, tmp_path):
+    from charnn.errors import DataError
+
+    train(tale_config(tale, tmp_path / "a", max_steps=4), TALE_MODEL, handle_sigint=False)
+    other = tmp_path / "other.txt"
+    other.write_text(TALE_TEXT.upper(), encoding="utf-8")
+    with pytest.raises(DataError, match="--init-from"):
+        Trainer(tale_config(other, tmp_path / "b", max_steps=6), None, resume=tmp_path / "a" / "last.pt",
+                handle_sigint=False)

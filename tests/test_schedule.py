@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,15 +16,17 @@ import numpy as np
 import pytest
 import torch
 
+from charnn.errors import ConfigError
 from charnn.training.config import TrainConfig
 from charnn.training.plan import RunPlan
 from charnn.training.runtime import DistInfo
+from charnn.training.trainer import parse_duration, train
 from charnn.training.schedule import (AUTO_EVALS, Budget, auto_eval_chars, auto_eval_every, lr_factor,
                              nice_interval, nice_interval_below, patience_note, warmup_factor)
 from charnn.training.validation import Validation
-from robust_helpers import TINY_MODEL, write_corpus
+from robust_helpers import TINY_MODEL, TINY_TRAIN, write_corpus
 
-from conftest import invoke
+from conftest import TALE_MODEL, invoke, tale_config
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
@@ -101,7 +104,7 @@ def test_readme_epochs_and_patience_example_evaluates_often_enough(tmp_path):
 
 def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", n_words=3000)
-    result = invoke("train", corpus, *SMALL, "--time-limit", "6s", "--lr", "0.01", "--log-every", "1",
+    result = invoke("train", corpus, *SMALL, "--time-limit", "4s", "--lr", "0.01", "--log-every", "1",
                     "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     rows = [json.loads(r) for r in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -218,3 +221,88 @@ def test_the_largest_seed_trains(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt")
     result = invoke("train", corpus, *SMALL, "--max-steps", "2", "--seed", str(2 ** 64 - 1), "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("budget", [["--time-limit", "1s"], ["--time-limit", "0.2"]])
+def test_a_budget_too_short_to_train_is_an_error_not_success(tmp_path, budget):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=3000)
+    result = invoke("train", corpus, *TINY_TRAIN, *budget, "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.stderr.split())
+    assert "too short" in text or "no training step" in text, text
+    assert "Done:" not in text
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("shape", ["given", "auto"])
+def test_the_time_limit_a_too_short_budget_suggests_trains(tmp_path, shape):
+    """The command the error asks for works: the same run with the suggested
+    --time-limit trains and finishes. With --size auto the suggestion counts
+    the time the size probe took (it once suggested 3s for a refused 3s)."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=3000)
+    options = (list(TINY_TRAIN) if shape == "given"
+               else ["--device", "cpu", "--precision", "fp32", "--sample-every", "0"])
+    def charnn_train(limit: str) -> subprocess.CompletedProcess:
+        # A fresh process, as the user runs it: its first model build and
+        # kernel selection are part of what the probe costs.
+        return subprocess.run([sys.executable, "-m", "charnn", "train", str(corpus), *options,
+                               "--time-limit", limit, "--out", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=120)
+
+    first = charnn_train("0.5s")
+    assert first.returncode == 1, first.stdout + first.stderr
+    text = " ".join(first.stderr.split())
+    suggested = re.search(r"give at least (\d+)s", text)
+    assert "too short" in text and suggested and "Traceback" not in text, text
+    seconds = int(suggested.group(1))
+    assert seconds > 0.5
+    second = charnn_train(f"{seconds}s")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Done:" in second.stdout + second.stderr and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_time_limit_ends_within_budget(tale, tmp_path):
+    limit = 3.0
+    start = time.perf_counter()
+    result = train(tale_config(tale, tmp_path / "a", time_limit=limit, eval_every=10**6), TALE_MODEL,
+                   handle_sigint=False)
+    wall = time.perf_counter() - start
+    assert result.stopped_because == "time_limit"
+    assert result.train_state["elapsed"] <= limit + 0.5
+    # Startup (reading, building) aside: the run itself, final evaluation and
+    # checkpoint included, fits the budget.
+    assert wall < limit + 2.0
+    assert (tmp_path / "a" / "best.pt").exists() and result.step > 0
+
+
+def test_schedule_warms_up_then_decays():
+    assert lr_factor(0, 0.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(50, 0.5, 10, 0.1) == pytest.approx(0.55)
+    assert lr_factor(99, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_learning_rate_follows_the_scheduler(tale, tmp_path):
+    rows = []
+    train(tale_config(tale, tmp_path / "a", max_steps=10, warmup_steps=2, lr=1e-2, eval_every=100), TALE_MODEL,
+          callback=lambda e: rows.append(e) if e["kind"] == "log" else None, handle_sigint=False)
+    lrs = [r["lr"] for r in rows]
+    # After step 1 the LR for step 2: warmup done, times the cosine at 10% of the budget.
+    assert lrs[0] == pytest.approx(1e-2 * lr_factor(1, 0.1, 2, 0.1))
+    assert lrs[0] > 0.97e-2
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # then cosine: never rises
+    assert lrs[-1] == pytest.approx(1e-3)  # ends at lr * min_lr_ratio
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("5m", 300), ("2h", 7200), ("1h30m", 5400),
+                                          ("90", 90), ("1.5m", 90)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "5x", "-3m", "m", "1h-2m"])
+def test_parse_duration_rejects_garbage(text):
+    with pytest.raises(ConfigError, match="30s, 5m, 2h"):
+        parse_duration(text)

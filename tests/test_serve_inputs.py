@@ -31,7 +31,7 @@ from charnn.serve.api import model_names  # noqa: E402
 from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402
 from serve_helpers import REPO, serve, wait_until  # noqa: E402
-from test_serve import Chromium, sample_cli, sse_events, streamed_texts  # noqa: E402
+from serve_helpers import Chromium, sample_cli, sse_events, streamed_texts  # noqa: E402
 
 MAX_SEED = 2**64 - 1
 

@@ -91,8 +91,8 @@ def serve(
             application.state.server.close()
             raise
         url = url_of(sock)
-        say(f"Serving {', '.join(m.name for m in models)} at {url} (API under {url}v1/; Ctrl-C to stop)")
-        stopped_by = run(application, sock, grace=grace)
+        stopped_by = run(application, sock, grace=grace, announce=lambda: say(
+            f"Serving {', '.join(m.name for m in models)} at {url} (API under {url}v1/; Ctrl-C to stop)"))
         say(f"Stopped{f' ({stopped_by})' if stopped_by else ''}.")
 
     run_command(body)

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .api import ServeError, require_extra
 from .app import Server
@@ -200,11 +200,14 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-def run(app: Any, sock: socket.socket, grace: float = 10.0, log_level: str = "warning") -> str | None:
+def run(app: Any, sock: socket.socket, grace: float = 10.0, log_level: str = "warning",
+        announce: Callable[[], None] | None = None) -> str | None:
     """Serve ``app`` on ``sock`` until Ctrl-C or SIGTERM. Then: stop accepting,
     let in-flight streams finish for ``grace`` seconds, end the rest with an
     ``error`` event, and return the signal's name (None if it stopped
-    otherwise). A second Ctrl-C ends the streams at once, with the same event."""
+    otherwise). A second Ctrl-C ends the streams at once, with the same event.
+    ``announce`` runs once the signals are handled: a SIGTERM sent as soon as
+    the address is announced stops the server cleanly instead of killing it."""
     require_extra()
     import uvicorn
 
@@ -221,6 +224,8 @@ def run(app: Any, sock: socket.socket, grace: float = 10.0, log_level: str = "wa
             self.loop = asyncio.get_running_loop()
             _quiet_accept_errors(self.loop)
             await super().startup(sockets)
+            if announce is not None:
+                announce()  # uvicorn's serve() installed its signal handlers before startup
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             # uvicorn re-raises the signal after a graceful exit (killing the

@@ -1,5 +1,5 @@
-"""A red-team pass over inspect, eval, info and their output files (issue 25):
-each test creates the fault for real (a page that is the training corpus, a
+"""The files inspect, eval and info write, under faults: each test creates
+the fault for real (a page that is the training corpus, a
 page inside a folder being scored, an escape sequence in a file name, SIGTERM
 while a page is written, a full disk, a crafted vocabulary) and runs the
 command a user types."""
@@ -80,20 +80,26 @@ def test_written_file_names_reach_the_terminal_escaped(trained, tmp_path):
 
 @pytest.mark.system
 def test_sigterm_while_a_page_is_written_leaves_the_old_page_and_no_temp_file(tmp_path):
-    """The process gets a real SIGTERM after the new page's bytes are in the
-    temporary file and before it replaces the old page."""
+    """The process gets a real SIGTERM halfway through writing the new page's bytes."""
     page = tmp_path / "page.html"
     page.write_text("<!doctype html><p>the old page</p>", encoding="utf-8")
     script = textwrap.dedent(f"""
-        import os, signal, sys
+        import io, os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         import charnn.safe_files as sf
         from charnn.storage.outputs import write_output
-        real = os.fsync
-        def term_before_rename(fd):  # the temp file is written, not yet in place
-            os.kill(os.getpid(), signal.SIGTERM)
-            real(fd)
-        sf.os.fsync = term_before_rename
+        real = sf.replace_atomically
+        def half_then_term(path, write):
+            def halves(f):
+                whole = io.BytesIO()
+                write(whole)
+                data = whole.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
+                f.write(data[len(data) // 2:])
+            real(path, halves)
+        sf.replace_atomically = half_then_term
         write_output({str(page)!r}, "<!doctype html>" + "x" * 1_000_000)
         print("not stopped")
     """)

@@ -1,7 +1,7 @@
-"""Red-team faults, each created for real: FIFOs where charnn keeps its own
-files (#52, #53), a tmpfs out of inodes (#13), a symbolic link into a place
-the process cannot read (#56), CHARNN_DATA_DIR naming a file (#17), file
-names carrying ANSI escapes (#34, the data side).
+"""The file system misbehaving under charnn, each fault created for real:
+FIFOs where charnn keeps its own files, a tmpfs out of inodes, a symbolic
+link into a place the process cannot read, CHARNN_DATA_DIR naming a file,
+file names carrying ANSI escapes (the data side).
 
 Whatever could hang (opening a FIFO) runs in a subprocess with a timeout, so
 a regression fails the test instead of hanging the suite."""

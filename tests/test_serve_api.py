@@ -38,6 +38,7 @@ from charnn.model.rnn import CharRNN  # noqa: E402
 from charnn.serve import Limits, create_app, load_models  # noqa: E402
 from charnn.text.tokenizer import CharTokenizer  # noqa: E402
 from conftest import invoke  # noqa: E402
+from serve_helpers import Chromium, batch_processes, sample_cli, sse_events, streamed_texts  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
 
@@ -61,10 +62,11 @@ def models(trained, gru_ckpt):
     return load_models([trained.best, gru_ckpt])
 
 
-@pytest.fixture(scope="module", params=["batch-process", "batch-thread"])
+@pytest.fixture(scope="module", params=[pytest.param("batch-process", marks=pytest.mark.system), "batch-thread"])
 def client(models, request):
     """Each API test runs against both designs: each model's batch in a child
-    process (the default) and on a thread of the server (--batch-in-process)."""
+    process (the default; a real process, so the system tier) and on a thread
+    of the server (--batch-in-process)."""
     app = create_app(models, Limits(max_n=5000, max_prime=200, max_samples=8),
                      batch_process=request.param == "batch-process")
     with TestClient(app, base_url="http://localhost") as c:  # a Host the server answers
@@ -72,40 +74,10 @@ def client(models, request):
         yield c
 
 
-def sample_cli(ckpt: Path, prime: str, n: int, *, seed: int, temperature: float = 0.8, top_k: int = 0,
-               top_p: float = 1.0, stop: str | None = None, num_samples: int = 1) -> list[str]:
-    """Texts from ``charnn sample --json`` (the reference)."""
-    args = ["sample", ckpt, "--prime", prime, "-n", n, "--seed", seed, "--temperature", temperature,
-            "--top-k", top_k, "--top-p", top_p, "--num-samples", num_samples, "--json"]
-    if stop is not None:
-        args += ["--stop", stop]
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return [s["text"] for s in json.loads(result.stdout)]
-
-
 def generate(client, **body) -> dict:
     r = client.post("/v1/generate", json=body)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in text.strip().split("\n\n"):
-        kind = re.search(r"^event: (.*)$", block, re.M).group(1)
-        data = json.loads(re.search(r"^data: (.*)$", block, re.M).group(1))
-        out.append((kind, data))
-    return out
-
-
-def streamed_texts(events: list[tuple[str, dict]], k: int) -> list[str]:
-    start = events[0][1]
-    texts = [start["prime"]] * k
-    for kind, data in events:
-        if kind == "text":
-            texts[data["sample"]] += data["text"]
-    return texts
 
 
 # ---------------------------------------------------------------------------
@@ -456,21 +428,6 @@ def test_signal_stops_accepting_ends_streams_cleanly_and_exits_0(trained, reap, 
     assert short["samples"][0]["text"] == sample_cli(trained.best, "The ", 20, seed=3)[0]
 
 
-def batch_processes(pid: int) -> list[int]:
-    """The live batch processes of server ``pid``: its children running
-    charnn.serve.worker. Linux /proc."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z" and b"charnn.serve.worker" in cmdline:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -652,6 +609,18 @@ def test_full_queue_gets_503_with_retry_after_and_a_disconnect_frees_the_slot(tr
 
 
 @pytest.mark.system
+def test_sigterm_as_soon_as_the_address_is_announced_stops_cleanly(trained, reap):
+    """A supervisor may stop the server the moment it says where it listens:
+    the signal is already handled then (a graceful stop, exit 0), not
+    SIGTERM's default action."""
+    proc, _ = start_server(trained.best)
+    reap(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "Stopped (SIGTERM)" in proc.stderr.read()
+
+
+@pytest.mark.system
 def test_address_in_use_is_a_clear_error(trained, reap):
     proc, url = start_server(trained.best)
     reap(proc)
@@ -666,72 +635,6 @@ def test_address_in_use_is_a_clear_error(trained, reap):
 # ---------------------------------------------------------------------------
 # The page in a real browser (Chromium over the DevTools protocol on a pipe)
 # ---------------------------------------------------------------------------
-
-class Chromium:
-    """Headless Chromium driven through --remote-debugging-pipe (fd 3 in, fd 4 out)."""
-
-    def __init__(self, exe: str, profile: Path):
-        to_r, self._to_w = os.pipe()
-        self._from_r, from_w = os.pipe()
-
-        def fds():
-            a, b = os.dup(to_r), os.dup(from_w)  # move out of the way of 3 and 4 first
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-                                      "--no-first-run", f"--user-data-dir={profile}", "--window-size=1200,800"],
-                                     preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        os.close(to_r)
-        os.close(from_w)
-        self._buf = b""
-        self._id = 0
-        self.session = None
-
-    def send(self, method: str, params: dict | None = None, session: bool = True, timeout: float = 30.0) -> dict:
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session and self.session:
-            msg["sessionId"] = self.session
-        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
-        end = time.monotonic() + timeout
-        while True:
-            while b"\0" not in self._buf:
-                assert time.monotonic() < end, f"no answer to {method}"
-                chunk = os.read(self._from_r, 1 << 16)
-                assert chunk, "chromium closed the pipe"
-                self._buf += chunk
-            raw, self._buf = self._buf.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self._id:
-                assert "error" not in reply, reply["error"]
-                return reply["result"]
-
-    def eval(self, expr: str):
-        r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True})
-        assert "exceptionDetails" not in r, r["exceptionDetails"]
-        return r["result"].get("value")
-
-    def wait_for(self, expr: str, timeout: float = 30.0):
-        end = time.monotonic() + timeout
-        while not (value := self.eval(expr)):
-            assert time.monotonic() < end, f"timed out waiting for {expr}"
-            time.sleep(0.05)
-        return value
-
-    def close(self):
-        try:
-            self.send("Browser.close", session=False, timeout=5)
-        except (AssertionError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_w)
-        os.close(self._from_r)
 
 
 @pytest.mark.system

@@ -1,5 +1,5 @@
-"""The run folder (charnn/storage/runfolder.py): choosing, locking, atomic saves,
-rotation, temp cleanup and the metrics log — tested with real faults (a small
+"""The run folder's files (charnn/storage/runfolder.py): atomic saves,
+rotation, temp cleanup, permissions and the metrics log — tested with real faults (a small
 tmpfs that fills up, a read-only mount, ``ulimit -f``, a second process, a
 SIGKILL, a umask), not mocks of them."""
 
@@ -9,48 +9,31 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import charnn.storage.checkpoint as ckpt_mod
-from charnn.storage.checkpoint import build_payload
-from charnn.model.config import ModelConfig
-from charnn.errors import CharnnError, CheckpointError, RunFolderError
-from charnn.model.rnn import CharRNN
-from charnn.storage.runfolder import (LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, choose_out_dir,
-                              folder_holds_run, json_line, serialize, step_file_name, write_atomic)
-from charnn.text.tokenizer import CharTokenizer
+from charnn.errors import CheckpointError, RunFolderError
+from charnn.storage.runfolder import (LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, json_line, serialize,
+                                     step_file_name, write_atomic)
 from fs_faults import fill, remount_read_only, tmpfs
-from robust_helpers import REPO, snapshot
+from robust_helpers import checkpoint_payload, python_script, snapshot
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
 
 
-def _payload(hidden: int = 16) -> dict:
-    """A real checkpoint payload: ~13 KB at hidden 16, ~300 KB at hidden 128."""
-    torch.manual_seed(0)
-    tok = CharTokenizer.from_text("hello world, the quick brown fox")
-    model = CharRNN(ModelConfig(vocab_size=tok.vocab_size, embedding_dim=8, hidden_size=hidden,
-                                num_layers=1, dropout=0.0))
-    return build_payload(model, tok, train_state={"step": hidden})
-
-
 @pytest.fixture(scope="module")
 def small():
-    return _payload(16)
+    return checkpoint_payload(16)
 
 
 @pytest.fixture(scope="module")
 def big():
-    return _payload(128)
+    return checkpoint_payload(128)
 
 
 def _temps(folder: Path) -> list[str]:
@@ -65,12 +48,6 @@ def _strict_rows(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     assert text == "" or text.endswith("\n")
     return [json.loads(line, parse_constant=no_constants) for line in text.splitlines()]
-
-
-def _python(script: str, *args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -132,7 +109,7 @@ def test_file_size_limit_is_a_clear_error(tmp_path, small, big):
 
     limit = 100_000  # above the small checkpoint (13 KB), below the big one (300 KB)
     # The child writes the big checkpoint's bytes (no torch import: seconds saved).
-    proc = _python("""
+    proc = python_script("""
         import sys
         from pathlib import Path
         from charnn.errors import CharnnError
@@ -193,62 +170,6 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# One live process per folder; a lock left by kill -9 is taken over
-# ---------------------------------------------------------------------------
-
-HOLDER = """
-    import sys, time
-    from pathlib import Path
-    from charnn.storage.runfolder import RunFolder
-    folder = RunFolder(Path(sys.argv[1])).open()
-    print("ready", flush=True)
-    time.sleep(120)
-"""
-
-
-@pytest.mark.system
-def test_second_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path):
-    out = tmp_path / "run"
-    holder = _python(HOLDER, str(out))
-    try:
-        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
-        with pytest.raises(RunFolderError) as info:
-            RunFolder(out).open()
-        message = str(info.value)
-        assert f"another charnn train (pid {holder.pid}, started " in message, message
-        assert str(out) in message and "wait for it to finish or choose another --out" in message
-
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
-        record = json.loads((out / LOCK_NAME).read_text())
-        assert record["pid"] == holder.pid  # the dead process's record is still there
-
-        with RunFolder(out, resuming_at_step=0) as folder:  # the killed holder's run, resumed
-            assert any("took over the lock" in n and f"pid {holder.pid}" in n for n in folder.notes), folder.notes
-            assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-    # A clean close empties the lock file (kept, see the module docstring): no takeover next time.
-    assert (out / LOCK_NAME).read_text() == ""
-    with RunFolder(out, resuming_at_step=0) as folder:
-        assert not any("took over" in n for n in folder.notes)
-
-
-def test_two_folders_in_one_process_conflict_and_close_releases(tmp_path):
-    first = RunFolder(tmp_path / "run").open()
-    with pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
-        RunFolder(tmp_path / "run").open()
-    first.close()
-    first.close()  # twice is fine
-    with pytest.raises(ZeroDivisionError):
-        with RunFolder(tmp_path / "run", resuming_at_step=0):
-            1 / 0
-    RunFolder(tmp_path / "run", resuming_at_step=0).open().close()  # the with-block released it despite the error
-
-
-# ---------------------------------------------------------------------------
 # Temp files, umask, atomic writes
 # ---------------------------------------------------------------------------
 
@@ -271,7 +192,7 @@ def test_stale_temp_files_are_removed_by_open_and_save(tmp_path, small):
 @pytest.mark.system
 def test_files_follow_the_umask(tmp_path, small):
     (tmp_path / "payload.pt").write_bytes(serialize(small))
-    proc = _python("""
+    proc = python_script("""
         import os, sys
         from pathlib import Path
         from charnn.storage.runfolder import RunFolder, write_atomic
@@ -438,128 +359,3 @@ def test_old_nan_tokens_are_rewritten_as_null_on_resume(tmp_path):
                                                    {"step": 2, "grad_norm": None}]
 
 
-# ---------------------------------------------------------------------------
-# Choosing the folder; --overwrite
-# ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["best.pt", "last.pt", "step-0000010.pt", "step-7.pt", "metrics.jsonl",
-                                  RUN_MARKER])
-def test_folder_holds_run(tmp_path, name):
-    (tmp_path / name).write_text("x")
-    assert folder_holds_run(tmp_path)
-
-
-def test_folder_holds_no_run(tmp_path):
-    assert not folder_holds_run(tmp_path / "missing")
-    assert not folder_holds_run(tmp_path)
-    (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / "model.pt.bak").write_text("x")
-    (tmp_path / f"{TMP_PREFIX}x.tmp").write_text("x")
-    assert not folder_holds_run(tmp_path)
-    assert not folder_holds_run(tmp_path / "notes.txt")
-
-
-def test_default_folder_moves_on_to_a_free_numbered_one(tmp_path):
-    default = tmp_path / "checkpoints" / "foo"
-    assert choose_out_dir(None, default, resuming=False, overwrite=False) == (default, None)
-    RunFolder(default).open().close()  # a run (its marker) is there now
-    path, note = choose_out_dir(None, default, resuming=False, overwrite=False)
-    assert path == tmp_path / "checkpoints" / "foo-2"
-    assert note == f"{default} holds an earlier run; writing to {path}/"
-    RunFolder(path).open().close()
-    (tmp_path / "checkpoints" / "foo-3").write_text("a file, not free")
-    (tmp_path / "checkpoints" / "foo-4").mkdir()  # an empty folder is free
-    path, note = choose_out_dir(None, default, resuming=False, overwrite=False)
-    assert path == tmp_path / "checkpoints" / "foo-4" and "foo-4/" in note
-
-
-def test_explicit_out_holding_a_run_is_refused(tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "last.pt").write_bytes(b"x")
-    with pytest.raises(RunFolderError) as info:
-        choose_out_dir(out, tmp_path / "default", resuming=False, overwrite=False)
-    message = str(info.value)
-    assert f"charnn train --resume {out / 'last.pt'}" in message
-    assert "--out OTHER" in message and "--overwrite" in message
-    assert isinstance(info.value, CharnnError)
-    (out / "last.pt").unlink()
-    (out / "best.pt").write_bytes(b"x")
-    with pytest.raises(RunFolderError, match=f"--resume {out / 'best.pt'}"):
-        choose_out_dir(out, tmp_path / "default", resuming=False, overwrite=False)
-    (out / "best.pt").unlink()
-    (out / "metrics.jsonl").write_text("")
-    with pytest.raises(RunFolderError, match="no checkpoint to resume.*--overwrite"):
-        choose_out_dir(out, tmp_path / "default", resuming=False, overwrite=False)
-    spaced = tmp_path / "my run"
-    spaced.mkdir()
-    (spaced / "last.pt").write_bytes(b"x")
-    with pytest.raises(RunFolderError, match="--resume '"):
-        choose_out_dir(spaced, tmp_path / "default", resuming=False, overwrite=False)
-
-
-def test_explicit_out_with_overwrite_and_resume(tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "last.pt").write_bytes(b"x")
-    path, note = choose_out_dir(out, tmp_path / "default", resuming=False, overwrite=True)
-    assert path == out and "--overwrite" in note
-    assert choose_out_dir(out, tmp_path / "default", resuming=True, overwrite=False) == (out, None)
-    assert choose_out_dir(None, out, resuming=True, overwrite=False) == (out, None)
-    with pytest.raises(RunFolderError, match="cannot be combined with --resume"):
-        choose_out_dir(out, tmp_path / "default", resuming=True, overwrite=True)
-    assert choose_out_dir(tmp_path / "fresh", tmp_path / "default", resuming=False, overwrite=False) == (
-        tmp_path / "fresh", None)
-
-
-def test_overwrite_removes_the_old_run_and_nothing_else(tmp_path, small):
-    out = tmp_path / "run"
-    with RunFolder(out) as folder:
-        folder.save(small, "last.pt")
-        folder.save(small, "best.pt")
-        folder.save_step(b"x", 10, keep=5)
-        folder.save_step(b"x", 20, keep=5)
-        folder.log({"step": 10})
-    (out / "notes.txt").write_text("mine\n")
-    old_marker = json.loads((out / RUN_MARKER).read_text())
-    with RunFolder(out, overwrite=True) as folder:
-        assert any(n.startswith("--overwrite: removed the earlier run") for n in folder.notes), folder.notes
-        assert sorted(os.listdir(out)) == sorted([LOCK_NAME, RUN_MARKER, "notes.txt"])
-    assert json.loads((out / RUN_MARKER).read_text())["charnn_version"] == old_marker["charnn_version"]
-    with pytest.raises(RunFolderError, match="cannot be combined"):
-        RunFolder(out, overwrite=True, resuming_at_step=3).open()
-
-
-@pytest.mark.system
-def test_overwrite_is_refused_while_another_process_writes_there(tmp_path):
-    out = tmp_path / "run"
-    holder = _python(HOLDER, str(out))
-    try:
-        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
-        (out / "last.pt").write_bytes(b"theirs")
-        with pytest.raises(RunFolderError, match=f"pid {holder.pid}"):
-            RunFolder(out, overwrite=True).open()
-        assert (out / "last.pt").read_bytes() == b"theirs"
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_the_marker_is_kept_on_resume(tmp_path):
-    out = tmp_path / "run"
-    RunFolder(out).open().close()
-    marker = (out / RUN_MARKER).read_bytes()
-    assert set(json.loads(marker)) >= {"created", "charnn_version"}
-    RunFolder(out, resuming_at_step=0).open().close()
-    assert (out / RUN_MARKER).read_bytes() == marker
-
-
-def test_a_new_run_is_refused_under_the_lock_when_another_took_the_folder(tmp_path):
-    """The folder was free when chosen, but another new run opened it first:
-    refused (FolderTakenError, so the trainer moves on to NAME-2), never shared."""
-    from charnn.errors import FolderTakenError
-
-    first = RunFolder(tmp_path / "run").open()
-    first.close()  # it wrote its marker: the folder now holds a run
-    with pytest.raises(FolderTakenError, match="already holds a training run"):
-        RunFolder(tmp_path / "run").open()

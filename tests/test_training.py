@@ -1,7 +1,7 @@
-"""The training loop at issue-2 level: checkpoints, metrics log, budgets, validation figure.
-
-(Resume, time limits, NaN handling and friends live in test_trainer_features.py.)
-"""
+"""The training loop: checkpoints at every evaluation, the metrics log, step and
+epoch budgets, the validation figure, early stopping, --keep rotation and
+precision. (Resume: test_resume.py; time limits and the schedule:
+test_schedule.py; NaN handling: test_training_nonfinite.py.)"""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from charnn.model.precision import autocast_precision
+from charnn.storage import checkpoint
 from charnn.storage.checkpoint import load, load_model
+from charnn.training.trainer import Trainer, train
 from charnn.text.data import StreamBatcher, read_corpus, split_ids
 from charnn.errors import ConfigError, DataError
 from charnn.analysis.evaluate import evaluate_ids
 
-from conftest import make_text, train_tiny
+from conftest import TALE_MODEL, make_text, tale_config, train_tiny
 
 
 def _eval_rows(path):
@@ -155,3 +158,40 @@ def test_seeded_runs_are_identical(tmp_path, corpus_file):
     sa = load(a.last).data["model_state"]
     sb = load(b.last).data["model_state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_patience_stops_early(tale, tmp_path, monkeypatch):
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(losses))
+    result = train(tale_config(tale, tmp_path / "a", max_steps=100, eval_every=2, patience=2), TALE_MODEL,
+                   handle_sigint=False)
+    assert result.stopped_because == "patience"
+    assert result.step == 8  # evals at 2, 4 (best), 6 and 8 (no better) -> stop
+    assert result.best_val_loss == 2.0
+
+
+def test_keep_rotates_step_checkpoints_and_log_has_eval_rows(tale, tmp_path):
+    out = tmp_path / "a"
+    train(tale_config(tale, out, max_steps=20, eval_every=4, keep=2), TALE_MODEL, handle_sigint=False)
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-0000016.pt", "step-0000020.pt"]
+    assert not list(out.glob(".charnn-tmp-*"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12, 16, 20]
+    assert all(math.isfinite(r["val_loss"]) and r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2))
+               for r in evals)
+    logs = [r for r in rows if "train_loss" in r]
+    assert len(logs) == 20 and {"lr", "grad_norm", "chars_per_sec", "clipped_share"} <= set(logs[0])
+    best = checkpoint.load(out / "best.pt")
+    assert best.train_state["best_val"] == min(r["val_loss"] for r in evals)
+
+
+def test_precision_choices_on_cpu(tale, tmp_path):
+    cpu = torch.device("cpu")
+    assert autocast_precision("fp32", cpu) == "fp32"
+    assert autocast_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        autocast_precision("fp16", cpu)
+    result = train(tale_config(tale, tmp_path / "a", max_steps=6, precision="bf16"), TALE_MODEL, handle_sigint=False)
+    assert math.isfinite(result.best_val_loss)
+    assert checkpoint.load(tmp_path / "a" / "last.pt").data["model_state"]["head.weight"].dtype == torch.float32

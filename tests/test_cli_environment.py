@@ -1,7 +1,7 @@
-"""Faults found by the red-team pass of issue 10, each created for real and
-held here: crafted training state, printed commands that must work in a real
-shell, a stray RANK, absurd --threads, a full or closed stderr, escape
-sequences in file names."""
+"""The world a command runs in, each part created for real: a crafted
+training state in the checkpoint it resumes, the real shell its printed
+commands are pasted into, a stray RANK in the environment, absurd --threads,
+a full or closed stderr, escape sequences in file names."""
 
 from __future__ import annotations
 

@@ -83,6 +83,7 @@ def test_every_help_fits_80_columns(helps):
         assert "╭" not in text and "│" not in text, name  # plain click help, not squeezed rich panels
 
 
+@pytest.mark.system
 def test_help_has_one_default_style_and_named_values(helps):
     for name in CONVENTIONAL:
         text = helps[name]
@@ -94,6 +95,7 @@ def test_help_has_one_default_style_and_named_values(helps):
     assert "[default: 0.8]" in helps["sample"] and "[default: 500]" in helps["sample"]
 
 
+@pytest.mark.system
 def test_train_help_states_the_automatic_values_the_code_uses(helps):
     from charnn.training import schedule
 
@@ -105,6 +107,7 @@ def test_train_help_states_the_automatic_values_the_code_uses(helps):
     assert f"[default: up to {schedule.AUTO_EVAL_CHARS:,}, fewer" in text, text
 
 
+@pytest.mark.system
 def test_help_descriptions_get_room(helps):
     """Descriptions start by column 34 and so get at least ~45 columns."""
     for name, text in helps.items():
@@ -114,6 +117,7 @@ def test_help_descriptions_get_room(helps):
                 assert line.index(m.group(2)) <= 34, (name, line)
 
 
+@pytest.mark.system
 def test_help_text_is_not_eaten_by_markup_and_states_units(helps):
     helps = {k: " ".join(v.split()) for k, v in helps.items()}  # as read, not as wrapped
     assert "charnn[plot]" in helps["info"]
