@@ -185,8 +185,8 @@ def test_a_web_page_in_chromium_cannot_drive_the_server(server, tmp_path):
         browser.send("Page.navigate", {"url": f"http://rebind.example:{server.port}/v1/models"})
         text = browser.wait_for("document.readyState === 'complete' && document.body && document.body.innerText")
         assert "421" in text and "best.pt" not in text
-        rebound = browser.eval(f"fetch('/v1/generate', {{method: 'POST', headers: {{'Content-Type': "
-                               f"'application/json'}}, body: '{{\"n\": 5}}'}}).then(r => r.status, e => 'blocked')")
+        rebound = browser.eval("fetch('/v1/generate', {method: 'POST', headers: {'Content-Type': "
+                               "'application/json'}, body: '{\"n\": 5}'}).then(r => r.status, e => 'blocked')")
         assert rebound in (421, "blocked")  # the 421 reply's CSP already forbids the request
     finally:
         browser.close()
@@ -365,7 +365,7 @@ def test_stopping_ends_every_stream_with_an_error_event_and_no_tracebacks(traine
     grace = "30" if how == "ctrl-c-twice" else "3"
     s = serve(tmp_path, trained.best, "--max-n", "10000000", "--grace", grace, "--client-timeout", "60",
               session=True)
-    stalled, results, readers = [], [], []
+    stalled, results = [], []
     try:
         with ThreadPoolExecutor(4) as pool:
             for _ in range(4):

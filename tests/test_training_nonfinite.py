@@ -142,7 +142,7 @@ def test_absurd_lr_via_cli_stops_cleanly_and_keeps_a_loadable_checkpoint(corpus,
         assert "Error: training diverged" in result.stderr, result.stderr
         assert str(out / "last.pt") in result.stderr
     for p in out.glob("*.pt"):
-        ck = ckpt_mod.load(p)  # refuses NaN/inf weights
+        ckpt_mod.load(p)  # refuses NaN/inf weights
         assert _all_finite(p)
     if (out / "last.pt").exists():
         # The "last good checkpoint" really is usable: sample from it.
