@@ -202,6 +202,14 @@ class Chromium:
                 assert "error" not in reply, reply["error"]
                 return reply["result"]
 
+    def open_page(self, url: str) -> None:
+        """A new tab on ``url``, attached, with page events on."""
+        target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                 session=False)["sessionId"]
+        self.send("Page.enable")
+        self.send("Page.navigate", {"url": url})
+
     def eval(self, expr: str):
         r = self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True})
         assert "exceptionDetails" not in r, r["exceptionDetails"]

@@ -644,11 +644,7 @@ def test_page_in_headless_chromium(trained, reap, tmp_path):
     reap(proc)
     browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        browser.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                       session=False)["sessionId"]
-        browser.send("Page.enable")
-        browser.send("Page.navigate", {"url": url})
+        browser.open_page(url)
         browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length > 0")
         browser.eval("window.__mutations = 0; new MutationObserver((r) => { window.__mutations += r.length; })"
                      ".observe(document.getElementById('out'), {childList: true});")

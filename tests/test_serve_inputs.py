@@ -302,11 +302,7 @@ def test_copy_as_command_keeps_newlines_quotes_and_big_seeds(tmp_path):
     prime = "-a 'b'\n\"$a\" `b`\\\n\n!*;&|(#~) "
     browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
     try:
-        target = browser.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        browser.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                       session=False)["sessionId"]
-        browser.send("Page.enable")
-        browser.send("Page.navigate", {"url": s.url})
+        browser.open_page(s.url)
         browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length")
         browser.eval(f"const p = document.getElementById('prime'); p.value = {json.dumps(prime)};"
                      "p.dispatchEvent(new Event('input')); const s = document.getElementById('seed');"
