@@ -110,8 +110,8 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
         raise ConfigError(
             f"--time-limit {cfg.time_limit:g}s is too short to train: one training step of the smallest model "
             f"({choice.shape.name}) on {vocab_size:,} distinct characters takes about {step:.1f}s here, "
-            f"with {cfg.batch_size} x {cfg.seq_len} = {tokens:,} characters per step. Give at least "
-            f"--time-limit {math.ceil(10 * step / sizing.TRAINING_SHARE + cfg.time_limit)}s, or make each step "
+            f"with {cfg.batch_size} x {cfg.seq_len} = {tokens:,} characters per step; give at least "
+            f"{math.ceil(10 * step / sizing.TRAINING_SHARE + cfg.time_limit)}s, or make each step "
             f"smaller with --batch-size or --seq-len")
     if dist_info.enabled:
         shared = [choice]
