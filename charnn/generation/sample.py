@@ -11,13 +11,14 @@ Both run on :class:`~charnn.model.fastrnn.PackedRNN`: the prime is consumed in o
 sequence pass of the model, then each character is one step of written-out
 cell equations (see :mod:`charnn.model.fastrnn`).
 
-Randomness: sample ``i`` of a batch with seed ``S`` draws from its own random
-stream seeded ``S + i``. Sampling is the Gumbel-max trick -- the next id is
-``argmax(logits / T + g)`` with ``g`` standard Gumbel noise, which picks id
-``k`` with probability ``softmax(logits / T)[k]``, exactly as
-``torch.multinomial`` would, but lets the noise be drawn in blocks of
-:data:`NOISE_BLOCK` steps instead of one random call per character. The same
-seed, checkpoint and options give the same text on every run.
+Randomness: sample ``i`` of a batch with seed ``S`` uses seed ``S + i``; at
+step ``t`` it draws one uniform ``u`` from :mod:`charnn.generation.rng`, a
+counter-based generator (Philox4x32-10) that any program can reproduce. The
+next id is then picked by inverse CDF in float64 (:func:`pick_ids`): the
+first id whose cumulative probability under ``softmax(logits / T)`` (after
+top-k/top-p) exceeds ``u``. The same seed, checkpoint and options give the
+same text on every run, in ``charnn serve``, and in an exported web page up
+to the rounding condition its docs state.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from ..model.devices import cpu_has_bf16
 from ..model.fastrnn import SAFE_MAGNITUDE, PackedRNN
 from ..model.rnn import GATE_ROWS, CharRNN, available_memory
 from ..text.tokenizer import CharTokenizer
+from . import rng
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
-NOISE_BLOCK = 64  # steps of random noise drawn per call, per stream
+NOISE_BLOCK = 64  # steps of uniforms drawn per call, per stream
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_BATCH = 16  # "auto" uses bf16 weights from this many samples on (see sampling_precision)
 DEFAULT_TEMPERATURE = 0.8  # the one default of the library and the CLI: livelier than greedy, fewer typos than 1.0
@@ -49,7 +51,7 @@ DEFAULT_TEMPERATURE = 0.8  # the one default of the library and the CLI: livelie
 MAX_PRIME_FILE_BYTES = 4 << 20  # a prime file of at most 4 MiB ...
 MAX_PRIME_CHARS = 1 << 20  # ... and a prime of at most 1,048,576 characters (the model remembers a few hundred)
 MAX_SAMPLE_MEMORY = 2 << 30  # generate_samples: 2 GiB for all samples' texts and working tensors
-MAX_SEED = (1 << 64) - 1  # torch generators take 64-bit seeds
+MAX_SEED = (1 << 64) - 1  # the generator's key is 64 bits (see rng)
 # Logits are divided by the temperature in float32; a larger one does not convert.
 MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 SAMPLING_NONFINITE = ("the model produced non-finite values (inf or NaN) while sampling; the checkpoint's "
@@ -113,12 +115,12 @@ def validate_seed(seed: int | None, num_samples: int = 1) -> None:
 def sample_memory(model: CharRNN, tokenizer: CharTokenizer, prime: str, length: int, num_samples: int) -> int:
     """Bytes :func:`generate_samples` needs, about: per stream, the text (prime
     + generated, in Python's width for this vocabulary, plus a copy while
-    joining), a block of Gumbel noise and ids, logits and the cell state."""
+    joining), a block of uniforms and ids, logits, the pick's float64 rows and the cell state."""
     cfg = model.config
     top = max(map(ord, tokenizer.chars))
     width = 1 if top < 0x100 else 2 if top < 0x10000 else 4
     V, H, L, G = cfg.vocab_size, cfg.hidden_size, cfg.num_layers, GATE_ROWS[cfg.cell]
-    work = 4 * (2 * NOISE_BLOCK * V + 4 * V + 3 * L * H + 2 * G * H) + 44 * NOISE_BLOCK
+    work = 4 * (4 * V + 3 * L * H + 2 * G * H) + 8 * 4 * V + 52 * NOISE_BLOCK
     return num_samples * (work + 2 * width * (len(prime) + length))
 
 
@@ -233,13 +235,38 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: lower id first
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p.
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def pick_ids(logits: Tensor, u: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Next ids (B,) from logits (B, V) and one uniform ``u`` (B,) in [0, 1)
+    per row: inverse CDF in float64, so the same arithmetic is easy to repeat
+    in another language (an exported web page does).
+
+    With ``z = (logits - max) / T`` filtered by top-k/top-p (masked entries
+    -inf), ``e = exp(z)`` and ``c`` its running sum, the pick is the number
+    of entries with ``c <= u * c[-1]``: the first id whose cumulative
+    probability exceeds ``u``. Each row is computed on its own, so a row
+    picks the same id alone or in any batch."""
+    z = logits.double()
+    z = (z - z.amax(-1, keepdim=True)) / temperature  # <= 0; the maximum is exactly 0, so exp never overflows
+    if top_k or top_p < 1.0:
+        z = filter_logits(z, top_k, top_p)
+    e = z.exp_()
+    c = e.cumsum(-1)  # (B, V)
+    ids = (c <= u.reshape(-1, 1) * c[:, -1:]).sum(-1)
+    V = logits.shape[-1]
+    over = ids >= V  # u * total rounded up to total: the last id with any probability
+    if bool(over.any()):
+        last = V - 1 - (e > 0).flip(-1).int().argmax(-1)
+        ids = torch.where(over, last, ids)
+    return ids
 
 
 def sampling_precision(precision: str, device: torch.device, num_samples: int, greedy: bool) -> str:
@@ -282,16 +309,12 @@ class Sampler:
         self.packed = PackedRNN(model, PRECISIONS[precision])
         # Overflow is impossible for sane weights (see PackedRNN._value_bound):
         # only a model whose bound is absurd pays for a check of every step.
-        bound = self.packed.value_bound
-        if self.filtered:
-            bound /= self.temperature  # filter_logits divides the logits by T
-        elif not self.greedy:
-            bound += 20.0 * self.temperature  # T * Gumbel noise (at most ~17 in fp32)
-        self.check_every_step = not bound < SAFE_MAGNITUDE
+        # (pick_ids works in float64 on logits minus their maximum: no overflow beyond the logits'.)
+        self.check_every_step = not self.packed.value_bound < SAFE_MAGNITUDE
 
     def _set_options(self, tokenizer: CharTokenizer, temperature: float, top_k: int, top_p: float,
                      device: torch.device) -> None:
-        """What the noise and the pick read (shared with the server's batched sampler)."""
+        """What the pick reads (shared with the server's batched sampler)."""
         self.tokenizer = tokenizer
         self.temperature = float(temperature)
         self.top_k = int(top_k)
@@ -300,19 +323,16 @@ class Sampler:
         self.filtered = not self.greedy and ((0 < top_k < tokenizer.vocab_size) or top_p < 1.0)
         self.device = device
 
-    def _noise(self, generators: list[torch.Generator]) -> Tensor:
-        """Gumbel noise for the next NOISE_BLOCK steps: (NOISE_BLOCK, B, V)."""
-        V = self.tokenizer.vocab_size
-        u = torch.stack([torch.rand(NOISE_BLOCK, V, generator=g, device=self.device) for g in generators], 1)
-        return u.log_().neg_().log_().neg_()  # -log(-log(u))
+    def _uniforms(self, seeds: Sequence[int], t: int) -> Tensor:
+        """The uniforms of steps t .. t + NOISE_BLOCK - 1: (B, NOISE_BLOCK) float64."""
+        return torch.from_numpy(rng.uniforms(seeds, t, NOISE_BLOCK)).to(self.device)
 
-    def _pick(self, logits: Tensor, noise: Tensor | None) -> Tensor:
-        """Next ids (B,) from logits (B, V)."""
-        if noise is None:
+    def _pick(self, logits: Tensor, u: Tensor | None) -> Tensor:
+        """Next ids (B,) from logits (B, V) and one uniform per row (B,)."""
+        if u is None:
             return logits.argmax(-1)
-        if self.filtered:
-            return filter_logits(logits / self.temperature, self.top_k, self.top_p).add_(noise).argmax(-1)
-        return torch.add(logits, noise, alpha=self.temperature).argmax(-1)  # = argmax(logits/T + g)
+        return pick_ids(logits, u, self.temperature, self.top_k if self.filtered else 0,
+                        self.top_p if self.filtered else 1.0)
 
     @torch.inference_mode()
     def ids(self, prime_ids: Sequence[int], length: int, seeds: Sequence[int]) -> Iterator[Tensor]:
@@ -326,19 +346,14 @@ class Sampler:
         logits, state = packed.forward_prime(prime_ids, len(seeds))  # the whole prime, in chunks
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(SAMPLING_NONFINITE)
-        generators = None
-        if not self.greedy:
-            generators = [torch.Generator(device=self.device) for _ in seeds]
-            for g, s in zip(generators, seeds):
-                g.manual_seed(int(s))
         step, check = packed.step, self.check_every_step
         t = 0
         while True:
-            noise = self._noise(generators) if generators is not None else None
+            block = None if self.greedy else self._uniforms(seeds, t)  # (B, NOISE_BLOCK)
             for k in range(NOISE_BLOCK):
                 if check and not bool(torch.isfinite(logits).all()):
                     raise NonFiniteError(SAMPLING_NONFINITE)
-                nxt = pick(logits, None if noise is None else noise[k])  # (B,)
+                nxt = pick(logits, None if block is None else block[:, k])  # (B,)
                 yield nxt
                 t += 1
                 if t == length:

@@ -21,7 +21,7 @@ Seven modules:
 
   Each step is one :meth:`PackedRNN.step` over all rows; each group then picks
   its next characters with exactly the arithmetic of :class:`charnn.generation.sample.Sampler`
-  (same seeds ``seed + i``, same Gumbel noise blocks, same pick on the same
+  (same seeds ``seed + i``, same uniforms, same float64 pick on the same
   (k, V) rows), so a request's text is ``charnn sample``'s text. One caveat,
   below the text: MKL multiplies a batch of 1-3 rows by other kernels than a
   bigger batch (1 row: a matrix-vector product), so for a request of 1-3

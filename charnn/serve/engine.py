@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..generation.sample import NOISE_BLOCK, Sampler
+from ..generation.sample import NOISE_BLOCK, Sampler, pick_ids
 from ..model.fastrnn import PackedRNN
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel
 from .channel import Channel
@@ -21,7 +21,7 @@ __all__ = ["PRIME_CACHE", "Channel", "Engine", "Group", "PrimeCache", "stop_tabl
 
 
 class _GroupSampler(Sampler):
-    """Sampler's noise (``_noise``) and pick (``_pick``) -- the exact arithmetic
+    """Sampler's uniforms (``_uniforms``) and pick (``_pick``) -- the exact arithmetic
     ``charnn sample`` runs -- without packing the model again: the batch
     shares one PackedRNN, and Sampler.__init__ would pack a copy per request."""
 
@@ -105,8 +105,7 @@ class Group:
         self.sampler = _GroupSampler(served.tokenizer, spec.temperature, spec.top_k, spec.top_p,
                                      served.model.head.weight.device)
         self.seeds = [spec.seed + i for i in range(self.k)]
-        self.generators: list[torch.Generator] | None = None
-        self.noise: tuple[Tensor, ...] = ()  # this block's noise, one (k, V) row per step
+        self.block: tuple[Tensor, ...] = ()  # this block's uniforms, one (k,) column per step
         self.t = 0
         self.logits: Tensor | None = None  # (k, V) after the prime, until the group joins the batch
         self.state: list[Tensor] | None = None
@@ -123,28 +122,24 @@ class Group:
     def prime(self, primes: PrimeCache) -> None:
         """Read the prime (off the worker thread): what ``Sampler.ids`` does first."""
         self.logits, self.state = primes.get(self.spec.prime, self.k)  # (k, V), state (k, H) per part
-        if not self.sampler.greedy:
-            self.generators = [torch.Generator(device=self.sampler.device) for _ in self.seeds]
-            for g, s in zip(self.generators, self.seeds):
-                g.manual_seed(int(s))
 
     @property
     def plain(self) -> bool:
-        """One sampled stream without top-k/top-p: its pick can share a batched add (see _pick_plain)."""
+        """One sampled stream without top-k/top-p: its pick can share a batched call (see _pick_plain)."""
         return self.k == 1 and not self.sampler.greedy and not self.sampler.filtered
 
-    def step_noise(self) -> Tensor | None:
-        """This step's Gumbel noise (k, V), drawing the next block every NOISE_BLOCK steps."""
-        if self.generators is None:
+    def step_uniforms(self) -> Tensor | None:
+        """This step's uniforms (k,), drawing the next block every NOISE_BLOCK steps."""
+        if self.sampler.greedy:
             return None
         at = self.t % NOISE_BLOCK
-        if at == 0:  # one tuple of row views per block: a step's lookup costs no tensor indexing
-            self.noise = self.sampler._noise(self.generators).unbind(0)  # NOISE_BLOCK x (k, V)
-        return self.noise[at]
+        if at == 0:  # one tuple of column views per block: a step's lookup costs no tensor indexing
+            self.block = self.sampler._uniforms(self.seeds, self.t).unbind(1)  # NOISE_BLOCK x (k,)
+        return self.block[at]
 
     def pick(self, logits: Tensor) -> Tensor:
         """Next ids (k,) from this group's rows (k, V): Sampler.ids's loop body."""
-        return self.sampler._pick(logits, self.step_noise())
+        return self.sampler._pick(logits, self.step_uniforms())
 
     def advance(self, ids: list[int], nxt: Tensor, logits: Tensor) -> bool:
         """Record the picked ids (``nxt`` as a list); send what is safe to send.
@@ -209,22 +204,13 @@ class Group:
             self.channel.put(("error", (status, message)))
 
 
-def _pick_plain(logits: Tensor, rows: list[int] | None, noise: list[Tensor], temperature: float) -> Tensor:
+def _pick_plain(logits: Tensor, rows: list[int] | None, uniforms: list[Tensor], temperature: float) -> Tensor:
     """Next ids (G,) for G one-stream groups with the same temperature and no
-    top-k/top-p: ``argmax(logits + T * noise)`` per row, as Sampler._pick does
-    on each group's (1, V) row, in one call. ``rows`` None: every row of
-    ``logits``, in order.
-
-    Bit for bit: the rows sit in a buffer padded to V+1 columns, so the
-    element-wise add cannot merge rows into one long vector and runs each row
-    of V elements exactly as it runs a lone (1, V) row (the same split into
-    SIMD blocks and a scalar tail). The argmax is exact either way."""
-    V = logits.shape[1]
-    G = len(noise)
-    buf = torch.empty(2, G, V + 1)  # (2, G, V+1): logits, noise
-    buf[0, :, :V] = logits if rows is None else logits.index_select(0, torch.tensor(rows))
-    buf[1, :, :V] = torch.cat(noise)
-    return torch.add(buf[0, :, :V], buf[1, :, :V], alpha=temperature).argmax(-1)  # (G,)
+    top-k/top-p, in one call: :func:`pick_ids` computes each row on its own,
+    so each group gets the id it would get alone. ``rows`` None: every row
+    of ``logits``, in order."""
+    picked = logits if rows is None else logits.index_select(0, torch.tensor(rows))
+    return pick_ids(picked, torch.cat(uniforms), temperature)  # (G,)
 
 
 class Engine:
@@ -365,7 +351,7 @@ class Engine:
             lo += g.k
         for temperature, members in plain.items():
             picked = _pick_plain(logits, [live[i][1] for i in members],
-                                 [live[i][0].step_noise() for i in members], temperature)
+                                 [live[i][0].step_uniforms() for i in members], temperature)
             for j, i in enumerate(members):
                 live[i][3] = picked[j : j + 1]
         nxts = [x[3] for x in live]
@@ -398,7 +384,7 @@ class Engine:
                     if all(g.batchable and not g.cancelled and g.sampler.temperature == temperature for g in active):
                         # The common case (one stream per request, the same temperature): one pick
                         # for the whole batch, no per-group tensors.
-                        ids = _pick_plain(logits, None, [g.step_noise() for g in active], temperature)
+                        ids = _pick_plain(logits, None, [g.step_uniforms() for g in active], temperature)
                         live = [(g, b, None, None) for b, g in enumerate(active)]
                     else:
                         ids, live = self._pick_each(active, logits)
