@@ -24,7 +24,7 @@ LAYERS = [
     {"storage"},
     {"training"},
     {"generation", "analysis"},
-    {"serve"},
+    {"serve", "export"},  # each built on generation/analysis, neither on the other
     {"cli"},
     {"__main__"},
 ]

@@ -8,7 +8,7 @@ The only package that imports typer or rich: one module per command, sharing
 from __future__ import annotations
 
 from .common import app, err, run_command
-from . import train, sample, eval, info, inspect, serve  # noqa: E402,F401  (registers the commands, in this order)
+from . import train, sample, eval, info, inspect, serve, export  # noqa: E402,F401  (registers the commands, in this order)
 from .progress import TrainReporter
 from .sample import SAMPLE_DIVIDER
 

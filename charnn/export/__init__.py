@@ -1,0 +1,49 @@
+"""Exporting a checkpoint for use without charnn: a web page, ONNX.
+
+:func:`export` checks the output path (never a file of another kind, never
+the checkpoint itself, unless ``overwrite``), builds the file in memory and
+writes it atomically: a failure leaves no file and no half file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+FORMATS = ("web", "onnx")
+SUFFIXES = {"web": ".html", "onnx": ".onnx"}
+WEIGHTS = ("auto", "fp32", "fp16", "int8")
+
+
+@dataclass
+class ExportResult:
+    """What was written: the path, its size, and what the format reports
+    (for the web page: the weights' storage and the loss it measured)."""
+
+    path: Path
+    bytes: int
+    format: str
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, weights: str = "auto",
+           note: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Export ``checkpoint`` as ``fmt`` ("web" or "onnx") to ``out``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"unknown weights {weights!r}; choose one of: {', '.join(WEIGHTS)}")
+    if fmt == "web":
+        from .web import export_web
+
+        return export_web(checkpoint, out, weights=weights, note=note, overwrite=overwrite)
+    if weights != "auto":
+        raise ConfigError("--weights applies to --format web only; ONNX keeps the checkpoint's fp32 weights")
+    if note:
+        raise ConfigError("--note applies to --format web only")
+    from .onnx import export_onnx
+
+    return export_onnx(checkpoint, out, overwrite=overwrite)
