@@ -14,7 +14,10 @@ from typing import Any
 # lie in memory: without this, MKL picks kernels by alignment, so a resumed run
 # (its weights loaded into new tensors) drifts from an uninterrupted one by an
 # ulp within a step. It must be set before MKL's first product, so here, before
-# charnn imports torch; a value the user set is kept. Costs a few % of speed.
+# charnn imports torch; a value the user set is kept. It costs a few % of
+# training speed and a third of one-stream sampling speed, so `charnn sample`
+# and `charnn serve`, which never train, set it back (cli.common.inference_only).
+MKL_CBWR_GIVEN = "MKL_CBWR" in os.environ
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.2.3"

@@ -409,6 +409,16 @@ def run_command(body: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
+def inference_only() -> None:
+    """For commands that never train (sample, serve): ``MKL_CBWR=AUTO``, unless
+    the user set it (see charnn/__init__.py). MKL reads it at its first call:
+    call this before the first matrix product; child processes inherit it."""
+    import charnn
+
+    if not charnn.MKL_CBWR_GIVEN:
+        os.environ["MKL_CBWR"] = "AUTO"
+
+
 def say(text: str) -> None:
     """One message on stderr (no markup), from rank 0 only under torchrun."""
     if _quiet_rank():

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, parse_device, plural, run_command,
-                     stdout, unit_interval)
+from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, inference_only, parse_device, plural,
+                     run_command, stdout, unit_interval)
 
 # ---------------------------------------------------------------------------
 # sample
@@ -93,6 +93,7 @@ def sample(
         raise typer.BadParameter("give --prime or --prime-file, not both", param_hint="'--prime-file'")
 
     def body() -> None:
+        inference_only()  # before torch's first matrix product
         import torch
 
         from ..storage.checkpoint import load_model

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, at_least, between, run_command, say
+from .common import app, at_least, between, inference_only, run_command, say
 
 
 @app.command()
@@ -66,6 +66,7 @@ def serve(
     /v1/score. Concurrent requests are generated together in one batch."""
 
     def body() -> None:
+        inference_only()  # before torch's first matrix product; the batch processes inherit it
         from ..serve import require_extra
 
         require_extra()  # before loading anything: say how to install the extra
