@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ExportResult
+from .result import ExportResult
 from .. import __version__
 from ..errors import CharnnError, format_bytes
 from ..generation.sample import DEFAULT_TEMPERATURE
@@ -192,6 +192,6 @@ def _check_in_onnxruntime(data: bytes, model: CharRNN, batch: int = 2, steps: in
                           f"{str(e).splitlines()[0][:300]}; nothing was written") from None
     diff = max(float(np.abs(g_ - e_.numpy()).max()) for g_, e_ in zip(got, expected))
     if not diff <= CHECK_TOLERANCE:
-        raise CharnnError(f"onnxruntime {ort.__version__} computes logits up to {diff:.3g} away from torch's "
+        raise CharnnError(f"onnxruntime {ort.__version__} computes logits or state up to {diff:.3g} away from torch's "
                           f"(more than {CHECK_TOLERANCE:g}); nothing was written")
     return {"checked in onnxruntime": ort.__version__, "max |logit difference|": f"{diff:.1e}"}
