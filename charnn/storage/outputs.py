@@ -1,8 +1,9 @@
-"""Files a command writes besides checkpoints: HTML pages and PNG plots.
+"""Files a command writes besides checkpoints: HTML pages, PNG plots, ONNX models.
 
 A command never writes over one of its own inputs (the checkpoint, the text
 files) or over an existing file of another kind than the one it writes
-(a text, a checkpoint, anything that is not an HTML page or a PNG) unless the
+(a text, a checkpoint, anything that is not an HTML page, a PNG or an ONNX
+model) unless the
 user passes ``--overwrite``. Paths are compared by the file they name
 (``os.path.samefile``: device and inode, symlinks followed), so a symlink or
 another spelling of an input is caught too. The check runs before the
@@ -27,8 +28,18 @@ from ..safe_files import write_atomic
 from ..text.reading import file_kind
 
 # What a file of each kind starts with (after a byte-order mark and blanks for HTML).
-_KINDS = {"html": "an HTML page", "png": "a PNG image"}
+_KINDS = {"html": "an HTML page", "png": "a PNG image", "onnx": "an ONNX model"}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# An ONNX file is a serialized ModelProto, which has no magic number; its
+# writers put field 1 (ir_version, a small varint: tag 0x08) first, then
+# another of the message's fields. The tags of fields 2-8 (producer name and
+# version, domain, model version, doc string, graph, opset import) and 14
+# (metadata) are what may follow.
+_ONNX_NEXT_TAGS = frozenset(b"\x12\x1a\x22\x28\x32\x3a\x42\x72")
+
+
+def _is_onnx(head: bytes) -> bool:
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in _ONNX_NEXT_TAGS
 
 
 def _is_kind(path: Path, kind: str) -> bool:
@@ -39,6 +50,8 @@ def _is_kind(path: Path, kind: str) -> bool:
         return False
     if kind == "png":
         return head.startswith(_PNG_MAGIC)
+    if kind == "onnx":
+        return _is_onnx(head)
     return head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith((b"<!doctype html", b"<html"))
 
 
@@ -67,7 +80,7 @@ def check_output(path: Path, kind: str, option: str, inputs: Iterable[str | os.P
                  overwrite: bool = False) -> None:
     """Refuse, before any work, to write ``path`` (given as ``option``) over
     one of ``inputs`` or over an existing file that is not of ``kind``
-    ("html" or "png"), unless ``overwrite``."""
+    ("html", "png" or "onnx"), unless ``overwrite``."""
     shown = safe_display(path)
     try:
         st = os.stat(path)  # follows a symlink: what the link names is what matters
