@@ -42,16 +42,25 @@ const CharnnModel = (() => {
     return out;
   }
 
-  // out[r] = add[r] + W[r, :] . x, W (rows, cols) row-major.
+  // out[r] = add[r] + W[r, :] . x, W (rows, cols) row-major. Four rows per
+  // pass: each x[k] is read once for four products, and the four sums are
+  // independent (no chain of dependent additions).
   function matvec(W, rows, cols, x, add, out) {
-    const end4 = cols - 3;
-    for (let r = 0, o = 0; r < rows; r++, o += cols) {
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0, k = 0;
-      for (; k < end4; k += 4) {
-        s0 += W[o + k] * x[k]; s1 += W[o + k + 1] * x[k + 1]; s2 += W[o + k + 2] * x[k + 2]; s3 += W[o + k + 3] * x[k + 3];
+    let r = 0;
+    for (; r + 3 < rows; r += 4) {
+      const o0 = r * cols, o1 = o0 + cols, o2 = o1 + cols, o3 = o2 + cols;
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (let k = 0; k < cols; k++) {
+        const xk = x[k];
+        s0 += W[o0 + k] * xk; s1 += W[o1 + k] * xk; s2 += W[o2 + k] * xk; s3 += W[o3 + k] * xk;
       }
-      for (; k < cols; k++) s0 += W[o + k] * x[k];
-      out[r] = add[r] + ((s0 + s1) + (s2 + s3));
+      out[r] = add[r] + s0; out[r + 1] = add[r + 1] + s1; out[r + 2] = add[r + 2] + s2; out[r + 3] = add[r + 3] + s3;
+    }
+    for (; r < rows; r++) {
+      const o = r * cols;
+      let s = 0;
+      for (let k = 0; k < cols; k++) s += W[o + k] * x[k];
+      out[r] = add[r] + s;
     }
   }
 
