@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CharnnError
+from ..errors import CharnnError, ConfigError, NonFiniteError
 from ..generation.sample import DEFAULT_TEMPERATURE, START_CANDIDATES, generate_samples
 from ..model.rnn import CharRNN
 from ..model.scoring import evaluate_ids
@@ -51,14 +51,17 @@ def export_web(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights
     check_output(out, "html", "--out", inputs=[checkpoint], overwrite=overwrite)
     model, tokenizer, ckpt = load_model(checkpoint)
     check_output(out, "html", "--out", inputs=corpus_inputs(ckpt.train_config), overwrite=overwrite)
-    texts, source = validation_texts(model, tokenizer, ckpt)
-    base = text_loss(model, texts)
-    storage, change = choose_storage(model, texts, base, weights)
+    if weights == "fp32":  # the checkpoint's own numbers: nothing to measure
+        storage, loss = "fp32", "unchanged (the checkpoint's own weights)"
+    else:
+        texts, source = validation_texts(model, tokenizer, ckpt)
+        storage, change = choose_storage(model, texts, text_loss(model, texts), weights)
+        loss = f"{change:+.2%} vs fp32 on {source}"
     blob, specs = pack_weights(model, storage)
     page = build_page(ckpt, Path(checkpoint), blob, specs, note)
     path = write_output(out, page)
     data = page.encode("utf-8")
-    return ExportResult(path, len(data), "web", {"weights": storage, "loss": f"{change:+.2%} vs fp32 on {source}"})
+    return ExportResult(path, len(data), "web", {"weights": storage, "loss": loss})
 
 
 # ---------------------------------------------------------------------------
@@ -122,11 +125,23 @@ def rounded_model(model: CharRNN, storage: str) -> CharRNN:
 
 
 def choose_storage(model: CharRNN, texts: list[np.ndarray], base: float, weights: str) -> tuple[str, float]:
-    """The storage and its relative loss change against fp32."""
+    """The storage and its relative loss change against fp32 (inf when the
+    rounded model's values overflow). ``auto`` never picks a storage that
+    cannot hold the weights; asked for one, :class:`ConfigError`."""
     def change(storage: str) -> float:
         if storage == "fp32":
             return 0.0
-        loss = text_loss(rounded_model(model, storage), texts)
+        twin = rounded_model(model, storage)
+        if not all(bool(torch.isfinite(p).all()) for p in twin.parameters()):
+            if weights == "auto":
+                return math.inf
+            largest = max(float(p.detach().abs().max()) for p in model.parameters())
+            raise ConfigError(f"{storage} cannot store this model's weights (the largest is {largest:.3g}, beyond "
+                              f"{storage}'s {float(torch.finfo(torch.float16).max):,.0f}); use --weights fp32 or int8")
+        try:
+            loss = text_loss(twin, texts)
+        except NonFiniteError:
+            return math.inf
         return (loss - base) / base if base > 0 else (0.0 if loss == base else math.inf)
 
     if weights != "auto":
