@@ -51,3 +51,48 @@ def run_page(browser, frag: str, timeout: float = 120) -> tuple[str, str]:
             return title, browser.eval("document.getElementById('output').textContent")
         assert time.monotonic() < end, f"the page did not finish: {title}"
         time.sleep(0.02)
+
+
+def open_offline(browser, url: str, scripts: bool = True) -> None:
+    """A new tab with the network switched off and requests recorded (in
+    ``browser.events``), then ``url``; with ``scripts=False`` JavaScript is off."""
+    target = browser.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+    browser.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                   session=False)["sessionId"]
+    browser.send("Page.enable")
+    browser.send("Network.enable")
+    browser.send("Network.emulateNetworkConditions", {"offline": True, "latency": 0, "downloadThroughput": -1,
+                                                      "uploadThroughput": -1})
+    if not scripts:
+        browser.send("Emulation.setScriptExecutionDisabled", {"value": True})
+    browser.send("Page.navigate", {"url": url})
+
+
+def requested_urls(browser) -> list[str]:
+    return [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+
+
+def near_tie(model, tokenizer, prime: str, generated: str, seed: int, temperature: float, top_k: int = 0,
+             top_p: float = 1.0) -> float:
+    """How close charnn's pick of character ``len(generated)`` after ``prime``
+    came to another: for a sampled pick, the distance of its uniform from the
+    nearest cumulative-probability boundary; for a greedy one, the gap between
+    the two largest logits."""
+    from charnn.generation import rng
+    from charnn.generation.sample import filter_logits, start_ids
+
+    ids = [int(i) for i in start_ids(tokenizer, prime)] + [int(i) for i in tokenizer.encode_array(generated)]
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0][0, -1].float()  # (V,)
+    V = logits.shape[0]
+    if temperature == 0 or top_k == 1:
+        top2 = logits.topk(2).values
+        return float(top2[0] - top2[1])
+    z = (logits.double() - logits.double().max()) / temperature
+    filtered = (0 < top_k < V) or top_p < 1.0
+    if filtered:
+        z = filter_logits(z[None], top_k if 0 < top_k < V else 0, top_p)[0]
+    c = torch.cumsum(z.exp(), 0)
+    c = c / c[-1]
+    u = float(rng.uniforms([seed], len(generated), 1)[0, 0])
+    return float((c - u).abs().min())
