@@ -273,7 +273,7 @@ const CharnnModel = (() => {
       if (!stop) { this.push(ch, meta); return; }
       this.pending += ch; this.pendingMeta.push(...Array.from(ch, () => meta));
       const found = this.pending.indexOf(stop);
-      if (found >= 0) { this.flushPending(found); this.done = true; return; }
+      if (found >= 0) { this.flushPending(found); this.pending = ""; this.pendingMeta = []; this.done = true; return; }
       let keep = 0;
       for (let j = Math.min(stop.length - 1, this.pending.length); j > 0; j--) {
         if (this.pending.endsWith(stop.slice(0, j))) { keep = j; break; }
