@@ -8,25 +8,13 @@ writes it atomically: a failure leaves no file and no half file.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import ConfigError
+from .result import ExportResult
 
 FORMATS = ("web", "onnx")
 SUFFIXES = {"web": ".html", "onnx": ".onnx"}
 WEIGHTS = ("auto", "fp32", "fp16", "int8")
-
-
-@dataclass
-class ExportResult:
-    """What was written: the path, its size, and what the format reports
-    (for the web page: the weights' storage and the loss it measured)."""
-
-    path: Path
-    bytes: int
-    format: str
-    details: dict[str, object] = field(default_factory=dict)
 
 
 def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, weights: str = "auto",

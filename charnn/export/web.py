@@ -35,7 +35,7 @@ from ..model.rnn import CharRNN
 from ..model.scoring import evaluate_ids
 from ..storage.checkpoint import Checkpoint, load_model
 from ..storage.outputs import check_output, corpus_inputs, write_output
-from . import ExportResult
+from .result import ExportResult
 
 AUTO_TOLERANCE = 0.005  # fp16 when it costs at most 0.5% of the fp32 loss
 MAX_VAL_CHARS = 50_000  # characters of the validation split scored per storage
