@@ -182,6 +182,7 @@ class Chromium:
         self._buf = b""
         self._id = 0
         self.session = None
+        self.events: list[dict] = []  # protocol events (Network.*, ...) met while waiting for answers
 
     def send(self, method: str, params: dict | None = None, session: bool = True, timeout: float = 30.0) -> dict:
         self._id += 1
@@ -198,6 +199,8 @@ class Chromium:
                 self._buf += chunk
             raw, self._buf = self._buf.split(b"\0", 1)
             reply = json.loads(raw)
+            if "method" in reply:
+                self.events.append(reply)
             if reply.get("id") == self._id:
                 assert "error" not in reply, reply["error"]
                 return reply["result"]
