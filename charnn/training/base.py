@@ -65,8 +65,8 @@ def resolve(spec: str) -> tuple[Path | None, str]:
     if spec in bases:
         return bases[spec], spec
     path = Path(os.path.expanduser(spec))
-    if path.exists():
-        return path, path.name
+    if path.exists():  # named as charnn names runs' checkpoints: the run folder shows which run
+        return path, f"{path.parent.name}/{path.name}" if path.name in ("best.pt", "last.pt") else path.name
     names = ", ".join(bases) or "none shipped with this installation"
     raise ConfigError(f"--base {spec}: no such base or file. Give auto, none, a base's name ({names}) "
                       "or the path of a charnn checkpoint")
@@ -97,13 +97,15 @@ def choose_base(spec: str, text: str, vocab_of) -> BaseChoice:
         if spec == "auto":
             return BaseChoice(None, "none", "no base model is installed")
         return BaseChoice(None, "none", "--base none")
-    if spec != "auto":
-        return BaseChoice(path, name, f"--base {spec}")
     info = card(path)
     bigrams = set(info["bigrams"]) if isinstance(info.get("bigrams"), list) else None
     chars, pairs = coverage(text, set(vocab_of(path)), bigrams)
     known = f"it knows {chars:.1%} of the text's characters" + (
         f" and {pairs:.1%} of its character pairs" if pairs is not None else "")
-    if chars < MIN_CHAR_COVERAGE or (pairs is not None and pairs < MIN_BIGRAM_COVERAGE):
+    unfamiliar = chars < MIN_CHAR_COVERAGE or (pairs is not None and pairs < MIN_BIGRAM_COVERAGE)
+    if spec != "auto":
+        advice = "; it gains little on a text it does not know (--base none trains from scratch)" if unfamiliar else ""
+        return BaseChoice(path, name, f"fine-tuning {name} (--base): {known}{advice}")
+    if unfamiliar:
         return BaseChoice(None, "none", f"from scratch: {name} does not know this text well enough ({known})")
     return BaseChoice(path, name, f"fine-tuning {name}: {known}")
