@@ -163,9 +163,9 @@ def sample(
                 for s in samples:
                     out.write(s.text + "\n" + SAMPLE_DIVIDER + "\n")
         out.flush()
-        copies.footers(samples, reports)
         if seed is None:
             err.print(f"seed {chosen} (pass --seed {chosen} to repeat)", markup=False)
+        copies.footers(samples, reports)
 
     run_command(body)
 

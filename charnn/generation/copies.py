@@ -87,16 +87,18 @@ def read_against(path: str | os.PathLike, encoding: str = "utf-8") -> TrainingTe
     return TrainingText(corpus.text, corpus.sha256, _label([str(path)]))
 
 
-def recorded_text(train_config: dict) -> tuple[TrainingText | None, str]:
+AGAINST_FIX = "pass --against FILE with the text it was trained on"
+
+
+def recorded_text(train_config: dict, fix: str = AGAINST_FIX) -> tuple[TrainingText | None, str]:
     """The text a checkpoint records as its corpus, if it is still there and
     unchanged (its SHA-256 is the recorded one); else None and one line
-    saying why and what to do."""
+    saying why and ``fix``, what to do."""
     from ..text.data import builtin_corpus_path
 
     cfg = train_config if isinstance(train_config, dict) else {}
     expected = cfg.get("corpus_hash")
     paths = cfg.get("corpus") or []
-    fix = "pass --against FILE with the text it was trained on"
     if not isinstance(expected, str) or not expected or not isinstance(paths, list):
         return None, f"the checkpoint does not record its training text; {fix}"
     encoding = cfg.get("encoding") if isinstance(cfg.get("encoding"), str) else "utf-8"

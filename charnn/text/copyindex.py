@@ -140,6 +140,11 @@ class CopyIndex:
         self.sa = sa
         self._sa = memoryview(sa)  # indexing gives Python ints: cheaper in the binary searches
 
+    @classmethod
+    def from_bytes(cls, text: str, sa: bytes) -> "CopyIndex":
+        """An index sent as its text and the suffix array's bytes (``sa.tobytes()``)."""
+        return cls(text, np.frombuffer(sa, dtype=np.int32))
+
     @property
     def nbytes(self) -> int:
         """Memory the index holds: the suffix array and the text."""
