@@ -79,7 +79,7 @@ def serve(
         models = load_models(checkpoints, progress=say)
         for m in models:
             if m.copy_index is None:
-                say(f"{m.name}: copies not checked -- {m.copy_note}")
+                say(f"{m.name}: copies are not reported and max_copy is refused: {m.copy_note}")
         sock = bind(host, port)
         bound = sock.getsockname()[0]
         application = create_app(models, limits, batch_process=not batch_in_process, bound=bound,

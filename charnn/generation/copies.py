@@ -90,17 +90,18 @@ def read_against(path: str | os.PathLike, encoding: str = "utf-8") -> TrainingTe
 AGAINST_FIX = "pass --against FILE with the text it was trained on"
 
 
-def recorded_text(train_config: dict, fix: str = AGAINST_FIX) -> tuple[TrainingText | None, str]:
+def recorded_text(train_config: dict, fix: str | None = AGAINST_FIX) -> tuple[TrainingText | None, str]:
     """The text a checkpoint records as its corpus, if it is still there and
     unchanged (its SHA-256 is the recorded one); else None and one line
-    saying why and ``fix``, what to do."""
+    saying why (and ``fix``, what to do)."""
+    fix = f"; {fix}" if fix else ""
     from ..text.data import builtin_corpus_path
 
     cfg = train_config if isinstance(train_config, dict) else {}
     expected = cfg.get("corpus_hash")
     paths = cfg.get("corpus") or []
     if not isinstance(expected, str) or not expected or not isinstance(paths, list):
-        return None, f"the checkpoint does not record its training text; {fix}"
+        return None, f"the checkpoint does not record its training text{fix}"
     encoding = cfg.get("encoding") if isinstance(cfg.get("encoding"), str) else "utf-8"
     label = _label([str(p) for p in paths]) if paths else "the built-in corpus"
     try:
@@ -113,12 +114,12 @@ def recorded_text(train_config: dict, fix: str = AGAINST_FIX) -> tuple[TrainingT
             return None, f"{_too_large('the training text ' + label, size, 'bytes')}; pass --no-copy-report"
         corpus = read_corpus(sources, encoding=encoding)
     except FileNotFoundError:
-        return None, f"the training text {label} is not there any more (moved or deleted); {fix}"
+        return None, f"the training text {label} is not there any more (moved or deleted){fix}"
     except (OSError, DataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return None, f"the training text {label} cannot be read ({reason}); {fix}"
+        return None, f"the training text {label} cannot be read ({reason}){fix}"
     if corpus.sha256 != expected:
-        return None, f"the training text {label} changed since training (its SHA-256 differs); {fix}"
+        return None, f"the training text {label} changed since training (its SHA-256 differs){fix}"
     if len(corpus.text) > MAX_INDEX_CHARS:
         return None, f"{_too_large('the training text ' + label, len(corpus.text), 'characters')}; pass --no-copy-report"
     return TrainingText(corpus.text, corpus.sha256, label), ""

@@ -17,7 +17,6 @@ from ..generation.sample import MAX_SEED, MAX_TEMPERATURE, check_prime, random_s
 
 INSTALL_HINT = "pip install 'charnn[serve]'"
 MAX_TOP = 10  # alternatives per character a request may ask for
-SERVE_COPY_FIX = "put it back where training read it and restart the server to see copies"
 
 
 class ServeError(CharnnError):
@@ -157,7 +156,7 @@ def load_models(paths: list[str | Path], progress: Any = None) -> list[ServedMod
     for p, name in zip(paths, model_names(paths)):
         model, tokenizer, ckpt = load_model(p, device="cpu")
         served = ServedModel(name, p, model.eval(), tokenizer, ckpt)
-        text, served.copy_note = recorded_text(ckpt.train_config, SERVE_COPY_FIX)
+        text, served.copy_note = recorded_text(ckpt.train_config, None)
         if text is not None:
             try:
                 served.copy_index, served.copy_label = open_index(text, progress), text.label
