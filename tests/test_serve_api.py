@@ -727,3 +727,39 @@ def test_page_in_headless_chromium(trained, reap, tmp_path):
     assert result.stdout == out + "\n"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.system
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_page_marks_copied_spans_and_sends_max_copy(trained, reap, tmp_path):
+    """A prime copied from the training text is underlined character by
+    character, escaped (the corpus holds '(' and '!'); with Max copy set the
+    request carries max_copy and the command line gives the same text."""
+    prime = trained.text[:45]
+    proc, url = start_server(trained.best)
+    reap(proc)
+    browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
+    try:
+        browser.open_page(url)
+        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length > 0")
+        browser.eval(f"document.getElementById('prime').value = {json.dumps(prime)};"
+                     "document.getElementById('seed').value = '9';"
+                     "const n = document.getElementById('n'); n.value = 300; n.dispatchEvent(new Event('input'));"
+                     "const m = document.getElementById('max_copy'); m.value = '3'; m.dispatchEvent(new Event('input'));")
+        browser.eval("document.getElementById('go').click()")
+        status = browser.wait_for("(s => s.startsWith('done') && s)(document.getElementById('status').textContent)")
+        out = browser.eval("document.getElementById('out').textContent")
+        copied = browser.eval("[...document.getElementById('out').children].map(s => s.classList.contains('copied')"
+                              " ? '1' : '0').join('')")
+        legend = browser.eval("document.querySelector('#legend span.copied').textContent")
+        command = browser.eval("document.getElementById('command').value")
+    finally:
+        browser.close()
+    assert "copied: longest 3;" in status and "max copy 3:" in status and "(against corpus.txt)" in status
+    assert copied == "1" * len(prime) + "0" * (len(out) - len(prime))  # only the prime is copied (20+), all of it
+    assert legend == "copied" and "--max-copy 3" in command
+    result = invoke(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == out + "\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
