@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, format_bytes
-from ..text.copyindex import MAX_INDEX_CHARS, CopyIndex, load_or_build
+from ..text.copyindex import BUILD_BYTES_PER_CHAR, MAX_INDEX_CHARS, CopyIndex, load_or_build
 from ..text.reading import Progress, read_corpus, show_path
 from ..text.tokenizer import CharTokenizer
 
@@ -132,7 +132,7 @@ def open_index(text: TrainingText, progress: Progress | None = None, cache: bool
         return load_or_build(text.text, text.sha256, cache=cache, progress=progress, label=text.label)
     except MemoryError:
         raise DataError(f"not enough memory to index {text.label} for the copy report (about "
-                        f"{format_bytes(60 * len(text.text))}); pass --no-copy-report") from None
+                        f"{format_bytes(BUILD_BYTES_PER_CHAR * len(text.text))}); pass --no-copy-report") from None
 
 
 # ---------------------------------------------------------------------------

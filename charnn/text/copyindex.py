@@ -45,8 +45,8 @@ import numpy as np
 from .data import _atomic_write, _prune_cache, cache_dir
 from .reading import Progress, Status, count_text
 
-MAX_INDEX_CHARS = 1 << 25  # texts of up to 33,554,432 characters are indexed (about 50 s and 2 GB to build)
-BUILD_BYTES_PER_CHAR = 60  # measured peak of suffix_array, about (see docs/sampling.md)
+MAX_INDEX_CHARS = 1 << 25  # texts of up to 33,554,432 characters are indexed (about 1.8 GB to build)
+BUILD_BYTES_PER_CHAR = 54  # measured peak of suffix_array (see docs/sampling.md, "What is copied")
 BUILD_STATUS_CHARS = 1_000_000  # building for this many characters takes about a second: say so
 CACHE_MAX_ENTRIES = 4  # indexes kept under cache_dir()/copies ...
 CACHE_MAX_BYTES = 1 << 30  # ... and their total size; least recently used go first
