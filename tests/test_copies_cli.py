@@ -139,3 +139,12 @@ def test_the_index_is_built_once_and_a_truncated_cache_file_is_rebuilt(trained, 
     assert third.returncode == 0 and "indexing" in third.stderr
     assert third.stderr.strip().splitlines()[-1] == footer
     shutil.rmtree(data_dir / ".cache")
+
+
+def test_samples_too_long_to_check_get_a_note_and_are_printed_whole(trained, data_dir, tmp_path):
+    prime = (trained.text * (1_000_000 // len(trained.text) + 1))[:999_990]
+    (tmp_path / "prime.txt").write_text(prime, encoding="utf-8")
+    r = sample(trained.best, "--prime-file", tmp_path / "prime.txt", "-n", 20, "--seed", 1, data_dir=data_dir)
+    assert r.returncode == 0 and len(r.stdout) == 1_000_011 and r.stdout.startswith(prime)
+    assert r.stderr.strip() == ("copied: not checked -- the samples hold 1,000,010 characters; the report checks "
+                                "at most 1,000,000 (about 10 s); pass --no-copy-report to skip this note")

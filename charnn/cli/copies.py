@@ -63,9 +63,14 @@ class CopyCheck:
 
     def reports(self, samples: list[Any]) -> list[Any]:
         """A report per sample, or Nones (and a note on stderr saying why)."""
-        from ..generation.copies import copy_report
+        from ..generation.copies import MAX_REPORT_CHARS, copy_report
 
         if not self.report:
+            return [None] * len(samples)
+        total = sum(len(s.text) for s in samples)
+        if total > MAX_REPORT_CHARS:
+            say(f"copied: not checked -- the samples hold {total:,} characters; the report checks at most "
+                f"{MAX_REPORT_CHARS:,} (about 10 s); pass --no-copy-report to skip this note")
             return [None] * len(samples)
         try:
             index = self._index(required=False)

@@ -38,6 +38,7 @@ from ..text.reading import Progress, read_corpus, show_path
 from ..text.tokenizer import CharTokenizer
 
 DEFAULT_COPY_SPAN = 20  # spans of this many characters or more count as copied
+MAX_REPORT_CHARS = 1_000_000  # characters one report checks, all samples together (about 10 s)
 
 
 # ---------------------------------------------------------------------------
