@@ -298,7 +298,7 @@ def test_cli_num_samples_json(ckpt):
     assert len(data) == 4
     assert [d["seed"] for d in data] == [7, 8, 9, 10]
     for d in data:
-        assert set(d) == {"text", "prime", "seed"} and d["prime"] == "A"
+        assert set(d) == {"text", "prime", "seed", "copies"} and d["prime"] == "A"
         assert d["text"].startswith("A") and len(d["text"]) == 31
     assert r.stdout == ok(invoke(ckpt, "--num-samples", 4, "--json", "-n", 30, "-p", "A", "--seed", 7)).stdout
 
@@ -352,7 +352,7 @@ def test_cli_random_seed_reported_on_stderr_and_repeatable(ckpt):
     assert r.stderr.startswith("seed ") and "--seed" in r.stderr
     seed = r.stderr.split()[1]
     again = ok(invoke(ckpt, "-n", 40, "-t", 1, "--seed", seed))
-    assert again.stdout == r.stdout and again.stderr == ""
+    assert again.stdout == r.stdout and again.stderr.startswith("copied: ") and "seed" not in again.stderr
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -126,6 +126,48 @@ def test_generate_equals_charnn_sample(client, trained, settings):
         assert all(settings["stop"] not in s["text"][len(settings["prime"]):] for s in got["samples"])
 
 
+MAX_COPY_SETTINGS = [
+    dict(prime="The ", n=200, seed=11, max_copy=4),
+    dict(prime="She ", n=150, seed=0, temperature=0, max_copy=3),
+    dict(prime="A st", n=150, seed=3, temperature=1.3, top_k=5, max_copy=3),
+    dict(prime="How ", n=300, seed=21, temperature=1.0, stop="s.", max_copy=3),
+    dict(prime="Pe", n=120, seed=7, num_samples=3, temperature=0.7, top_p=0.9, max_copy=3, copy_span=8),
+]
+
+
+@pytest.mark.parametrize("settings", MAX_COPY_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_generate_with_max_copy_and_copy_reports_equals_charnn_sample(client, trained, settings):
+    """max_copy masks exactly as charnn sample --max-copy does (same texts, same
+    redirected steps), and each sample's copy report is the CLI's."""
+    args = ["sample", trained.best, "--json", "--prime", settings["prime"], "-n", settings["n"],
+            "--seed", settings["seed"], "--max-copy", settings["max_copy"]]
+    for key in ("temperature", "top_k", "top_p", "stop", "num_samples", "copy_span"):
+        if key in settings:
+            args += ["--" + key.replace("_", "-"), settings[key]]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    cli = json.loads(result.stdout)
+    got = generate(client, model="best", **settings)["samples"]
+    assert [s["text"] for s in got] == [s["text"] for s in cli]
+    assert [s["redirected"] for s in got] == [s["redirected"] for s in cli]
+    assert [s["copies"] for s in got] == [s["copies"] for s in cli]
+    assert sum(s["redirected"] for s in got) > 0  # the guard changed something
+    for s in got:  # no generated character ends a copy longer than max_copy
+        assert s["copies"]["longest"] <= settings["max_copy"] and s["max_copy"] == settings["max_copy"]
+    plain = generate(client, model="best", **{k: v for k, v in settings.items() if k != "max_copy"})["samples"]
+    assert "redirected" not in plain[0] and plain[0]["finish_reason"] != "copy"
+
+
+def test_max_copy_without_the_training_text_is_a_400_naming_the_field(client):
+    r = client.post("/v1/generate", json={"model": "tiny-gru", "prime": "ab", "n": 10, "max_copy": 5})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "max_copy"
+    assert "training text" in r.json()["error"]["message"]
+    r = client.post("/v1/generate", json={"model": "best", "n": 10, "max_copy": 0})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "max_copy"
+    got = generate(client, model="tiny-gru", prime="ab", n=10, seed=1)["samples"][0]
+    assert got["copies"] is None
+
+
 @pytest.mark.parametrize("settings", [SETTINGS[0], SETTINGS[4], SETTINGS[6]], ids=["plain", "stop", "batch-stop"])
 def test_stream_gives_the_same_text_as_json(client, settings):
     if "stop" in settings:  # a stop string met late in the text, so there is a stream to see before it
@@ -386,6 +428,8 @@ def start_server(ckpt: Path, *args: str, session: bool = False) -> tuple[subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=session)
     line = proc.stderr.readline()
+    while line.startswith(("best: ", "tiny-gru: ")):  # a note on a model's copy report
+        line = proc.stderr.readline()
     if "Serving" not in line:
         proc.kill()
         raise AssertionError(line + proc.stderr.read())
@@ -678,6 +722,42 @@ def test_page_in_headless_chromium(trained, reap, tmp_path):
     assert mutations > 2  # the text arrived in pieces (streamed), not at once
     # "Copy as command" gives the charnn sample line that makes the same text.
     assert command.startswith("charnn sample ") and "--seed 42" in command and "-n 2000" in command
+    result = invoke(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == out + "\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.system
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_page_marks_copied_spans_and_sends_max_copy(trained, reap, tmp_path):
+    """A prime copied from the training text is underlined character by
+    character, escaped (the corpus holds '(' and '!'); with Max copy set the
+    request carries max_copy and the command line gives the same text."""
+    prime = trained.text[:45]
+    proc, url = start_server(trained.best)
+    reap(proc)
+    browser = Chromium(shutil.which("chromium"), tmp_path / "profile")
+    try:
+        browser.open_page(url)
+        browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('#model option').length > 0")
+        browser.eval(f"document.getElementById('prime').value = {json.dumps(prime)};"
+                     "document.getElementById('seed').value = '9';"
+                     "const n = document.getElementById('n'); n.value = 300; n.dispatchEvent(new Event('input'));"
+                     "const m = document.getElementById('max_copy'); m.value = '3'; m.dispatchEvent(new Event('input'));")
+        browser.eval("document.getElementById('go').click()")
+        status = browser.wait_for("(s => s.startsWith('done') && s)(document.getElementById('status').textContent)")
+        out = browser.eval("document.getElementById('out').textContent")
+        copied = browser.eval("[...document.getElementById('out').children].map(s => s.classList.contains('copied')"
+                              " ? '1' : '0').join('')")
+        legend = browser.eval("document.querySelector('#legend span.copied').textContent")
+        command = browser.eval("document.getElementById('command').value")
+    finally:
+        browser.close()
+    assert "copied: longest 3;" in status and "max copy 3:" in status and "(against corpus.txt)" in status
+    assert copied == "1" * len(prime) + "0" * (len(out) - len(prime))  # only the prime is copied (20+), all of it
+    assert legend == "copied" and "--max-copy 3" in command
     result = invoke(*shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
     assert result.stdout == out + "\n"

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .copies import CopyCheck, single_sample
 from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, inference_only, parse_device, plural,
                      run_command, stdout, unit_interval)
 
@@ -29,6 +30,14 @@ class SamplePrecision(str, Enum):
 def _temperature(value: float) -> float:
     if not (value >= 0 and math.isfinite(value)):
         raise typer.BadParameter(f"must be 0 (greedy) or a positive number, got {value}")
+    return value
+
+
+def _max_copy(value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}: it is the longest span of the training text "
+                                 "a sample may repeat, and every single character occurs in it, so 0 cannot be "
+                                 "met. Leave --max-copy out for no limit, or try 20")
     return value
 
 
@@ -85,7 +94,21 @@ def sample(
         help="Weights in fp32 (exact) or bf16; auto picks bf16 only for 16 or more samples on "
              "a CPU with native bf16.")] = SamplePrecision.auto,
     as_json: Annotated[bool, typer.Option(
-        "--json", help='Print a JSON list of {"text", "prime", "seed"} objects instead of plain text.')] = False,
+        "--json", help='Print a JSON list of {"text", "prime", "seed", "copies"} objects instead of plain '
+                       'text.')] = False,
+    max_copy: Annotated[Optional[int], typer.Option(
+        metavar="N", callback=_max_copy, show_default=False,
+        help="Never repeat more than N characters of the training text verbatim: characters that would are "
+             "masked before each pick.  [default: no limit]")] = None,
+    copy_span: Annotated[int, typer.Option(
+        metavar="L", callback=at_least(1),
+        help="The copy report counts spans of at least L characters copied from the training text.")] = 20,
+    against: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", show_default=False,
+        help="The training text to check copies against (a file or folder).  [default: the corpus the "
+             "checkpoint records, if it is unchanged]")] = None,
+    no_copy_report: Annotated[bool, typer.Option(
+        "--no-copy-report", help="Skip the copy report (and reading the training text for it).")] = False,
 ) -> None:
     """Generate text from a checkpoint. One sample streams to stdout as it is
     generated; several print one after another, each followed by a divider line."""
@@ -102,14 +125,16 @@ def sample(
         from ..model.devices import resolve_device, set_threads
 
         text = read_prime_file(prime_file) if prime_file is not None else (prime or "")
-        model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device))
+        model, tokenizer, ckpt = load_model(checkpoint, device=resolve_device(device))
+        copies = CopyCheck(ckpt.train_config, against, copy_span, report=not no_copy_report)
+        guard = copies.guard(tokenizer, max_copy) if max_copy is not None else None
         usable, dropped = check_prime(tokenizer, text, unknown.value)
         if dropped:
             err.print(f"Skipping {plural(len(dropped), 'prime character')} not in the model's vocabulary: "
                       + ", ".join(describe_char(c) for c in dropped), markup=False)
         chosen = random_seed() if seed is None else seed
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=chosen, stop=stop,
-                       precision=precision.value)
+                       precision=precision.value, guard=guard)
         if threads is None and num_samples < SMALL_BATCH:
             # One step of a few streams is microseconds of work: a second thread
             # only adds synchronisation (and on a busy machine, waiting for a core).
@@ -121,20 +146,27 @@ def sample(
             stream = generate(model, tokenizer, usable, length, **options)
             out.write(usable)
             out.flush()
+            chars = []
             for ch in stream:
                 out.write(ch)
                 out.flush()
+                chars.append(ch)
             out.write("\n")
+            out.flush()
+            samples = [single_sample(usable, "".join(chars), chosen, guard)]
+            reports = copies.reports(samples)
         else:
             samples = generate_samples(model, tokenizer, usable, length, num_samples=num_samples, **options)
+            reports = copies.reports(samples)
             if as_json:
-                out.write(dumps([s.to_dict() for s in samples], ensure_ascii=False) + "\n")
+                out.write(dumps([copies.to_dict(s, r) for s, r in zip(samples, reports)], ensure_ascii=False) + "\n")
             else:
                 for s in samples:
                     out.write(s.text + "\n" + SAMPLE_DIVIDER + "\n")
         out.flush()
         if seed is None:
             err.print(f"seed {chosen} (pass --seed {chosen} to repeat)", markup=False)
+        copies.footers(samples, reports)
 
     run_command(body)
 

@@ -77,7 +77,10 @@ def serve(
                         max_samples=max_samples, max_text=max_text, max_connections=max_connections,
                         client_timeout=client_timeout, batch_timeout=batch_timeout)
         set_threads(threads)
-        models = load_models(checkpoints)
+        models = load_models(checkpoints, progress=say)
+        for m in models:
+            if m.copy_index is None:
+                say(f"{m.name}: copies are not reported and max_copy is refused: {m.copy_note}")
         sock = bind(host, port)
         bound = sock.getsockname()[0]
         application = create_app(models, limits, batch_process=not batch_in_process, bound=bound,

@@ -40,6 +40,7 @@ from ..model.fastrnn import SAFE_MAGNITUDE, PackedRNN
 from ..model.rnn import GATE_ROWS, CharRNN, available_memory
 from ..text.tokenizer import CharTokenizer
 from . import rng
+from .copies import CopyGuard
 
 START_CANDIDATES = ("\n", " ")  # what an empty prime is conditioned on
 NOISE_BLOCK = 64  # steps of uniforms drawn per call, per stream
@@ -66,13 +67,16 @@ class Sample:
     text: str
     prime: str
     seed: int
+    max_copy: int | None = None  # with a copy guard: its limit, the steps it redirected, whether it ended the sample
+    redirected: int | None = None
+    copy_ended: bool | None = None
 
     @property
     def generated(self) -> str:
         return self.text[len(self.prime):]
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -335,14 +339,16 @@ class Sampler:
                         self.top_p if self.filtered else 1.0)
 
     @torch.inference_mode()
-    def ids(self, prime_ids: Sequence[int], length: int, seeds: Sequence[int]) -> Iterator[Tensor]:
+    def ids(self, prime_ids: Sequence[int], length: int, seeds: Sequence[int],
+            guard: CopyGuard | None = None) -> Iterator[Tensor]:
         """Yield ``length`` tensors of next ids (B,), one per step, for
-        ``len(seeds)`` streams that all start from ``prime_ids``."""
+        ``len(seeds)`` streams that all start from ``prime_ids``; ``guard``
+        (started for these streams) masks characters before each pick."""
         if length <= 0:
             return
         for s in seeds:
             validate_seed(s)
-        packed, pick = self.packed, self._pick
+        packed, pick = self.packed, (self._pick if guard is None else guard.wrap(self._pick))
         logits, state = packed.forward_prime(prime_ids, len(seeds))  # the whole prime, in chunks
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(SAMPLING_NONFINITE)
@@ -367,7 +373,8 @@ class Sampler:
 
 def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
              temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop: str | None = None, unknown: str = "error", precision: str = "auto") -> Iterator[str]:
+             stop: str | None = None, unknown: str = "error", precision: str = "auto",
+             guard: CopyGuard | None = None) -> Iterator[str]:
     """An iterator over up to ``length`` generated characters after ``prime``
     (the prime itself is not yielded).
 
@@ -377,20 +384,27 @@ def generate(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: 
     the first occurrence of ``stop`` in the generated text, which is never
     yielded (characters that might begin it are held back until they don't).
     ``seed`` None draws a random one; ``precision`` "auto" is fp32 for one
-    stream (see :func:`sampling_precision`).
+    stream (see :func:`sampling_precision`). ``guard`` (:mod:`.copies`) keeps
+    the sample from copying more than its limit; it ends the sample early
+    where every character is masked.
     """
     validate_options(temperature, top_k, top_p, length, 1, precision)
     validate_seed(seed)
     prime, _ = check_prime(tokenizer, prime, unknown)
     sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
     seed = random_seed() if seed is None else seed
-    chars = _chars(sampler, start_ids(tokenizer, prime), length, seed)
+    if guard is not None:
+        guard.start(prime, 1)
+    chars = _chars(sampler, start_ids(tokenizer, prime), length, seed, guard)
     return _until(chars, stop) if stop else chars
 
 
-def _chars(sampler: Sampler, prime_ids: list[int], length: int, seed: int) -> Iterator[str]:
+def _chars(sampler: Sampler, prime_ids: list[int], length: int, seed: int,
+           guard: CopyGuard | None = None) -> Iterator[str]:
     vocab = sampler.tokenizer.chars
-    for nxt in sampler.ids(prime_ids, length, [seed]):
+    for nxt in sampler.ids(prime_ids, length, [seed], guard):
+        if guard is not None and guard.ended[0] >= 0:
+            return
         yield vocab[int(nxt)]
 
 
@@ -414,13 +428,14 @@ def _until(chars: Iterator[str], stop: str) -> Iterator[str]:
 def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500,
                      num_samples: int = 1, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = 1.0,
                      seed: int | None = None, stop: str | None = None, unknown: str = "error",
-                     precision: str = "auto") -> list[Sample]:
+                     precision: str = "auto", guard: CopyGuard | None = None) -> list[Sample]:
     """``num_samples`` samples generated together as one batch.
 
     Sample ``i`` uses seed ``seed + i`` (``seed`` drawn at random when None);
     each is the prime followed by up to ``length`` characters, ending before
     the first ``stop`` in its generated part. Generation ends early once every
-    sample has met ``stop``.
+    sample has met ``stop``. ``guard`` (:mod:`.copies`): as for :func:`generate`,
+    per sample.
     """
     validate_options(temperature, top_k, top_p, length, num_samples, precision)
     validate_seed(seed, num_samples)
@@ -435,6 +450,9 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
     texts = [""] * num_samples
     cut = [-1] * num_samples  # where stop was found, per sample
     block: list[Tensor] = []
+    if guard is not None:
+        guard.start(prime, num_samples)
+    ended = guard.ended if guard is not None else [-1] * num_samples
 
     def flush() -> bool:
         """Decode the ids gathered so far; True once every sample has stopped."""
@@ -447,15 +465,24 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
             texts[b] += "".join([vocab[i] for i in row])
             if stop:
                 cut[b] = texts[b].find(stop, start)
-        return bool(stop) and min(cut) >= 0
+        return all(c >= 0 or 0 <= e <= len(t) for c, e, t in zip(cut, ended, texts)) if stop or guard else False
 
-    for nxt in sampler.ids(start_ids(tokenizer, prime), length, seeds):
+    for nxt in sampler.ids(start_ids(tokenizer, prime), length, seeds, guard):
         block.append(nxt)
         if len(block) == NOISE_BLOCK and flush():
             break
     if block:
         flush()
-    return [Sample(prime + (t[:c] if c >= 0 else t), prime, s) for t, c, s in zip(texts, cut, seeds)]
+    samples = []
+    for b, (t, c, s) in enumerate(zip(texts, cut, seeds)):
+        if ended[b] >= 0:  # what came after is not part of the sample; a stop string must lie before it
+            t = t[: ended[b]]
+            c = t.find(stop) if stop else -1
+        text = t[:c] if c >= 0 else t
+        extra = {} if guard is None else dict(max_copy=guard.max_copy, redirected=guard.redirected_before(b, len(text)),
+                                              copy_ended=c < 0 and ended[b] >= 0)
+        samples.append(Sample(prime + text, prime, s, **extra))
+    return samples
 
 
 def sample_text(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", length: int = 500, **kwargs) -> str:

@@ -88,6 +88,9 @@ class ServedModel:
     model: Any  # CharRNN, in eval mode
     tokenizer: Any  # CharTokenizer
     checkpoint: Any  # charnn.storage.checkpoint.Checkpoint
+    copy_index: Any = None  # CopyIndex of the training text, when it is there and unchanged
+    copy_label: str = ""  # the training text's name, for the reports
+    copy_note: str = ""  # why there is no copy index
 
     def describe(self) -> dict[str, Any]:
         ts = self.checkpoint.train_state or {}
@@ -103,6 +106,7 @@ class ServedModel:
             "vocab_size": self.tokenizer.vocab_size,
             "vocab": self.tokenizer.to_list(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "copies": {"against": self.copy_label} if self.copy_index is not None else {"note": self.copy_note},
             "training": {
                 "step": plain.get("step"),
                 "chars_seen": plain.get("chars_seen"),
@@ -138,8 +142,11 @@ def model_names(paths: list[Path]) -> list[str]:
     return names  # distinct: the resolved paths are, and a clash grows until the whole path is used
 
 
-def load_models(paths: list[str | Path]) -> list[ServedModel]:
-    """Load each checkpoint once (CPU, eval mode), named by :func:`model_names`."""
+def load_models(paths: list[str | Path], progress: Any = None) -> list[ServedModel]:
+    """Load each checkpoint once (CPU, eval mode), named by :func:`model_names`,
+    with the copy index of its training text where that text is there and
+    unchanged (``copy_note`` says why not; ``progress`` hears of index builds)."""
+    from ..generation.copies import open_index, recorded_text
     from ..storage.checkpoint import load_model
 
     if not paths:
@@ -148,8 +155,25 @@ def load_models(paths: list[str | Path]) -> list[ServedModel]:
     out = []
     for p, name in zip(paths, model_names(paths)):
         model, tokenizer, ckpt = load_model(p, device="cpu")
-        out.append(ServedModel(name, p, model.eval(), tokenizer, ckpt))
+        served = ServedModel(name, p, model.eval(), tokenizer, ckpt)
+        text, served.copy_note = recorded_text(ckpt.train_config, None)
+        if text is not None:
+            try:
+                served.copy_index, served.copy_label = open_index(text, progress), text.label
+            except CharnnError as e:
+                served.copy_note = str(e)
+        out.append(served)
     return out
+
+
+def copy_reports(served: ServedModel, samples: list[dict[str, Any]], span: int) -> list[dict[str, Any]]:
+    """Each finished sample with its copy report (``copies``; null where the
+    training text is not available)."""
+    from ..generation.copies import copy_report
+
+    index = served.copy_index
+    return [{**s, "copies": None if index is None else
+             copy_report(index, s["text"], len(s["prime"]), span, served.copy_label).to_dict()} for s in samples]
 
 
 # ---------------------------------------------------------------------------
@@ -157,10 +181,11 @@ def load_models(paths: list[str | Path]) -> list[ServedModel]:
 # ---------------------------------------------------------------------------
 
 GENERATE_FIELDS = ("model", "prime", "n", "temperature", "top_k", "top_p", "seed", "stop", "num_samples",
-                   "stream", "unknown", "top")
+                   "stream", "unknown", "top", "max_copy", "copy_span")
 SCORE_FIELDS = ("model", "text", "unknown", "top")
 DEFAULTS = {"prime": "", "n": 500, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": None, "stop": None,
-            "num_samples": 1, "stream": False, "unknown": "error", "top": 0}  # charnn sample's defaults
+            "num_samples": 1, "stream": False, "unknown": "error", "top": 0, "max_copy": None,
+            "copy_span": 20}  # charnn sample's defaults
 
 
 @dataclass
@@ -177,6 +202,8 @@ class GenerateSpec:
     stream: bool
     top: int
     dropped: list[str] = field(default_factory=list)
+    max_copy: int | None = None  # the longest span of the training text a sample may repeat
+    copy_span: int = 20  # the copy report counts spans of this many characters or more
 
 
 def _no_constant(name: str) -> Any:
@@ -299,13 +326,20 @@ def parse_generate(body: Any, models: dict[str, ServedModel], limits: Limits) ->
         raise ApiError(400, f"stream must be true or false, got {json.dumps(stream)[:80]}", "stream")
     top = _int(body, "top", 0, MAX_TOP, 0, " (alternatives per character; 0 = none)")
     unknown = _unknown(body)
+    max_copy = _int(body, "max_copy", 1, None, None, " (the longest span of the training text a sample may "
+                    "repeat; null for no limit)")
+    if max_copy is not None and served.copy_index is None:
+        raise ApiError(400, f"max_copy needs the model's training text, and {served.copy_note}: this server "
+                            "cannot check copies for this model; leave max_copy out", "max_copy")
+    copy_span = _int(body, "copy_span", 1, None, 20)
     validate_options(temperature, top_k, top_p, n, num_samples, "fp32")  # the library's own checks, too
     try:
         usable, dropped = check_prime(served.tokenizer, prime, unknown)
     except VocabError as e:
         raise _vocab_error(e, "prime") from None
     return GenerateSpec(served.name, usable, n, temperature, top_k, top_p,
-                        random_seed() if seed is None else seed, stop, num_samples, stream, top, dropped)
+                        random_seed() if seed is None else seed, stop, num_samples, stream, top, dropped,
+                        max_copy, copy_span)
 
 
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import CharnnError
-from .api import (DEFAULTS, ApiError, GenerateSpec, Limits, ServedModel, parse_generate, parse_json, parse_score,
-                  require_extra, score_text)
+from .api import (DEFAULTS, ApiError, GenerateSpec, Limits, ServedModel, copy_reports, parse_generate, parse_json,
+                  parse_score, require_extra, score_text)
 from .engine import Channel, Engine
 from .guard import Guard, HostRules, csp_for
 from .worker import ProcessEngine
@@ -48,6 +48,7 @@ class Server:
         self.limits = limits or Limits()
         self.engines = {m.name: (ProcessEngine if batch_process else Engine)(m, self.limits) for m in models}
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="charnn-score")
+        self._copy_pool = ThreadPoolExecutor(1, thread_name_prefix="charnn-copies")
         self._scores_waiting = 0
         self.started = False
 
@@ -69,6 +70,13 @@ class Server:
         for e in self.engines.values():
             e.close()
         self._score_pool.shutdown(wait=False, cancel_futures=True)
+        self._copy_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def with_copies(self, spec: GenerateSpec, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The finished samples with their copy reports, made off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._copy_pool, copy_reports, self.models[spec.model], samples,
+                                          spec.copy_span)
 
     async def score(self, served: ServedModel, text: str, unknown: str, top: int) -> dict[str, Any]:
         if self._scores_waiting >= self.limits.max_queue:
@@ -211,7 +219,8 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
                 if end is not None:
                     kind, payload = end
                     if kind == "done":
-                        events.append(_sse("done", {"model": spec.model, "seed": spec.seed, "samples": payload}))
+                        samples = await server.with_copies(spec, payload)
+                        events.append(_sse("done", {"model": spec.model, "seed": spec.seed, "samples": samples}))
                     else:
                         events.append(_sse("error", {"error": {"message": payload[1], "status": payload[0]}}))
                 channel.sending_since = time.monotonic()
@@ -239,7 +248,8 @@ def create_app(models: list[ServedModel], limits: Limits | None = None, batch_pr
                     return Response(status_code=499)
                 for kind, payload in getter.result():
                     if kind == "done":
-                        return JSONResponse({"model": spec.model, "seed": spec.seed, "samples": payload})
+                        samples = await server.with_copies(spec, payload)
+                        return JSONResponse({"model": spec.model, "seed": spec.seed, "samples": samples})
                     if kind == "error":
                         raise ApiError(payload[0], payload[1], headers={"Retry-After": "1"} if payload[0] == 503 else None)
         finally:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..generation.copies import CopyGuard
 from ..generation.sample import NOISE_BLOCK, Sampler, pick_ids
 from ..model.fastrnn import PackedRNN
 from .api import ApiError, Busy, GenerateSpec, Limits, ServedModel
@@ -59,7 +60,8 @@ class _StreamText:
         self.matched = 0  # the text ends with stop[:matched]
         self.chars: list[str] = []
         self.sent = 0
-        self.cut = -1  # where stop was found
+        self.cut = -1  # where stop was found (or the copy guard ended the text)
+        self.copy_ended = False
 
     def add(self, ch: str) -> tuple[int, int]:
         """Append one character; the span (start, end) of the text now safe to send."""
@@ -81,6 +83,11 @@ class _StreamText:
             self.matched = k
         start, self.sent = self.sent, max(self.sent, end)
         return start, self.sent
+
+    def end_copy(self) -> None:
+        """The copy guard masked every character: the text ends here, held-back characters included."""
+        self.cut = len(self.chars)
+        self.copy_ended = True
 
     def flush(self) -> tuple[int, int]:
         """At the end: everything not cut off."""
@@ -112,6 +119,8 @@ class Group:
         table = stop_table(spec.stop) if spec.stop else None  # one table for the group's streams
         self.streams = [_StreamText(spec.stop, table) for _ in range(self.k)]
         self.infos: list[list[Any]] = [[] for _ in range(self.k)]  # per character: (prob, top) when top > 0
+        self.guard = (CopyGuard(served.copy_index, served.tokenizer, spec.max_copy).start(spec.prime, self.k)
+                      if spec.max_copy is not None else None)
         self.channel = channel
         self.cancelled = False
         self.finished = False
@@ -126,7 +135,7 @@ class Group:
     @property
     def plain(self) -> bool:
         """One sampled stream without top-k/top-p: its pick can share a batched call (see _pick_plain)."""
-        return self.k == 1 and not self.sampler.greedy and not self.sampler.filtered
+        return self.k == 1 and not self.sampler.greedy and not self.sampler.filtered and self.guard is None
 
     def step_uniforms(self) -> Tensor | None:
         """This step's uniforms (k,), drawing the next block every NOISE_BLOCK steps."""
@@ -139,13 +148,15 @@ class Group:
 
     def pick(self, logits: Tensor) -> Tensor:
         """Next ids (k,) from this group's rows (k, V): Sampler.ids's loop body."""
+        if self.guard is not None:
+            return self.guard.pick(logits, self.step_uniforms(), self.sampler._pick)
         return self.sampler._pick(logits, self.step_uniforms())
 
     def advance(self, ids: list[int], nxt: Tensor, logits: Tensor) -> bool:
         """Record the picked ids (``nxt`` as a list); send what is safe to send.
         True when the group is done."""
         self.t += 1
-        if not self.spec.top and self.spec.stop is None:  # the common case, kept short: every character goes out
+        if not self.spec.top and self.spec.stop is None and self.guard is None:  # the common case, kept short: every character goes out
             pieces = {}
             for b, i in enumerate(ids):
                 s = self.streams[b]
@@ -169,6 +180,9 @@ class Group:
             s = self.streams[b]
             if s.cut >= 0:
                 continue
+            if self.guard is not None and self.guard.ended[b] >= 0:
+                s.end_copy()
+                continue
             if info is not None:
                 self.infos[b].append(info[b])
             start, end = s.add(self.vocab[i])
@@ -176,7 +190,7 @@ class Group:
                 pieces[b] = (s.piece(start, end), self.infos[b][start:end] if info is not None else [])
         if pieces:
             self.channel.put(("text", pieces))
-        stopped = self.spec.stop is not None and all(s.cut >= 0 for s in self.streams)
+        stopped = all(s.cut >= 0 for s in self.streams)
         if self.t >= self.spec.n or stopped:
             self.finish()
             return True
@@ -194,8 +208,11 @@ class Group:
         if pieces:
             self.channel.put(("text", pieces))
         samples = [{"text": self.spec.prime + s.final, "prime": self.spec.prime, "seed": seed,
-                    "finish_reason": "stop" if s.cut >= 0 else "length"}
+                    "finish_reason": "copy" if s.copy_ended else "stop" if s.cut >= 0 else "length"}
                    for s, seed in zip(self.streams, self.seeds)]
+        if self.guard is not None:
+            for b, (sample, s) in enumerate(zip(samples, self.streams)):
+                sample.update(max_copy=self.guard.max_copy, redirected=self.guard.redirected_before(b, len(s.final)))
         self.channel.put(("done", samples))
 
     def fail(self, message: str, status: int = 503) -> None:

@@ -66,6 +66,8 @@ class _ModelParcel:
     weights: bytes  # torch.save of the state dict
     chars: list[str]  # the tokenizer's vocabulary
     threads: int
+    copy_text: str | None = None  # the training text and its suffix array, for max_copy
+    copy_sa: bytes | None = None
 
 
 class _Outbox:
@@ -171,6 +173,7 @@ def _child_main(conn_in: Connection, conn_out: Connection) -> None:
     import torch
 
     from ..model.rnn import CharRNN
+    from ..text.copyindex import CopyIndex
     from ..text.tokenizer import CharTokenizer
 
     parcel, limits = conn_in.recv()  # the parent sends the model first
@@ -178,6 +181,8 @@ def _child_main(conn_in: Connection, conn_out: Connection) -> None:
     model = CharRNN(parcel.model_config)
     model.load_state_dict(torch.load(io.BytesIO(parcel.weights), map_location="cpu", weights_only=True))
     served = ServedModel(parcel.name, None, model.eval(), CharTokenizer.from_list(parcel.chars), None)
+    if parcel.copy_text is not None and parcel.copy_sa is not None:
+        served.copy_index = CopyIndex.from_bytes(parcel.copy_text, parcel.copy_sa)
     outbox = _Outbox(conn_out)
     engine = _ChildEngine(served, limits, outbox)
     conn_out.send_bytes(pickle.dumps(("ready", None)))
@@ -266,8 +271,11 @@ class ProcessEngine:
 
         buf = io.BytesIO()
         torch.save(self.served.model.state_dict(), buf)
+        index = self.served.copy_index
         parcel = _ModelParcel(self.served.name, self.served.model.config, buf.getvalue(),
-                              self.served.tokenizer.to_list(), self.threads)
+                              self.served.tokenizer.to_list(), self.threads,
+                              index.text if index is not None else None,
+                              index.sa.tobytes() if index is not None else None)
         # A plain ``python -c`` (not multiprocessing's spawn,
         # which would run the caller's main script again in the child), talking
         # over two pipes it inherits.

@@ -262,7 +262,8 @@ def _verified_entry(path: Path, text: str, tokenizer: CharTokenizer) -> np.ndarr
     return ids
 
 
-def _prune_cache(folder: Path, keep: Path) -> None:
+def _prune_cache(folder: Path, keep: Path, max_entries: int = CACHE_MAX_ENTRIES,
+                 max_bytes: int = CACHE_MAX_BYTES) -> None:
     """Delete the least recently used entries beyond the bounds (``keep`` always
     stays) and temp files that killed writers left behind."""
     entries = []
@@ -287,7 +288,7 @@ def _prune_cache(folder: Path, keep: Path) -> None:
     entries.sort(key=lambda e: (e[0], e[1]), reverse=True)  # kept entry, then newest first
     count = total = 0
     for i, (newest, _, size, _path) in enumerate(entries):
-        if not newest and (count + 1 > CACHE_MAX_ENTRIES or total + size > CACHE_MAX_BYTES):
+        if not newest and (count + 1 > max_entries or total + size > max_bytes):
             for _, _, _, old in entries[i:]:
                 _unlink_quietly(old)
             return
