@@ -12,7 +12,7 @@ fp32 whenever that page is at most :data:`MAX_FP32_PAGE` bytes (the text
 closest to ``charnn sample``'s); above, it picks int16 when the loss on the
 model's validation text with int16-rounded weights is within
 :data:`AUTO_TOLERANCE` of the fp32 loss, else fp32. int16 rather than fp16:
-the same size, and 7 to 17 times closer to fp32 on the models measured in
+the same size, and 6 to 17 times closer to fp32 on the models measured in
 docs/export.md. Each tensor is stored as the checkpoint names it; the page folds layer 0's input weights
 with the embedding in float64 when it first meets a character.
 """
