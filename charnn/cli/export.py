@@ -19,7 +19,7 @@ class Format(str, Enum):
 class Weights(str, Enum):
     auto = "auto"
     fp32 = "fp32"
-    fp16 = "fp16"
+    int16 = "int16"
     int8 = "int8"
 
 
@@ -35,9 +35,10 @@ def export(
         "--out", "-o", metavar="FILE", show_default=False,
         help="The file to write.  [default: the checkpoint's name with .html or .onnx]")] = None,
     weights: Annotated[Weights, typer.Option(
-        metavar="[auto|fp32|fp16|int8]",
-        help="How the web page stores the weights: auto is fp16 when that keeps the validation "
-             "loss within 0.5% of fp32, else fp32.")] = Weights.auto,
+        metavar="[auto|fp32|int16|int8]",
+        help="How the web page stores the weights: auto is fp32 when that page is at most "
+             "4 MB, else int16 (per-row scales) when that keeps the validation loss within "
+             "0.5% of fp32's, else fp32. int8: a quarter of fp32's size.")] = Weights.auto,
     note: Annotated[Optional[str], typer.Option(
         metavar="TEXT", show_default=False,
         help="A note shown on the web page (licence, author, what the model was trained on).")] = None,

@@ -16,7 +16,7 @@ __all__ = ["FORMATS", "SUFFIXES", "WEIGHTS", "ExportResult", "export"]
 
 FORMATS = ("web", "onnx")
 SUFFIXES = {"web": ".html", "onnx": ".onnx"}
-WEIGHTS = ("auto", "fp32", "fp16", "int8")
+WEIGHTS = ("auto", "fp32", "int16", "int8")
 
 
 def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, weights: str = "auto",

@@ -6,11 +6,14 @@ inverse-CDF pick of :mod:`charnn.generation.sample`, in float64), so the same
 checkpoint, prime, options and seed give ``charnn sample``'s text up to the
 near-tie condition docs/export.md states.
 
-Weights are stored as fp32, fp16 or int8 (symmetric, one fp32 scale per
-row); biases are always fp32 (they are a few hundred numbers). ``auto`` picks
-fp16 when the loss on the model's validation text with fp16-rounded weights
-is within :data:`AUTO_TOLERANCE` of the fp32 loss, else fp32. Each tensor is
-stored as the checkpoint names it; the page folds layer 0's input weights
+Weights are stored as fp32, int16 or int8 (symmetric, one fp32 scale per
+row); biases are always fp32 (they are a few hundred numbers). ``auto`` keeps
+fp32 whenever that page is at most :data:`MAX_FP32_PAGE` bytes (the text
+closest to ``charnn sample``'s); above, it picks int16 when the loss on the
+model's validation text with int16-rounded weights is within
+:data:`AUTO_TOLERANCE` of the fp32 loss, else fp32. int16 rather than fp16:
+the same size, and 6 to 17 times closer to fp32 on the models measured in
+docs/export.md. Each tensor is stored as the checkpoint names it; the page folds layer 0's input weights
 with the embedding in float64 when it first meets a character.
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CharnnError, ConfigError, NonFiniteError
+from ..errors import CharnnError, NonFiniteError
 from ..generation.sample import DEFAULT_TEMPERATURE, START_CANDIDATES, generate_samples
 from ..model.rnn import CharRNN
 from ..model.scoring import evaluate_ids
@@ -37,31 +40,48 @@ from ..storage.checkpoint import Checkpoint, load_model
 from ..storage.outputs import check_output, corpus_inputs, write_output
 from .result import ExportResult
 
-AUTO_TOLERANCE = 0.005  # fp16 when it costs at most 0.5% of the fp32 loss
+MAX_FP32_PAGE = 4_000_000  # auto keeps fp32 (the closest to charnn sample) for a page up to this size
+COMPACT = "int16"  # auto's storage for larger models ...
+AUTO_TOLERANCE = 0.005  # ... when it costs at most 0.5% of the fp32 loss
 MAX_VAL_CHARS = 50_000  # characters of the validation split scored per storage
 SELF_SAMPLES, SELF_LENGTH = 4, 500  # without a readable corpus: the model's own samples, scored
 SELF_SEED = 0
+INTEGER_STORAGES = {"int16": (32767, torch.int16, "i16", "<i2"), "int8": (127, torch.int8, "i8", "i1")}
 _PLACEHOLDER = re.compile(r"@@(TITLE|INFO|META|WEIGHTS|MODEL_JS)@@")
 
 
 def export_web(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "auto",
                note: str | None = None, overwrite: bool = False) -> ExportResult:
     """Write ``checkpoint`` as a self-contained web page at ``out``."""
+    from ..errors import format_bytes
+
     out = Path(out)
     check_output(out, "html", "--out", inputs=[checkpoint], overwrite=overwrite)
     model, tokenizer, ckpt = load_model(checkpoint)
     check_output(out, "html", "--out", inputs=corpus_inputs(ckpt.train_config), overwrite=overwrite)
-    if weights == "fp32":  # the checkpoint's own numbers: nothing to measure
-        storage, loss = "fp32", "unchanged (the checkpoint's own weights)"
-    else:
+    page, storage, loss = None, weights, "unchanged (the checkpoint's own weights)"
+    if weights in ("fp32", "auto"):
+        page = build_page(ckpt, Path(checkpoint), *pack_weights(model, "fp32"), note)
+        fp32_bytes = len(page.encode("utf-8"))
+        if weights == "auto" and fp32_bytes <= MAX_FP32_PAGE:
+            storage, loss = "fp32", f"{loss[:-1]}; auto keeps fp32 for a page of at most {format_bytes(MAX_FP32_PAGE)})"
+        elif weights == "auto":
+            page = None
+            why = f"an fp32 page would be {format_bytes(fp32_bytes)}, over {format_bytes(MAX_FP32_PAGE)}"
+    if page is None:
         texts, source = validation_texts(model, tokenizer, ckpt)
         storage, change = choose_storage(model, texts, text_loss(model, texts), weights)
-        loss = f"{change:+.2%} vs fp32 on {source}"
-    blob, specs = pack_weights(model, storage)
-    page = build_page(ckpt, Path(checkpoint), blob, specs, note)
+        measured = f"{change:+.2%} vs fp32 on {source}"
+        if weights != "auto":
+            loss = measured
+        elif storage == COMPACT:
+            loss = f"{measured}; {why}"
+        else:
+            loss = (f"{loss[:-1]}; {COMPACT} would change it by {measured}, more than the "
+                    f"{AUTO_TOLERANCE:.1%} auto allows)")
+        page = build_page(ckpt, Path(checkpoint), *pack_weights(model, storage), note)
     path = write_output(out, page)
-    data = page.encode("utf-8")
-    return ExportResult(path, len(data), "web", {"weights": storage, "loss": loss})
+    return ExportResult(path, len(page.encode("utf-8")), "web", {"weights": storage, "loss": loss})
 
 
 # ---------------------------------------------------------------------------
@@ -95,22 +115,22 @@ def text_loss(model: CharRNN, texts: list[np.ndarray]) -> float:
 
 def round_tensor(t: torch.Tensor, storage: str) -> tuple[bytes, dict, torch.Tensor]:
     """A weight as the page stores it: its bytes, its spec (dtype, and the
-    row scales' place for int8, relative to the bytes) and the float32 values
-    the page decodes. Vectors (biases) are always fp32."""
+    row scales' place for int16/int8, relative to the bytes) and the float32
+    values the page decodes. Vectors (biases) are always fp32."""
     t = t.detach().float().cpu().contiguous()
     if storage == "fp32" or t.dim() == 1:
         return t.numpy().astype("<f4").tobytes(), {"dtype": "f32"}, t
-    if storage == "fp16":
-        h = t.half()
-        return h.numpy().astype("<f2").tobytes(), {"dtype": "f16"}, h.float()
+    # Symmetric integers with one fp32 scale per row: q = round(w / s),
+    # s = max|row| / qmax; the page decodes q * s in float32, as torch does here.
+    qmax, dtype, code, little = INTEGER_STORAGES[storage]
     rows = t.reshape(t.shape[0], -1)
-    scale = rows.abs().amax(1) / 127
+    scale = rows.abs().amax(1) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(rows / scale[:, None]).clamp_(-qmax, qmax).to(dtype)
     decoded = (q.float() * scale[:, None]).reshape(t.shape)
-    qb = q.numpy().tobytes()
+    qb = q.numpy().astype(little).tobytes()
     pad = -len(qb) % 4
-    return qb + b"\0" * pad + scale.numpy().astype("<f4").tobytes(), {"dtype": "i8", "scales": len(qb) + pad}, decoded
+    return qb + b"\0" * pad + scale.numpy().astype("<f4").tobytes(), {"dtype": code, "scales": len(qb) + pad}, decoded
 
 
 def rounded_model(model: CharRNN, storage: str) -> CharRNN:
@@ -125,19 +145,13 @@ def rounded_model(model: CharRNN, storage: str) -> CharRNN:
 
 
 def choose_storage(model: CharRNN, texts: list[np.ndarray], base: float, weights: str) -> tuple[str, float]:
-    """The storage and its relative loss change against fp32 (inf when the
-    rounded model's values overflow). ``auto`` never picks a storage that
-    cannot hold the weights; asked for one, :class:`ConfigError`."""
+    """The storage and the relative loss change of ``weights`` (for auto,
+    of int16, whether picked or not) against fp32: inf where the rounded
+    model's values overflow."""
     def change(storage: str) -> float:
         if storage == "fp32":
             return 0.0
         twin = rounded_model(model, storage)
-        if not all(bool(torch.isfinite(p).all()) for p in twin.parameters()):
-            if weights == "auto":
-                return math.inf
-            largest = max(float(p.detach().abs().max()) for p in model.parameters())
-            raise ConfigError(f"{storage} cannot store this model's weights (the largest is {largest:.3g}, beyond "
-                              f"{storage}'s {float(torch.finfo(torch.float16).max):,.0f}); use --weights fp32 or int8")
         try:
             loss = text_loss(twin, texts)
         except NonFiniteError:
@@ -146,8 +160,8 @@ def choose_storage(model: CharRNN, texts: list[np.ndarray], base: float, weights
 
     if weights != "auto":
         return weights, change(weights)
-    fp16 = change("fp16")
-    return ("fp16", fp16) if fp16 <= AUTO_TOLERANCE else ("fp32", 0.0)
+    compact = change(COMPACT)
+    return (COMPACT, compact) if compact <= AUTO_TOLERANCE else ("fp32", compact)
 
 
 def pack_weights(model: CharRNN, storage: str) -> tuple[bytes, list[dict]]:

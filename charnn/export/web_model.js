@@ -11,31 +11,15 @@
 // with top-k/top-p (charnn/generation/sample.py: pick_ids, filter_logits).
 
 const CharnnModel = (() => {
-  let HALF = null; // fp16 bit pattern -> value, built once
-
-  function halfTable() {
-    if (HALF) return HALF;
-    HALF = new Float32Array(65536);
-    for (let h = 0; h < 65536; h++) {
-      const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 31, f = h & 1023;
-      HALF[h] = e === 0 ? s * f * 2 ** -24 : e === 31 ? (f ? NaN : s * Infinity) : s * (1 + f / 1024) * 2 ** (e - 15);
-    }
-    return HALF;
-  }
-
   // One stored tensor as float32 values (the page's weights).
   function decode(bytes, spec) {
     const n = spec.shape.reduce((a, b) => a * b, 1);
     const base = bytes.byteOffset + spec.offset;
     if (spec.dtype === "f32") return new Float32Array(bytes.buffer.slice(base, base + 4 * n));
     const out = new Float32Array(n);
-    if (spec.dtype === "f16") {
-      const t = halfTable(), src = new Uint16Array(bytes.buffer, base, n);
-      for (let i = 0; i < n; i++) out[i] = t[src[i]];
-      return out;
-    }
-    // int8 with one float32 scale per row: value = fround(q * scale), as torch computes it in float32.
-    const q = new Int8Array(bytes.buffer, base, n);
+    // int16 or int8 with one float32 scale per row: value = fround(q * scale),
+    // as torch computes it in float32 (q * scale is exact in float64).
+    const q = spec.dtype === "i16" ? new Int16Array(bytes.buffer, base, n) : new Int8Array(bytes.buffer, base, n);
     const scales = new Float32Array(bytes.buffer.slice(bytes.byteOffset + spec.scales, bytes.byteOffset + spec.scales + 4 * spec.shape[0]));
     const cols = n / spec.shape[0];
     for (let r = 0, i = 0; r < spec.shape[0]; r++) for (let k = 0; k < cols; k++, i++) out[i] = Math.fround(q[i] * scales[r]);
