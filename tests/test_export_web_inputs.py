@@ -43,6 +43,8 @@ def test_export_writes_a_page_and_reports_size_weights_and_loss(tmp_path: Path, 
     assert "CC-BY &lt;b&gt;me&lt;/b&gt; &amp; co" in page and "<b>me</b>" not in page
     assert not re.search(r"https?://|\bfetch\(|\bimport\(|<link\b|\bsrc=", page), "the page may reach the network"
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    # A shared page names the checkpoint without the author's folders.
+    assert str(small.parent) not in page and '"file": "' + small.parent.name + "/small.pt" + '"' in page.replace('":"', '": "')
 
 
 def test_weights_storages_round_as_the_page_decodes(tmp_path: Path):

@@ -189,6 +189,13 @@ def model_name(path: Path) -> str:
     return path.resolve().parent.name if path.name in ("best.pt", "last.pt") else path.stem
 
 
+def shown_path(path: Path) -> str:
+    """The checkpoint as the page's sample command names it: as given when
+    relative; an absolute path only by its last two parts (the run folder and
+    the file), so a shared page does not carry the author's folders."""
+    return str(path) if not path.is_absolute() else str(Path(*path.parts[-2:]))
+
+
 def _script_json(data: object) -> str:
     """JSON that cannot end its <script> element (or open a comment) early."""
     text = json.dumps(data, ensure_ascii=True, allow_nan=False)
@@ -230,7 +237,7 @@ def start_id(tokenizer) -> int:
 def build_page(ckpt: Checkpoint, checkpoint: Path, blob: bytes, specs: list[dict], note: str | None) -> str:
     mc = ckpt.model_config
     name = model_name(checkpoint)
-    meta = {"name": name, "file": str(checkpoint), "cell": mc.cell, "num_layers": mc.num_layers,
+    meta = {"name": name, "file": shown_path(checkpoint), "cell": mc.cell, "num_layers": mc.num_layers,
             "hidden_size": mc.hidden_size, "embedding_dim": mc.embedding_dim,
             "vocab": list(ckpt.tokenizer.chars), "start_id": start_id(ckpt.tokenizer),
             "default_temperature": DEFAULT_TEMPERATURE, "tensors": specs}
