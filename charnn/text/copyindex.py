@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import _atomic_write, _prune_cache, cache_dir
+from .data import _atomic_write, _prune_cache, cache_dir, cache_lookup
 from .reading import Progress, Status, count_text
 
 MAX_INDEX_CHARS = 1 << 25  # texts of up to 33,554,432 characters are indexed (about 1.8 GB to build)
@@ -254,24 +254,13 @@ def load_or_build(text: str, sha256: str, *, cache: bool = True, progress: Progr
 
 
 def _lookup(folder: Path, key: str, codes: np.ndarray) -> np.ndarray | None:
-    try:
-        candidates = sorted(folder.glob(f"{key}-*.npy"))
-    except OSError:
-        return None
-    for path in candidates:
+    def verified(path: Path) -> np.ndarray | None:
         sa = _read_entry(path, len(codes))
         if sa is None or _digest(sa) != path.stem.rsplit("-", 1)[-1] or not is_suffix_array(codes, sa):
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            continue
-        try:
-            os.utime(path)  # least recently used goes first when pruning
-        except OSError:
-            pass
+            return None
         return sa
-    return None
+
+    return cache_lookup(folder, key, verified)
 
 
 def _read_entry(path: Path, n: int) -> np.ndarray | None:

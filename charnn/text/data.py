@@ -27,7 +27,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -211,13 +211,20 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True, 
 def _cache_lookup(folder: Path, key: str, text: str, tokenizer: CharTokenizer) -> np.ndarray | None:
     """A verified entry for ``key``, read into memory, its use recorded in its
     mtime; entries that fail verification are deleted."""
+    return cache_lookup(folder, key, lambda path: _verified_entry(path, text, tokenizer))
+
+
+def cache_lookup(folder: Path, key: str, verified: Callable[[Path], np.ndarray | None]) -> np.ndarray | None:
+    """The first cache file ``KEY-*.npy`` in ``folder`` that ``verified``
+    reads and trusts (it returns None for one it does not: that file is
+    deleted), its mtime touched so pruning keeps the most recently used."""
     try:
         candidates = sorted(folder.glob(f"{key}-*.npy"))
     except OSError:
         return None
     for path in candidates:
-        ids = _verified_entry(path, text, tokenizer)
-        if ids is None:
+        found = verified(path)
+        if found is None:
             try:
                 path.unlink()
             except OSError:
@@ -227,7 +234,7 @@ def _cache_lookup(folder: Path, key: str, text: str, tokenizer: CharTokenizer) -
             os.utime(path)  # least recently used goes first when pruning
         except OSError:
             pass
-        return ids
+        return found
     return None
 
 
@@ -262,10 +269,12 @@ def _verified_entry(path: Path, text: str, tokenizer: CharTokenizer) -> np.ndarr
     return ids
 
 
-def _prune_cache(folder: Path, keep: Path, max_entries: int = CACHE_MAX_ENTRIES,
-                 max_bytes: int = CACHE_MAX_BYTES) -> None:
+def _prune_cache(folder: Path, keep: Path, max_entries: int | None = None, max_bytes: int | None = None) -> None:
     """Delete the least recently used entries beyond the bounds (``keep`` always
-    stays) and temp files that killed writers left behind."""
+    stays) and temp files that killed writers left behind. The bounds default
+    to the encoded corpora's (read at call time)."""
+    max_entries = CACHE_MAX_ENTRIES if max_entries is None else max_entries
+    max_bytes = CACHE_MAX_BYTES if max_bytes is None else max_bytes
     entries = []
     now = time.time()
     try:
