@@ -25,10 +25,15 @@ Run it alone (the machine's cores are shared):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import torch
+# The MKL mode `charnn sample` runs in (cli.common.inference_only): set before
+# torch's first matrix product; both sides of the comparison share it.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import torch  # noqa: E402
 
 
 from charnn.model.config import ModelConfig

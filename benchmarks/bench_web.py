@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import shutil
 import statistics
@@ -37,7 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# The MKL mode `charnn sample` runs in (cli.common.inference_only), set before
+# torch's first matrix product.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
