@@ -153,6 +153,47 @@ def test_a_pause_in_the_first_steps_does_not_multiply_the_evaluations(tmp_path):
     assert len(evals) <= AUTO_EVALS + 2, (len(evals), rows[-1]["step"], " ".join(err.split())[-600:])
 
 
+def _train_paused(tmp_path: Path, pause: float) -> tuple[str, list[dict]]:
+    """A real --time-limit 12s run, stopped with SIGSTOP for ``pause`` seconds
+    once its first steps have planned it (0: not stopped): stderr and metrics."""
+    tmp_path.mkdir()
+    corpus = write_corpus(tmp_path / "c.txt", n_words=100_000)
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "charnn", "train", str(corpus), "--hidden-size", "128",
+                             "--num-layers", "2", "--size", "fixed", "--precision", "fp32", "--device", "cpu",
+                             "--sample-every", "0", "--time-limit", "12s", "--log-every", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    try:
+        if pause:
+            deadline = time.monotonic() + 60
+            while not (metrics.is_file() and any(json.loads(r).get("step", 0) >= 40 for r in
+                                                 metrics.read_text().splitlines() if r.endswith("}"))):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGSTOP)  # a machine that got busy after the plan was made
+            time.sleep(pause)
+            proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    return " ".join(err.split()), [json.loads(r) for r in metrics.read_text().splitlines()]
+
+
+@pytest.mark.system
+def test_a_run_that_ends_far_short_of_its_plan_says_so_in_its_last_lines_and_its_metrics(tmp_path):
+    err, rows = _train_paused(tmp_path / "paused", pause=7.0)
+    short = [r for r in rows if r.get("event") == "short_of_plan"]
+    assert len(short) == 1 and short[0]["steps"] < 0.6 * short[0]["planned_steps"], rows[-3:]
+    # Among the last lines: after the final evaluation, before the closing summary.
+    assert err.rindex(": validation loss") < err.index("steps its first steps promised") < err.index("Done:"), err
+    err, rows = _train_paused(tmp_path / "quiet", pause=0)
+    assert "promised" not in err and not any(r.get("event") for r in rows)
+
+
 def test_the_automatic_interval_grows_when_the_run_turns_out_faster_and_never_shrinks():
     cfg = TrainConfig(time_limit=100.0, eval_chars=1000)
     plan = RunPlan.of(cfg)

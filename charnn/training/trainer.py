@@ -391,6 +391,12 @@ class Trainer:
             elif self._last_eval_step != pos.step:  # (-1 until this run evaluates)
                 # Final evaluation and checkpoint, unless the last step just had one.
                 last_path = self._evaluate_and_save()
+            if stopped == "time_limit":  # the time budget ended it: was that the plan?
+                per_step = (time.perf_counter() - loop_start - eval_seconds) / (pos.step - start_step)
+                short = self.validation.shortfall(pos.step, per_step)
+                if short is not None:
+                    self._log_row(short)
+                    self._emit("warning", message=short["message"])
         finally:
             if signals:
                 signals.__exit__()

@@ -32,6 +32,10 @@ SAVE_SECONDS = 0.5  # a checkpoint write, in the final reserve
 # next try: choosing the size took 3.9 s under the test suite's load, 2 s quiet.
 SETUP_MARGIN = 2.0
 RESERVE_MARGIN = 1.2  # the final evaluation's predicted time, with a margin for load
+# A --time-limit run that makes less than this share of the steps its first
+# steps promised says so at its end: the machine slowed down after the model's
+# size and the schedule were planned.
+SHORT_OF_PLAN = 0.6
 
 
 class Validation:
@@ -50,6 +54,7 @@ class Validation:
         self.precision = precision
         self.seconds_per_char = 0.0  # measured by calibrate()
         self.auto_chars = plan.eval_chars is None  # before calibrate() chooses it
+        self.planned: tuple[float, float] | None = None  # (steps, seconds a step) the first steps promised
 
     @property
     def enabled(self) -> bool:
@@ -182,6 +187,7 @@ class Validation:
         Returns the notes to show."""
         cfg = self.cfg
         self.run_plan.eval_every, total = self._interval(budget, step, elapsed, per_step, reserve)
+        self.planned = (total, per_step)
         notes = [f"evaluating every {plural(self.run_plan.eval_every, 'step')} (about {plural(int(total), 'step')} fit "
                  f"the budget at {per_step * 1000:.0f} ms/step)"]
         note = patience_note(cfg, self.run_plan.eval_every, total, step)
@@ -201,3 +207,20 @@ class Validation:
         self.run_plan.eval_every = every
         return [f"evaluating every {plural(every, 'step')} from here: the run is faster than its first steps "
                 f"said (about {plural(int(total), 'step')} fit the budget at {per_step * 1000:.0f} ms/step)"]
+
+    def shortfall(self, step: int, per_step: float) -> dict[str, Any] | None:
+        """At the end of a run stopped by its --time-limit: when it made less
+        than :data:`SHORT_OF_PLAN` of the steps its first steps promised, the
+        metrics row that says so (``message`` is the line to show)."""
+        if self.planned is None:
+            return None
+        planned, first = self.planned
+        if step >= SHORT_OF_PLAN * planned:
+            return None
+        message = (f"the run made {step:,} of the ~{int(planned):,} steps its first steps promised "
+                   f"({step / planned:.0%}): steps took {per_step * 1000:.0f} ms on average, {first * 1000:.0f} ms "
+                   "at the start. The machine got busier after the model's size and schedule were planned; "
+                   "on a quieter machine (or with a longer --time-limit) the same command trains more")
+        return {"step": step, "event": "short_of_plan", "planned_steps": int(planned), "steps": step,
+                "ms_per_step_planned": round(first * 1000, 3), "ms_per_step": round(per_step * 1000, 3),
+                "message": message}
