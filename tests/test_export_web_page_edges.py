@@ -73,3 +73,16 @@ def test_controls_stay_inside_the_form(page, browser, width):
     assert boxes["form"] <= boxes["view"], boxes
     outside = [(name, right) for name, right in boxes["fields"] if right > boxes["form"] + 0.5]
     assert not outside, (width, boxes["form"], outside)
+
+
+def test_a_note_with_a_long_word_does_not_widen_the_page(page, browser, tmp_path):
+    """A note that names a hash or a long address keeps the page within a
+    phone's width (420 px): the word wraps instead."""
+    note = "Trained on letters.txt, sha256 " + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    html = tmp_path / "noted.html"
+    result = invoke("export", page[0], "-o", html, "--note", note)
+    assert result.exit_code == 0, result.output
+    load(browser, html, 420)
+    assert browser.eval("document.querySelector('.note').textContent") == note
+    widths = browser.eval("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
