@@ -96,6 +96,22 @@ def test_against_a_missing_file_a_fifo_or_a_huge_file_is_an_error_before_any_sam
         assert r.stderr.startswith("Error: --against ") and needle in r.stderr and "Traceback" not in r.stderr
 
 
+def test_against_in_another_encoding_names_the_fix_charnn_sample_has(trained, data_dir, tmp_path):
+    """charnn sample has no --encoding: --against is read in the checkpoint's
+    training encoding, and the error says so instead of pointing at an option
+    that does not exist here."""
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(latin.read_bytes())
+    for path in (latin, folder):
+        r = sample(trained.best, "-n", 50, "--against", path, data_dir=data_dir, timeout=60)
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        assert "not utf-8 text" in r.stderr.lower() and "--encoding" not in r.stderr, r.stderr
+        assert "the model was trained with (utf-8)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_a_corpus_edited_after_training_gets_a_note_never_a_lost_sample(tmp_path, data_dir):
     corpus = tmp_path / "corpus.txt"
     original = make_text(3000, seed=4)

@@ -242,3 +242,32 @@ def test_the_library_refuses_before_loading_anything(tmp_path):
     (tmp_path / "page.html").write_text("<!doctype html>", encoding="utf-8")
     with pytest.raises(CharnnError, match="is not an ONNX model"):
         export(tmp_path / "missing.pt", "onnx", tmp_path / "page.html")
+
+
+def test_a_confident_model_is_not_refused_for_float32_rounding(tmp_path):
+    """A trained model's logits reach 100 or more (a 2x128 after 150 s on a
+    novel: 101), where float32 rounding alone moves them by about 1e-4: export
+    writes the file, and onnxruntime's logits match torch's to float32's
+    relative precision."""
+    from web_helpers import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path / "sure.pt", make_text(), layers=2, hidden=128, embedding=16)
+    model, tok, _ = load_model(ckpt)
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+        model.head.bias.mul_(40)
+    from charnn.storage.checkpoint import build_payload, save
+
+    save(build_payload(model, tok), ckpt)
+    out = tmp_path / "sure.onnx"
+    result = invoke("export", ckpt, "--format", "onnx", "-o", out)
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(tok.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)[0].numpy()
+    shape = (2, 1, 128)
+    got = session(out).run(["logits"], {"ids": ids.numpy(), "h": np.zeros(shape, np.float32),
+                                        "c": np.zeros(shape, np.float32)})[0]
+    scale = float(np.abs(want).max())
+    assert scale > 100, scale
+    assert float(np.abs(got - want).max()) <= 1e-5 * scale

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CharnnError, NonFiniteError
-from ..generation.sample import DEFAULT_TEMPERATURE, START_CANDIDATES, generate_samples
+from ..generation.sample import DEFAULT_TEMPERATURE, MAX_TEMPERATURE, START_CANDIDATES, generate_samples
 from ..model.rnn import CharRNN
 from ..model.scoring import evaluate_ids
 from ..storage.checkpoint import Checkpoint, load_model
@@ -240,7 +240,8 @@ def build_page(ckpt: Checkpoint, checkpoint: Path, blob: bytes, specs: list[dict
     meta = {"name": name, "file": shown_path(checkpoint), "cell": mc.cell, "num_layers": mc.num_layers,
             "hidden_size": mc.hidden_size, "embedding_dim": mc.embedding_dim,
             "vocab": list(ckpt.tokenizer.chars), "start_id": start_id(ckpt.tokenizer),
-            "default_temperature": DEFAULT_TEMPERATURE, "tensors": specs}
+            "default_temperature": DEFAULT_TEMPERATURE,
+            "max_temperature": MAX_TEMPERATURE, "tensors": specs}
     pkg = resources.files(__package__)
     values = {"TITLE": html.escape(f"{name} · charnn"), "INFO": info_html(ckpt, name, note), "META": _script_json(meta),
               "WEIGHTS": base64.b64encode(blob).decode("ascii"),

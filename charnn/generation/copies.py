@@ -81,7 +81,10 @@ def read_against(path: str | os.PathLike, encoding: str = "utf-8") -> TrainingTe
         if st.st_size > MAX_INDEX_CHARS:
             raise DataError(f"--against {show_path(path)}: {_too_large('it', st.st_size, 'bytes')}; "
                             "give a smaller text, or pass --no-copy-report")
-    corpus = read_corpus([path], encoding=encoding)
+    # charnn sample has no --encoding: the text is read as the model's corpus was.
+    hint = (f"--against is read in the encoding the model was trained with ({encoding}); give the "
+            f"training text, converted to {encoding} if needed")
+    corpus = read_corpus([path], encoding=encoding, encoding_hint=hint)
     if len(corpus.text) > MAX_INDEX_CHARS:
         raise DataError(f"--against {show_path(path)}: {_too_large('its text', len(corpus.text), 'characters')}; "
                         "give a smaller text, or pass --no-copy-report")

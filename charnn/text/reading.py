@@ -230,8 +230,10 @@ READ_STATUS_BYTES = 16_000_000  # ... or this many bytes
 class _CorpusReader:
     """Collects the text of the named paths, and what was skipped and why."""
 
-    def __init__(self, encoding: str, exclude: Iterable[str | os.PathLike], status: Status):
+    def __init__(self, encoding: str, exclude: Iterable[str | os.PathLike], status: Status,
+                 encoding_hint: str = ENCODING_HINT):
         self.encoding = encoding
+        self.encoding_hint = encoding_hint
         self.excluded = [os.path.realpath(os.path.abspath(p)) for p in exclude]
         self.active: list[str] = []  # the exclude paths inside the folder being walked
         self.status = status
@@ -288,7 +290,7 @@ class _CorpusReader:
             if reason.endswith("not text"):
                 raise DataError(f"{show_path(path)} looks like a binary file, not text; pass a text file")
             raise DataError(f"{show_path(path)} {reason}")
-        self.add(str(path), normalize_newlines(decode_bytes(raw, str(path), self.encoding)))
+        self.add(str(path), normalize_newlines(decode_bytes(raw, str(path), self.encoding, self.encoding_hint)))
 
     # -- a folder: what cannot be read is skipped, with the reason -------
     def folder(self, root: Path) -> None:
@@ -408,7 +410,7 @@ class _CorpusReader:
         more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         hint = "point charnn at your text"
         if any(r.startswith("not ") and "text (" in r for _, r in skipped):
-            hint = f"if the files are in another encoding, {ENCODING_HINT}"
+            hint = f"if the files are in another encoding, {self.encoding_hint}"
         raise DataError(f"folder {show_path(root)} holds no text files charnn can read (skipped {listed}{more}); {hint}")
 
 
@@ -435,7 +437,8 @@ def corpus_name(paths: Sequence[str | os.PathLike]) -> str:
 
 
 def read_corpus(paths: Sequence[str | os.PathLike], encoding: str = "utf-8", *,
-                exclude: Iterable[str | os.PathLike] = (), progress: Progress | None = None) -> Corpus:
+                exclude: Iterable[str | os.PathLike] = (), progress: Progress | None = None,
+                encoding_hint: str = ENCODING_HINT) -> Corpus:
     """Read files and folders (their text files, recursively, in sorted order)
     into one normalised text; see the module docstring for what a folder
     contributes and what is skipped. ``exclude``: paths (files or folders,
@@ -444,7 +447,7 @@ def read_corpus(paths: Sequence[str | os.PathLike], encoding: str = "utf-8", *,
     if not paths:
         raise DataError("no corpus given; pass one or more text files or folders")
     check_encoding(encoding)
-    reader = _CorpusReader(encoding, exclude, Status(progress))
+    reader = _CorpusReader(encoding, exclude, Status(progress), encoding_hint)
     for p in paths:
         reader.named(Path(p))
     text = _join(reader.pieces)
