@@ -175,8 +175,15 @@ def test_refuses_to_replace_a_file_that_is_not_html(tmp_path: Path, small: Path)
 def test_refuses_to_write_over_the_checkpoint(tmp_path: Path, small: Path):
     copy = tmp_path / "m.pt"
     copy.write_bytes(small.read_bytes())
-    assert_clean_error(invoke("export", copy, "-o", copy), "same file")
-    assert copy.read_bytes() == small.read_bytes()
+    assert_clean_error(invoke("export", copy, "-o", copy), "the checkpoint being exported")
+    # --overwrite lets an export replace other files, never the weights it reads (nor a run's, named by its folder).
+    assert_clean_error(invoke("export", copy, "-o", copy, "--overwrite"), "never replaces its checkpoint")
+    assert_clean_error(invoke("export", copy, "--format", "onnx", "-o", copy, "--overwrite"), "never replaces")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(small.read_bytes())
+    assert_clean_error(invoke("export", run, "-o", run / "best.pt", "--overwrite"), "never replaces its checkpoint")
+    assert copy.read_bytes() == small.read_bytes() == (run / "best.pt").read_bytes()
 
 
 def test_full_disk_leaves_no_half_file(tmp_path: Path, small: Path):

@@ -43,7 +43,7 @@ def export(
         metavar="TEXT", show_default=False,
         help="A note shown on the web page (licence, author, what the model was trained on).")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing file that is not an export of this format.")] = False,
+        "--overwrite", help="Replace an existing file that is not an export of this format (never the checkpoint being exported).")] = False,
 ) -> None:
     """Export a checkpoint: a self-contained web page (no network, opens from
     disk) or an ONNX model. Nothing is written unless the whole file is."""
