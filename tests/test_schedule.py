@@ -123,55 +123,34 @@ def test_a_pause_in_the_first_steps_does_not_multiply_the_evaluations(tmp_path):
     so the run planned a fraction of its steps and evaluated several times as
     often as it should (23 and 20 evaluations in two runs here, where the
     median gives 7). The median step time ignores the pause."""
-    corpus = write_corpus(tmp_path / "c.txt", n_words=100_000)  # ~600k characters: under an epoch
-    out = tmp_path / "o"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "charnn", "train", str(corpus), "--hidden-size", "128",
-                             "--num-layers", "2", "--size", "fixed", "--precision", "fp32", "--device", "cpu",
-                             "--sample-every", "0", "--time-limit", "10s", "--log-every", "1", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "metrics.jsonl"
-    try:
-        deadline = time.monotonic() + 60
-        while not (metrics.is_file() and any(json.loads(r).get("step", 0) >= 2 and "train_loss" in r
-                                             for r in metrics.read_text().splitlines()[:5] if r.endswith("}"))):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGSTOP)
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGCONT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    err, rows = _train_paused(tmp_path, pause=2.0, after_step=2, time_limit="10s")
     train = [r for r in rows if "train_loss" in r]  # a row per step (--log-every 1)
     paused_at = [b["step"] for a, b in zip(train, train[1:]) if b["elapsed"] - a["elapsed"] >= 1.9]
     assert paused_at and paused_at[0] <= 20  # the pause fell inside the steps that time the run
     evals = [r for r in rows if "val_loss" in r]
-    assert len(evals) <= AUTO_EVALS + 2, (len(evals), rows[-1]["step"], " ".join(err.split())[-600:])
+    assert len(evals) <= AUTO_EVALS + 2, (len(evals), rows[-1]["step"], err[-600:])
 
 
-def _train_paused(tmp_path: Path, pause: float) -> tuple[str, list[dict]]:
-    """A real --time-limit 12s run, stopped with SIGSTOP for ``pause`` seconds
-    once its first steps have planned it: stderr and metrics."""
-    tmp_path.mkdir()
-    corpus = write_corpus(tmp_path / "c.txt", n_words=100_000)
-    out = tmp_path / "o"
+def _train_paused(folder: Path, pause: float, after_step: int, time_limit: str) -> tuple[str, list[dict]]:
+    """A real --time-limit run (2x128, ~600k characters: under an epoch) in
+    its own process, stopped with SIGSTOP for ``pause`` seconds once it has
+    logged ``after_step``: its stderr (one line) and metrics rows."""
+    folder.mkdir(exist_ok=True)
+    corpus = write_corpus(folder / "c.txt", n_words=100_000)
+    out = folder / "o"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "charnn", "train", str(corpus), "--hidden-size", "128",
                              "--num-layers", "2", "--size", "fixed", "--precision", "fp32", "--device", "cpu",
-                             "--sample-every", "0", "--time-limit", "12s", "--log-every", "1", "--out", str(out)],
+                             "--sample-every", "0", "--time-limit", time_limit, "--log-every", "1", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 60
-        while not (metrics.is_file() and any(json.loads(r).get("step", 0) >= 40 for r in
-                                             metrics.read_text().splitlines() if r.endswith("}"))):
+        while not (metrics.is_file() and any(json.loads(r).get("step", 0) >= after_step and "train_loss" in r
+                                             for r in metrics.read_text().splitlines() if r.endswith("}"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGSTOP)  # a machine that got busy after the plan was made
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
         time.sleep(pause)
         proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
@@ -184,7 +163,7 @@ def _train_paused(tmp_path: Path, pause: float) -> tuple[str, list[dict]]:
 
 @pytest.mark.system
 def test_a_run_that_ends_far_short_of_its_plan_says_so_in_its_last_lines_and_its_metrics(tmp_path):
-    err, rows = _train_paused(tmp_path / "paused", pause=7.0)
+    err, rows = _train_paused(tmp_path, pause=7.0, after_step=40, time_limit="12s")  # after the plan is made
     short = [r for r in rows if r.get("event") == "short_of_plan"]
     assert len(short) == 1 and short[0]["steps"] < 0.6 * short[0]["planned_steps"], rows[-3:]
     # Among the last lines: after the final evaluation, before the closing summary.
