@@ -7,6 +7,12 @@ runs it (corpus, batching, the metrics log, the CLI's progress reporter),
 timed between two step counts via its log events.
 
     python benchmarks/bench_train.py [--corpus FILE] [--steps 30] [--shapes 2x512,2x256]
+    python benchmarks/bench_train.py --grid [--shapes 2x320]   # batch x context 8x32 .. 128x256
+
+``--grid`` measures the first shape at every batch size and context length
+from 8 x 32 to 128 x 256, in fp32 and bf16, with about ``--grid-chars``
+characters per timed run, and prints one table per precision of charnn's
+speed as a share of the bare loop's.
 """
 
 from __future__ import annotations
@@ -82,6 +88,33 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
     return steps * batch * seq / (marks[warmup + steps] - marks[warmup])
 
 
+GRID_BATCHES = (8, 16, 32, 64, 128)
+GRID_CONTEXTS = (32, 64, 128, 256)
+
+
+def grid(args: argparse.Namespace, vocab: int) -> None:
+    layers, hidden = (int(v) for v in args.shapes.split(",")[0].split("x"))
+    print(f"{layers}x{hidden} LSTM, embedding {EMBED}, {vocab} characters; charnn chars/s / bare chars/s "
+          f"(best of {args.rounds}, about {args.grid_chars:,} characters timed per run)")
+    for precision in ("fp32", "bf16"):
+        rows = []
+        for batch in GRID_BATCHES:
+            cells = []
+            for seq in GRID_CONTEXTS:
+                steps = max(3, min(args.steps, args.grid_chars // (batch * seq)))
+                common = (layers, hidden, batch, seq, steps, 2, precision)
+                bare = mine = 0.0
+                for _ in range(args.rounds):
+                    bare = max(bare, bare_loop(*common, vocab=vocab, embed=EMBED))
+                    mine = max(mine, charnn_loop(args.corpus, *common))
+                cells.append(f"{mine / bare:.2f} ({mine / 1000:.1f}k)")
+            rows.append(f"| {batch} | " + " | ".join(cells) + " |")
+        print(f"\n{precision}: charnn / bare (charnn's thousands of chars/s)\n")
+        print("| batch \\ context | " + " | ".join(map(str, GRID_CONTEXTS)) + " |")
+        print("| ---: | " + " | ".join("---:" for _ in GRID_CONTEXTS) + " |")
+        print("\n".join(rows), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
@@ -91,7 +124,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--shapes", default="2x512,2x256")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
+    ap.add_argument("--grid", action="store_true", help="batch x context from 8x32 to 128x256, fp32 and bf16")
+    ap.add_argument("--grid-chars", type=int, default=120_000, help="characters per timed run in --grid")
     args = ap.parse_args()
+    if args.grid:
+        vocab = len(set(Path(args.corpus).read_text(encoding="utf-8-sig").replace("\r", "\n")))
+        grid(args, vocab)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"seq-len {args.seq_len}, {args.steps} timed steps")
     print(f"{'shape':>6} {'prec':>5} {'bare chars/s':>13} {'charnn chars/s':>15} {'charnn/bare':>12}")
