@@ -66,7 +66,12 @@ def bare_loop(layers: int, hidden: int, batch: int, seq: int, steps: int, warmup
 
 def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, steps: int,
                 warmup: int, precision: str) -> float:
-    """chars/s of charnn's Trainer between step ``warmup`` and ``warmup + steps``."""
+    """chars/s of charnn's Trainer over ``steps`` steps after at least ``warmup``.
+    It logs every ``steps`` steps (a run logs every 10 by default: a log row
+    per step would charge charnn a metrics line and a progress render that
+    real runs do not pay each step), so the warmup is rounded up to a
+    multiple of ``steps``."""
+    warmup = steps * max(1, -(-warmup // steps))
     marks: dict[int, float] = {}
     # The CLI's own reporter renders every event (into a buffer), so progress
     # and logging cost what they cost in `charnn train`.
@@ -78,7 +83,7 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
         reporter(event)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=1,
+        cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=steps,
                           batch_size=batch, seq_len=seq, precision=precision, device="cpu",
                           sample_every=0, out=out, val_fraction=0.001)
         trainer = Trainer(cfg, {"hidden_size": hidden, "num_layers": layers, "dropout": 0.0,
