@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import _atomic_write, _prune_cache, cache_dir, cache_lookup
+from .data import atomic_write, prune_cache, cache_dir, cache_lookup
 from .reading import Progress, Status, count_text
 
 MAX_INDEX_CHARS = 1 << 25  # texts of up to 33,554,432 characters are indexed (about 1.8 GB to build)
@@ -246,8 +246,8 @@ def load_or_build(text: str, sha256: str, *, cache: bool = True, progress: Progr
     if cache:
         path = folder / f"{key}-{_digest(sa)}.npy"
         try:
-            _atomic_write(path, lambda f: np.save(f, sa))
-            _prune_cache(folder, keep=path, max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES)
+            atomic_write(path, lambda f: np.save(f, sa))
+            prune_cache(folder, keep=path, max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES)
         except (OSError, ValueError):
             pass  # a read-only or full disk only costs the cache
     return CopyIndex(text, sa)

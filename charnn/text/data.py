@@ -143,7 +143,7 @@ def builtin_corpus_path(progress: Progress | None = None) -> Path:
     return target
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """:func:`~charnn.safe_files.replace_atomically`, its folder made first. Raises OSError."""
     target.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(target, write)
@@ -151,7 +151,7 @@ def _atomic_write(target: Path, write) -> None:
 
 def _atomic_write_text(target: Path, text: str) -> None:
     try:
-        _atomic_write(target, lambda f: f.write(text.encode("utf-8")))
+        atomic_write(target, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         raise DataError(f"cannot write {show_path(target)}: {e.strerror or e}; set CHARNN_DATA_DIR "
                         "to a writable folder") from None
@@ -201,8 +201,8 @@ def encode_corpus(corpus: Corpus, tokenizer: CharTokenizer, cache: bool = True, 
     ids = encode()
     path = folder / f"{key}-{_ids_digest(ids)}.npy"
     try:
-        _atomic_write(path, lambda f: np.save(f, ids))
-        _prune_cache(folder, keep=path)
+        atomic_write(path, lambda f: np.save(f, ids))
+        prune_cache(folder, keep=path)
     except (OSError, ValueError):
         pass  # a read-only or full disk (or a concurrent prune) only costs the cache
     return ids
@@ -269,7 +269,7 @@ def _verified_entry(path: Path, text: str, tokenizer: CharTokenizer) -> np.ndarr
     return ids
 
 
-def _prune_cache(folder: Path, keep: Path, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+def prune_cache(folder: Path, keep: Path, max_entries: int | None = None, max_bytes: int | None = None) -> None:
     """Delete the least recently used entries beyond the bounds (``keep`` always
     stays) and temp files that killed writers left behind. The bounds default
     to the encoded corpora's (read at call time)."""
