@@ -155,7 +155,7 @@ def test_batch_sample_i_uses_seed_plus_i(trained_model):
 
 
 def test_sampling_follows_the_distribution():
-    """Gumbel-max picks each id with probability softmax(logits / T)."""
+    """The inverse-CDF pick chooses each id with probability softmax(logits / T)."""
     model, tok = random_model("lstm", 1)
     with torch.no_grad():
         model.head.weight.zero_()

@@ -29,8 +29,8 @@ def export(
                                                help="A checkpoint written by charnn train.")],
     fmt: Annotated[Format, typer.Option(
         "--format", "-f", metavar="[web|onnx]",
-        help="web: one HTML file that generates text offline in a browser; onnx: the one-step "
-             "model for onnxruntime and other runtimes.")] = Format.web,
+        help="web: one HTML file that generates text offline in a browser; onnx: the model for "
+             "onnxruntime and other runtimes (one step or a chunk of text per call).")] = Format.web,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", metavar="FILE", show_default=False,
         help="The file to write.  [default: the checkpoint's name with .html or .onnx]")] = None,
@@ -43,19 +43,21 @@ def export(
         metavar="TEXT", show_default=False,
         help="A note shown on the web page (licence, author, what the model was trained on).")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing file that is not an export of this format (never the checkpoint being exported).")] = False,
+        "--overwrite",
+        help="Replace an existing file that is not an export of this format (never the checkpoint being "
+             "exported).")] = False,
 ) -> None:
     """Export a checkpoint: a self-contained web page (no network, opens from
     disk) or an ONNX model. Nothing is written unless the whole file is."""
 
     def body() -> None:
         from ..export import SUFFIXES, export as export_file
-        from ..errors import format_bytes
+        from ..errors import format_bytes, safe_display
 
         target = out if out is not None else checkpoint.with_suffix(SUFFIXES[fmt.value])
         result = export_file(checkpoint, fmt.value, target, weights=weights.value, note=note, overwrite=overwrite)
         shown = ", ".join(f"{k} {v}" for k, v in result.details.items())
-        err.print(f"wrote {result.path} ({format_bytes(result.bytes)}{', ' + shown if shown else ''})",
+        err.print(f"wrote {safe_display(result.path)} ({format_bytes(result.bytes)}{', ' + shown if shown else ''})",
                   markup=False)
 
     run_command(body)
