@@ -205,7 +205,7 @@ def test_every_training_option_is_classified():
 
     classified = set(RESUME_FIXED) | set(RESUME_CHANGEABLE) | set(RESUME_APPLIED)
     internal = {"corpus", "corpus_hash", "corpus_name", "betas", "min_lr_ratio", "nan_tolerance", "out",
-                "size_reason", "setup_seconds"}
+                "size_reason", "setup_seconds", "base_reason"}
     assert {f.name for f in fields(TrainConfig)} - internal <= classified
 
 

@@ -75,6 +75,11 @@ def train(
         help="Start a new run from a checkpoint's weights and vocabulary.")] = None,
     extend_vocab: Annotated[bool, typer.Option(
         "--extend-vocab", help="With --init-from: grow the vocabulary for new characters.")] = False,
+    base: Annotated[Optional[str], typer.Option(
+        metavar="auto|none|NAME|PATH", show_default=False,
+        help="What a new run starts from: auto fine-tunes the English prose base shipped with charnn "
+             "when it knows your text (says why at start), none trains from scratch, or give a base's "
+             "name (prose-en) or any checkpoint." + _d("auto"))] = None,
     size: Annotated[Optional[Size], typer.Option(
         metavar="[auto|fixed]", show_default=False,
         help="Model shape and dropout: auto chooses them from your text and budget (says why at start; "
@@ -189,9 +194,14 @@ def train(
             "eval_chars": eval_chars, "log_every": log_every, "val_fraction": val_fraction,
             "patience": patience, "keep": keep, "sample_every": sample_every, "seed": seed,
             "device": device, "precision": precision.value if precision else None, "encoding": encoding,
-            "size": size.value if size else None, "shuffle": ordered,
+            "size": size.value if size else None, "shuffle": ordered, "base": base,
         }
         given = {k: v for k, v in given.items() if v is not None}
+        if base is not None and (resume is not None or init_from is not None):
+            raise ConfigError("--base starts a new run: " + ("a resumed run keeps its start" if resume is not None
+                                                             else "give --base or --init-from, not both"))
+        if resume is None and init_from is None:
+            given.setdefault("base", "auto")
         budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))
         default_budget = not budget_given and resume is None
         if default_budget:

@@ -68,6 +68,11 @@ class TrainConfig:
     # by the trainer at start from the epochs the budget buys
     # (charnn.model.sizing.choose_order); the checkpoint records the choice.
     shuffle: bool | None = None
+    # A new run's start: "auto" (the shipped base when it knows the text, see
+    # charnn.training.base), "none" (from scratch), a shipped base's name or a
+    # checkpoint's path. The checkpoint records what the run started from.
+    base: str = "none"
+    base_reason: str = ""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_frozen"):
@@ -143,7 +148,7 @@ class TrainConfig:
         if (not isinstance(self.betas, tuple) or len(self.betas) != 2
                 or not all(isinstance(b, num) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("corpus_hash", "corpus_name", "device", "precision", "encoding", "out"):
+        for name in ("corpus_hash", "corpus_name", "device", "precision", "encoding", "out", "base", "base_reason"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.corpus, list) or not all(isinstance(c, str) for c in self.corpus):
@@ -168,7 +173,7 @@ RESUME_APPLIED = ("precision", "grad_clip")
 # ...and these cannot change without making it another run: the data layout,
 # the randomness, the optimizer and its schedule.
 RESUME_FIXED = ("seq_len", "batch_size", "val_fraction", "seed", "encoding", "lr", "weight_decay",
-                "betas", "warmup_steps", "min_lr_ratio", "size", "shuffle")
+                "betas", "warmup_steps", "min_lr_ratio", "size", "shuffle", "base")
 BUDGETS = ("max_steps", "epochs", "time_limit")
 
 
@@ -181,7 +186,7 @@ def given_options(cfg: TrainConfig) -> dict[str, Any]:
     counts as given, except empty ones that mean "not set" (no corpus, no
     output folder, no budget at all) and what the trainer fills in itself."""
     given = {k: v for k, v in cfg.to_dict().items() if k not in ("corpus_hash", "corpus_name", "size", "size_reason",
-                                                              "setup_seconds")}
+                                                              "setup_seconds", "base", "base_reason")}
     if not given["corpus"]:
         del given["corpus"]
     if not given["out"]:

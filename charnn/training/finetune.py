@@ -48,14 +48,16 @@ def extend_vocab(model: CharRNN, old: CharTokenizer, new: CharTokenizer) -> Char
 
 
 def fine_tune_start(init_from: str | os.PathLike, text: str, overrides: dict[str, Any],
-                    grow_vocab: bool) -> tuple[CharTokenizer, CharRNN, list[str]]:
+                    grow_vocab: bool, what: str = "--init-from") -> tuple[CharTokenizer, CharRNN, list[str]]:
     """The tokenizer and model a new run on ``text`` starts from, and the
     warnings to report. The architecture must match (only dropout may change);
     characters outside the checkpoint's vocabulary are an error unless
     ``grow_vocab``."""
     base = ckpt_mod.load(init_from)
     arch = {k: v for k, v in overrides.items() if k != "dropout"}  # dropout may change when fine-tuning
-    check_arch(arch, base.model_config, init_from, "cannot fine-tune from", "Drop those options or start a new run")
+    hint = "Drop those options or start a new run" + (" with --base none" if what == "--base" else "")
+    check_arch(arch, base.model_config, init_from,
+               "cannot fine-tune from" if what == "--init-from" else "cannot start from the base", hint)
     tokenizer, model = base.tokenizer, base.build_model("cpu")
     warnings = []
     unknown = tokenizer.unknown_chars(text)

@@ -31,6 +31,8 @@ class RunPlan:
     # size probe, timing the evaluation): the budget includes it, the warmup
     # counts from after it.
     setup_seconds: float = 0.0
+    base: str = "none"  # what a new run started from: a base's name, a checkpoint's file name, or "none"
+    base_reason: str = ""  # --base's one-line why
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "RunPlan":

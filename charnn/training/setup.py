@@ -21,9 +21,9 @@ from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from ..storage import checkpoint as ckpt_mod
 from ..text.data import BUILTIN_NAME, Corpus, builtin_corpus_path, encode_corpus, make_batcher, read_corpus, split_ids
 from ..text.tokenizer import CharTokenizer
-from . import choices
+from . import base as base_mod, choices
 from .config import TrainConfig, given_options, merge_resume
-from .finetune import check_arch, fine_tune_start
+from .finetune import ARCH_FIELDS, check_arch, fine_tune_start
 from .plan import RunPlan
 from .runtime import DistInfo
 from .schedule import planned_steps
@@ -76,7 +76,15 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
         for message in notes:
             warn(message)
     else:
-        tokenizer = CharTokenizer.from_text(corpus.text)
+        choice = start_from(cfg, corpus.text, overrides)
+        plan.base, plan.base_reason = choice.name, choice.reason
+        if choice.path is None:
+            tokenizer = CharTokenizer.from_text(corpus.text)
+        else:
+            tokenizer, model, notes = fine_tune_start(choice.path, corpus.text, overrides, True, what="--base")
+            plan.size_reason = f"the shape of {choice.name} (--base)"
+            for message in notes:
+                warn(message)
     ids = encode_corpus(corpus, tokenizer, cache=cache, progress=status)
     train_ids, val_ids = split_ids(ids, cfg.val_fraction)
     if cfg.val_fraction > 0 and len(val_ids) < 2:
@@ -85,6 +93,21 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
     if resumed is not None and plan.shuffle is None:  # only a hand-made file: charnn records its choice
         plan.shuffle = False
     return corpus, tokenizer, model, train_ids, val_ids
+
+
+def start_from(cfg: TrainConfig, text: str, overrides: dict[str, Any]) -> base_mod.BaseChoice:
+    """A new run's base (see :mod:`charnn.training.base`). ``auto`` trains from
+    scratch when the user chose the model's shape (--size fixed or a shape
+    option): a base brings its own."""
+    shape = [k for k in ARCH_FIELDS if k != "dropout" and overrides.get(k) is not None]
+    if cfg.base == "auto" and (shape or cfg.size == "fixed"):
+        why = "--size fixed" if cfg.size == "fixed" else ", ".join("--" + k.replace("_", "-") for k in shape)
+        return base_mod.BaseChoice(None, "none", f"from scratch: {why} chooses the shape")
+
+    def vocab_of(path: Path) -> list[str]:
+        return ckpt_mod.load(path).tokenizer.chars
+
+    return base_mod.choose_base(cfg.base, text, vocab_of)
 
 
 def read_run_corpus(cfg: TrainConfig, resume: str | os.PathLike | None, exclude: list[Path],

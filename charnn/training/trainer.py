@@ -138,6 +138,8 @@ class Trainer:
             cfg, plan, resumed, init_from, overrides, extend_vocab, cache, exclude=[self.out_dir, cache_dir()],
             status=self._status, warn=lambda message: self._emit("warning", message=message))
         self.tokenizer = tokenizer
+        if plan.base_reason and resumed is None:
+            self.notes.append(f"start: {plan.base_reason}")
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 

@@ -1,0 +1,152 @@
+"""charnn train --base: a new run starts from a base model (auto, none, a
+shipped base's name, any checkpoint), says which and why, records it, and
+resumes exactly; bad bases are clear errors or explained fallbacks."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+
+from charnn.storage import checkpoint
+from charnn.training import base as base_mod
+from charnn.training.config import TrainConfig
+from charnn.training.setup import start_from
+
+from conftest import assert_clean_error, invoke, make_text
+from test_resume import assert_same_bits, printed_resume, stop_at
+
+RUN = ["--batch-size", "4", "--seq-len", "16", "--precision", "fp32", "--eval-every", "5", "--sample-every", "0"]
+CHINESE = "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 40
+
+
+@pytest.fixture(scope="module")
+def english(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "letters.txt"
+    path.write_text(make_text(8000, seed=11), encoding="utf-8")
+    return path
+
+
+def joined(result) -> str:
+    return " ".join(result.stderr.split())
+
+
+def test_a_checkpoint_as_base_is_fine_tuned_named_at_start_and_recorded(trained, english, tmp_path):
+    r = invoke("train", english, "--base", trained.best, "--max-steps", "6", "-o", tmp_path / "run", *RUN)
+    assert r.exit_code == 0, r.output
+    text = joined(r)
+    assert "start: fine-tuning" in text and "--base" in text and "of the text's characters" in text
+    saved = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert saved.model_config.hidden_size == checkpoint.load(trained.best).model_config.hidden_size
+    assert saved.train_config["base"] != "none" and "fine-tuning" in saved.train_config["base_reason"]
+    info = invoke("info", tmp_path / "run" / "best.pt")
+    assert "fine-tuning" in " ".join(info.output.split())
+
+
+def test_base_none_trains_from_scratch(trained, english, tmp_path):
+    r = invoke("train", english, "--base", "none", "--max-steps", "3", "-o", tmp_path / "run", *RUN,
+               "--hidden-size", "24", "--num-layers", "1", "--embedding-dim", "8")
+    assert r.exit_code == 0, r.output
+    saved = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert saved.model_config.hidden_size == 24 and saved.train_config["base"] == "none"
+
+
+def test_a_run_started_from_a_base_resumes_exactly(trained, english, tmp_path, monkeypatch):
+    args = ["train", english, "--base", trained.best, "--max-steps", "12", "--log-every", "1", *RUN]
+    assert invoke(*args, "-o", tmp_path / "straight").exit_code == 0
+    with monkeypatch.context() as m:
+        stop_at(m, 6, signal.SIGINT)
+        stopped = invoke(*args, "-o", tmp_path / "stopped")
+    assert stopped.exit_code == 130, stopped.output
+    resumed = invoke(*printed_resume(stopped.stderr))
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_bits(tmp_path / "straight" / "last.pt", tmp_path / "stopped" / "last.pt")
+
+
+@pytest.fixture
+def shipped(trained, tmp_path, monkeypatch):
+    """A base installed as charnn ships one: a checkpoint and its card with the
+    character pairs of its training text (the trained fixture's own text)."""
+    folder = tmp_path / "bases"
+    folder.mkdir()
+    shutil.copy(trained.best, folder / f"{base_mod.DEFAULT_BASE}.pt")
+    text = trained.text
+    card = {"name": base_mod.DEFAULT_BASE, "bigrams": sorted({text[i:i + 2] for i in range(len(text) - 1)})}
+    (folder / f"{base_mod.DEFAULT_BASE}.json").write_text(json.dumps(card), encoding="utf-8")
+    monkeypatch.setattr(base_mod, "BASES_DIR", folder)
+    return folder
+
+
+def vocab_of(path):
+    return checkpoint.load(path).tokenizer.chars
+
+
+def test_auto_fine_tunes_a_base_that_knows_the_text_and_not_one_that_does_not(shipped, trained):
+    known = base_mod.choose_base("auto", trained.text[:3000], vocab_of)
+    assert known.path == shipped / f"{base_mod.DEFAULT_BASE}.pt" and known.reason.startswith("fine-tuning")
+    other = base_mod.choose_base("auto", CHINESE, vocab_of)
+    assert other.path is None and "does not know this text well enough" in other.reason
+    # The same characters in pairs the base never saw (reversed words) are not its text either.
+    scrambled = " ".join(w[::-1] for w in trained.text[:3000].split())
+    assert base_mod.choose_base("auto", scrambled, vocab_of).path is None
+    assert base_mod.choose_base("none", trained.text, vocab_of).path is None
+
+
+def test_auto_trains_from_scratch_when_the_user_chose_the_shape(shipped, trained):
+    cfg = TrainConfig(base="auto").validate()
+    choice = start_from(cfg, trained.text, {"hidden_size": 64})
+    assert choice.path is None and "--hidden-size chooses the shape" in choice.reason
+    assert start_from(TrainConfig(base="auto", size="fixed").validate(), trained.text, {}).path is None
+    assert start_from(cfg, trained.text, {"dropout": 0.3}).path is not None  # dropout is not a shape
+
+
+def test_auto_without_an_installed_base_trains_from_scratch(tmp_path, monkeypatch, trained):
+    monkeypatch.setattr(base_mod, "BASES_DIR", tmp_path / "nothing")
+    choice = base_mod.choose_base("auto", trained.text, vocab_of)
+    assert choice.path is None and "no base model is installed" in choice.reason
+
+
+def test_an_unknown_base_is_a_clear_error(english, tmp_path):
+    r = invoke("train", english, "--base", "klingon-poetry", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "--base klingon-poetry", "no such base or file", "none")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_base_with_resume_or_init_from_is_refused(trained, english, tmp_path):
+    r = invoke("train", "--resume", trained.last, "--base", "none")
+    assert_clean_error(r, "--base starts a new run", "a resumed run keeps its start")
+    r = invoke("train", english, "--init-from", trained.best, "--base", trained.best, "-o", tmp_path / "x")
+    assert_clean_error(r, "give --base or --init-from, not both")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip", b"\x80\x02}q\x00."])
+def test_a_damaged_or_foreign_base_file_is_a_clear_error(english, tmp_path, content):
+    bad = tmp_path / "base.pt"
+    bad.write_bytes(content)
+    r = invoke("train", english, "--base", bad, "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "base.pt")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_base_that_shares_nothing_with_the_text_says_so_and_still_trains(trained, tmp_path):
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text(CHINESE, encoding="utf-8")
+    r = invoke("train", corpus, "--base", trained.best, "--max-steps", "3", "-o", tmp_path / "run", *RUN)
+    assert r.exit_code == 0, r.output
+    text = joined(r)
+    known = re.search(r"it knows ([\d.]+)% of the text's characters", text)
+    assert known and float(known.group(1)) < 10, text  # the newlines only
+    assert "--base none trains from scratch" in text
+    assert "vocabulary extended" in text
+    saved = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert set(CHINESE) <= set(saved.tokenizer.chars)
+    assert all(bool(torch.isfinite(t).all()) for t in saved.data["model_state"].values())
+
+
+def test_a_shape_option_that_differs_from_the_base_is_a_clear_error(trained, english, tmp_path):
+    r = invoke("train", english, "--base", trained.best, "--hidden-size", "999", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "cannot start from the base", "--hidden-size 999", "--base none")
