@@ -1,6 +1,6 @@
 """Rebuild charnn's shipped base model from its public-domain sources.
 
-    python benchmarks/build_bases.py            # train (1 h 30 min on a 2-core CPU), then pack
+    python benchmarks/build_bases.py            # train (2 h 45 min on a 2-core CPU), then pack
     python benchmarks/build_bases.py --pack RUN/best.pt   # only pack a finished run
 
 Trains ``prose-en`` with ``charnn train`` on the 18 Project Gutenberg novels
@@ -65,7 +65,7 @@ SHA256_FILE = Path(__file__).resolve().parent / "results" / "bases-sources.sha25
 TRAIN_ARGS = ["--size", "fixed", "--hidden-size", "512", "--num-layers", "2", "--embedding-dim", "64",
               "--dropout", "0.1", "--batch-size", "32", "--seq-len", "128", "--lr", "5e-3", "--precision", "bf16",
               "--eval-every", "1000", "--val-fraction", "0.02", "--order", "shuffled"]
-TIME_LIMIT = "1h30m"
+TIME_LIMIT = "2h45m"
 
 
 def sha256(path: Path) -> str:

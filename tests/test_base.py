@@ -150,3 +150,29 @@ def test_a_base_that_shares_nothing_with_the_text_says_so_and_still_trains(train
 def test_a_shape_option_that_differs_from_the_base_is_a_clear_error(trained, english, tmp_path):
     r = invoke("train", english, "--base", trained.best, "--hidden-size", "999", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
     assert_clean_error(r, "cannot start from the base", "--hidden-size 999", "--base none")
+
+
+def test_a_run_from_a_base_takes_the_fine_tuning_recipe_for_what_was_left_open(trained, english, tmp_path):
+    r = invoke("train", english, "--base", trained.best, "--max-steps", "2", "--precision", "fp32",
+               "--eval-every", "2", "--sample-every", "0", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    saved = checkpoint.load(tmp_path / "run" / "best.pt")
+    recipe = {k: saved.train_config[k] for k in base_mod.FINE_TUNE}
+    assert recipe == base_mod.FINE_TUNE
+    assert saved.model_config.dropout == base_mod.FINE_TUNE_DROPOUT
+    assert f"lr {base_mod.FINE_TUNE['lr']:g}" in joined(r) and f"dropout {base_mod.FINE_TUNE_DROPOUT:g}" in joined(r)
+    # What the user gave stands, even where it equals the from-scratch default.
+    default_lr = TrainConfig().lr
+    r = invoke("train", english, "--base", trained.best, "--max-steps", "2", *RUN, "--lr", str(default_lr),
+               "--dropout", "0", "-o", tmp_path / "given")
+    assert r.exit_code == 0, r.output
+    saved = checkpoint.load(tmp_path / "given" / "best.pt")
+    assert (saved.train_config["batch_size"], saved.train_config["seq_len"], saved.train_config["lr"]) == (4, 16, default_lr)
+    assert saved.model_config.dropout == 0
+    assert "lr " not in joined(r).split("start:")[1].split("\n")[0]
+    # From scratch, the from-scratch defaults hold.
+    r = invoke("train", english, "--base", "none", "--max-steps", "2", "--precision", "fp32", "--sample-every", "0",
+               "--hidden-size", "16", "--num-layers", "1", "-o", tmp_path / "scratch")
+    assert r.exit_code == 0, r.output
+    saved = checkpoint.load(tmp_path / "scratch" / "best.pt")
+    assert (saved.train_config["batch_size"], saved.train_config["lr"]) == (TrainConfig().batch_size, default_lr)

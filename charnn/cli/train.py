@@ -214,7 +214,7 @@ def train(
             if default_budget:
                 reporter.note(f"No budget given: training for {DEFAULT_TIME_LIMIT} (set --time-limit, "
                               "--max-steps or --epochs).")
-            trainer = Trainer(given if resume is not None else TrainConfig(**given), overrides, resume=resume,
+            trainer = Trainer(given, overrides, resume=resume,
                               init_from=init_from, extend_vocab=extend_vocab, callback=reporter,
                               overwrite=overwrite)
             if resume is not None and sample_every is None and trainer.cfg.sample_every != _TD.sample_every:

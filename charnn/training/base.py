@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .config import TrainConfig
 
 BASES_DIR = Path(__file__).resolve().parent.parent / "bases"
 DEFAULT_BASE = "prose-en"
@@ -29,12 +30,50 @@ DEFAULT_BASE = "prose-en"
 MIN_CHAR_COVERAGE = 0.99  # share of the text's characters in the base's vocabulary
 MIN_BIGRAM_COVERAGE = 0.97  # share of its character pairs seen in the base's training text
 
+# Fine-tuning's recipe, for each of these the user left open (measured:
+# docs/training.md#start-from-a-base-model). The base's weights are already
+# good, so a lower peak rate than from scratch keeps them; longer, wider
+# batches use its larger shape's throughput; dropout holds off copying a
+# small text, which a model of this size memorises in minutes otherwise.
+FINE_TUNE = {"batch_size": 32, "seq_len": 128, "lr": 2e-3}
+FINE_TUNE_DROPOUT = 0.2
+
 
 @dataclass
 class BaseChoice:
     path: Path | None  # None: train from scratch
     name: str  # the base's name ("prose-en", a file name), or "none"
     reason: str  # one line: why
+
+
+def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int | None = None) -> dict[str, object]:
+    """The fine-tuning recipe's values for the options the user left open
+    (the batch split evenly over ``world_size`` processes). A training text
+    too short for the recipe's batch keeps the usual batch and context."""
+    chosen: dict[str, object] = {k: v for k, v in FINE_TUNE.items() if k in left_open}
+    if "batch_size" in chosen:
+        chosen["batch_size"] = -(-int(chosen["batch_size"]) // world_size) * world_size
+    batch = int(chosen.get("batch_size", 0) or 0) or None
+    seq = int(chosen.get("seq_len", 0) or 0) or None
+    if train_chars is not None and (batch or seq):
+        if train_chars <= (batch or TrainConfig.batch_size) * (seq or TrainConfig.seq_len):
+            chosen.pop("batch_size", None)
+            chosen.pop("seq_len", None)
+    return chosen
+
+
+def describe_recipe(chosen: dict[str, object], dropout: float | None) -> str:
+    """The fine-tuning settings charnn chose, for the start line ("" if none)."""
+    parts = []
+    if "batch_size" in chosen or "seq_len" in chosen:
+        parts.append(f"{chosen.get('batch_size', '')}x{chosen.get('seq_len', '')}".strip("x") +
+                     (" streams x characters" if "batch_size" in chosen and "seq_len" in chosen else
+                      " streams" if "batch_size" in chosen else " characters"))
+    if "lr" in chosen:
+        parts.append(f"lr {chosen['lr']:g}")
+    if dropout is not None:
+        parts.append(f"dropout {dropout:g}")
+    return ", ".join(parts)
 
 
 def shipped_bases() -> dict[str, Path]:

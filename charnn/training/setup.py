@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -55,13 +55,28 @@ def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.C
     return replace(cfg).validate(), changed
 
 
+def left_open(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None) -> set[str]:
+    """The options a new run may still choose for itself: those absent from a
+    mapping of given options (the CLI's), or at their default in a whole
+    TrainConfig (the Python API cannot say more). A resumed run keeps its own."""
+    if resumed is not None:
+        return set()
+    if isinstance(cfg, TrainConfig):
+        return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) == f.default}
+    given = dict(cfg or {})
+    return {f.name for f in fields(TrainConfig) if f.name not in given}
+
+
 def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | None,
               init_from: str | os.PathLike | None, overrides: dict[str, Any], extend_vocab: bool, cache: bool, *,
-              exclude: list[Path], status: Callable[[str], None], warn: Callable[[str], None],
-              ) -> tuple[Corpus, CharTokenizer, CharRNN | None, np.ndarray, np.ndarray]:
-    """The run's text, its vocabulary (the resumed run's, the one started
-    from, or the text's own), and its ids split into training and
-    validation; with --init-from also the model started from."""
+              left_open: set[str], world_size: int, exclude: list[Path], status: Callable[[str], None],
+              warn: Callable[[str], None],
+              ) -> tuple[TrainConfig, Corpus, CharTokenizer, CharRNN | None, np.ndarray, np.ndarray]:
+    """The run's options (a run started from a base takes the fine-tuning
+    recipe for those in ``left_open``), its text, its vocabulary (the resumed
+    run's, the one started from, or the text's own), and its ids split into
+    training and validation; with --init-from or a base also the model
+    started from."""
     corpus = read_run_corpus(cfg, resumed.path if resumed is not None else None, exclude, status)
     plan.corpus_hash = corpus.sha256
     plan.corpus_name = plan.corpus_name or corpus.name
@@ -81,6 +96,9 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
         if choice.path is None:
             tokenizer = CharTokenizer.from_text(corpus.text)
         else:
+            dropout = overrides.get("dropout")
+            if dropout is None:
+                overrides = {**overrides, "dropout": base_mod.FINE_TUNE_DROPOUT}
             tokenizer, model, notes = fine_tune_start(choice.path, corpus.text, overrides, True, what="--base")
             plan.size_reason = f"the shape of {choice.name} (--base)"
             for message in notes:
@@ -90,9 +108,14 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
     if cfg.val_fraction > 0 and len(val_ids) < 2:
         raise DataError(f"the corpus has {len(ids):,} characters: too few to hold out "
                         f"{cfg.val_fraction:.0%} for validation; add text or pass --val-fraction 0")
+    if model is not None and resumed is None and not init_from:  # started from a base: its recipe
+        chosen = base_mod.fine_tune_options(left_open, world_size, len(train_ids))
+        cfg = replace(cfg, **chosen).validate() if chosen else cfg
+        recipe = base_mod.describe_recipe(chosen, base_mod.FINE_TUNE_DROPOUT if dropout is None else None)
+        plan.base_reason += f" ({recipe})" if recipe else ""
     if resumed is not None and plan.shuffle is None:  # only a hand-made file: charnn records its choice
         plan.shuffle = False
-    return corpus, tokenizer, model, train_ids, val_ids
+    return cfg, corpus, tokenizer, model, train_ids, val_ids
 
 
 def start_from(cfg: TrainConfig, text: str, overrides: dict[str, Any]) -> base_mod.BaseChoice:
@@ -176,6 +199,8 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
         check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)  # before allocating anything
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = CharRNN(mc)
+    else:  # a model started from: its dropout masks follow the seed too (a resume then restores its own state)
+        torch.manual_seed(cfg.seed)
     if plan.shuffle is None:  # a new run: the reading order follows the epochs its budget buys
         plan.shuffle, why = choices.choose_order(cfg, epochs=auto_epochs, train_chars=len(train_ids),
                                                  planned_steps=steps)

@@ -41,7 +41,7 @@ from .plan import RunPlan
 # DistInfo, parse_duration and lr_factor are re-exported for the API and the tests.
 from .runtime import DistInfo, StopSignals, setup_distributed  # noqa: F401
 from .schedule import SPEED_PROBE_STEPS, Budget, lr_factor, parse_duration  # noqa: F401
-from .setup import device_and_precision, load_text, run_options, size_and_order
+from .setup import device_and_precision, left_open, load_text, run_options, size_and_order
 from .state import LoopPosition
 from .step import Stepper, agree
 from .validation import Validation
@@ -78,12 +78,12 @@ class Trainer:
     """One training run: set up in ``__init__`` (data, model, resume, output
     folder), trained by :meth:`run`.
 
-    ``cfg`` is a :class:`TrainConfig`. With ``resume``, the run's own options
-    come from the checkpoint and ``cfg`` gives only what should change: a
-    mapping of the options the user passed (what the CLI hands over), or a
-    whole TrainConfig whose every field counts as given (see
-    :func:`charnn.training.config.merge_resume`: changing what defines the run is
-    refused). ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
+    ``cfg``: a mapping of the options the user passed (what the CLI hands
+    over; a run from a base chooses the rest) or a whole :class:`TrainConfig`
+    (a new run treats its default values as left open; a resume, every field
+    as given). With ``resume`` the run's own options come from the checkpoint
+    and ``cfg`` gives what should change (see :func:`.config.merge_resume`).
+    ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
     ``overwrite``: a new run may replace the run in an explicit ``out`` folder.
     """
 
@@ -95,8 +95,7 @@ class Trainer:
         if resume and init_from:
             raise ConfigError("--resume and --init-from exclude each other; --resume continues a run, "
                               "--init-from starts a new one from its weights")
-        self.callback = callback or (lambda event: None)
-        self.handle_sigint = handle_sigint
+        self.callback, self.handle_sigint = callback or (lambda event: None), handle_sigint
         self.notes: list[str] = []  # said once at start: where it writes, what changed on resume
         self.pos = LoopPosition()
         overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
@@ -106,7 +105,7 @@ class Trainer:
         # -- options: a new run's, or the resumed run's with the given ones on top
         resumed = ckpt_mod.load(resume, prefer="last.pt") if resume else None
         self.cfg, self.changed = run_options(cfg, resumed, overrides)
-        cfg = self.cfg
+        cfg, self.left_open = self.cfg, left_open(cfg, resumed)
         if resumed is not None:
             self.pos.resumed(resumed.train_state, self.changed)
         self.plan = RunPlan.of(cfg)
@@ -134,12 +133,12 @@ class Trainer:
                overrides: dict[str, Any], extend_vocab: bool, cache: bool) -> None:
         cfg, plan = self.cfg, self.plan
         # -- the text, its vocabulary (and the model started from, with --init-from)
-        self.corpus, tokenizer, model, self.train_ids, self.val_ids = load_text(
-            cfg, plan, resumed, init_from, overrides, extend_vocab, cache, exclude=[self.out_dir, cache_dir()],
-            status=self._status, warn=lambda message: self._emit("warning", message=message))
-        self.tokenizer = tokenizer
-        if plan.base_reason and resumed is None:
-            self.notes.append(f"start: {plan.base_reason}")
+        self.cfg, self.corpus, tokenizer, model, self.train_ids, self.val_ids = load_text(
+            cfg, plan, resumed, init_from, overrides, extend_vocab, cache, left_open=self.left_open,
+            world_size=self.dist.world_size, exclude=[self.out_dir, cache_dir()], status=self._status,
+            warn=lambda message: self._emit("warning", message=message))
+        cfg, self.tokenizer = self.cfg, tokenizer
+        self.notes.extend([f"start: {plan.base_reason}"] if plan.base_reason and resumed is None else [])
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
