@@ -127,10 +127,13 @@ def pack(best: Path, sources: list[dict], train_seconds: float | None) -> None:
     bf16 = evaluate_ids(model, ids).loss
     bigrams = sorted({text[i:i + 2] for i in range(len(text) - 1)})
     state = dict(ckpt.train_state)
-    keep = {k: state[k] for k in ("step", "epoch", "chars_seen", "best_val_loss", "elapsed") if k in state}
-    payload = build_payload(model, tokenizer, train_config={"corpus_name": NAME, "corpus_hash": corpus.sha256,
-                                                            "val_fraction": val_fraction},
-                            train_state=keep, metrics=ckpt.metrics)
+    keep = {k: state[k] for k in ("step", "epoch", "chars_seen", "best_val", "elapsed", "device", "precision")
+            if k in state}
+    # The run's options as trained, less where it ran: the sources by name (a
+    # copy report then says the text is not here and asks for --against).
+    options = {k: v for k, v in ckpt.train_config.items() if k not in ("out", "corpus")}
+    options.update(corpus=[p.name for p in INPUTS], corpus_name=NAME)
+    payload = build_payload(model, tokenizer, train_config=options, train_state=keep, metrics=ckpt.metrics)
     payload["model_state"] = {k: v.to(torch.bfloat16) for k, v in payload["model_state"].items()}
     target = REPO / "charnn" / "bases" / f"{NAME}.pt"
     save(payload, target)

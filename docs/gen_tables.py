@@ -4,6 +4,8 @@ between markers so they are regenerated, never typed:
     <!-- generated: options train -->          one command's options, from its Typer params
     <!-- generated: results headline -->       the first table `benchmarks/fit.py table` prints
     <!-- generated: results all -->            everything `benchmarks/fit.py table` prints
+    <!-- generated: bases results -->          `benchmarks/bench_base.py --table`: base against scratch
+    <!-- generated: bases sources -->          the shipped bases' sources, from their cards
     ...
     <!-- end generated -->
 
@@ -84,8 +86,17 @@ def results(which: str) -> str:
     return text
 
 
+def bases(which: str) -> str:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_base  # noqa: E402
+
+    return bench_base.markdown() if which == "results" else bench_base.sources()
+
+
 def generate(what: str) -> str:
     kind, _, arg = what.partition(" ")
+    if kind == "bases":
+        return bases(arg)
     if kind == "options":
         return options_table(arg)
     if kind == "results":

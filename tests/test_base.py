@@ -176,3 +176,69 @@ def test_a_run_from_a_base_takes_the_fine_tuning_recipe_for_what_was_left_open(t
     assert r.exit_code == 0, r.output
     saved = checkpoint.load(tmp_path / "scratch" / "best.pt")
     assert (saved.train_config["batch_size"], saved.train_config["lr"]) == (TrainConfig().batch_size, default_lr)
+
+
+def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, trained):
+    card_path = shipped / f"{base_mod.DEFAULT_BASE}.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["characters"] = 2000
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    assert base_mod.choose_base("auto", trained.text[:2000], vocab_of).path is not None
+    larger = base_mod.choose_base("auto", trained.text[:2001], vocab_of)
+    assert larger.path is None and "larger than" in larger.reason and "2,001" in larger.reason
+    assert base_mod.choose_base(base_mod.DEFAULT_BASE, trained.text[:2001], vocab_of).path is not None  # named: taken
+
+
+# -- the base charnn ships ---------------------------------------------------------
+
+SHIPPED = base_mod.shipped_bases()
+needs_shipped = pytest.mark.skipif(base_mod.DEFAULT_BASE not in SHIPPED, reason="no shipped base in this checkout")
+LETTER = ("My dear Margaret, the weather has turned at last, and the road from the village is deep in mud. "
+          "I walked to the mill this morning and found the old miller asleep beside his fire; he woke, and "
+          "we talked for an hour about the harvest, his daughter's wedding, and the price of bread in town.\n")
+
+
+@needs_shipped
+def test_the_shipped_base_is_a_bf16_checkpoint_with_a_card_that_names_its_sources():
+    path = SHIPPED[base_mod.DEFAULT_BASE]
+    saved = checkpoint.load(path)
+    assert all(t.dtype == torch.bfloat16 for t in saved.data["model_state"].values())
+    card = base_mod.card(path)
+    recorded = dict(reversed(line.split(None, 1)) for line in
+                    (base_mod.BASES_DIR.parent.parent / "benchmarks" / "results" / "bases-sources.sha256")
+                    .read_text().splitlines())
+    assert {s["file"]: s["sha256"] for s in card["sources"]} == recorded
+    assert all("public domain" in s["licence"] for s in card["sources"])
+    assert card["corpus_sha256"] == saved.train_config["corpus_hash"] and card["characters"] > 10_000_000
+    assert len(card["bigrams"]) > 1000 and all(len(p) == 2 for p in card["bigrams"])
+
+
+@needs_shipped
+def test_the_shipped_base_knows_english_it_never_read_and_auto_starts_from_it(tmp_path):
+    from charnn.model.scoring import evaluate_ids
+
+    model, tokenizer, _ = checkpoint.load_model(SHIPPED[base_mod.DEFAULT_BASE])
+    loss = evaluate_ids(model, torch.as_tensor(tokenizer.encode(LETTER * 3))).loss
+    assert loss < 1.9, loss  # an untrained model: ln(116) = 4.75; a unigram model about 3
+    corpus = tmp_path / "letters.txt"
+    corpus.write_text(LETTER * 40, encoding="utf-8")
+    r = invoke("train", corpus, "--max-steps", "1", "--eval-every", "1", "--sample-every", "0", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert f"start: fine-tuning {base_mod.DEFAULT_BASE}: it knows 100.0% of the text's characters" in joined(r)
+    saved = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert saved.train_config["base"] == base_mod.DEFAULT_BASE
+    assert saved.model_config.hidden_size == model.config.hidden_size
+
+
+@needs_shipped
+def test_auto_trains_chinese_from_scratch_and_says_why(tmp_path):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CHINESE * 5, encoding="utf-8")
+    r = invoke("train", corpus, "--max-steps", "2", "--sample-every", "0", "-o", tmp_path / "run",
+               "--hidden-size", "32", "--size", "auto")
+    assert r.exit_code == 0, r.output
+    assert "from scratch: --hidden-size chooses the shape" in joined(r)
+    r = invoke("train", corpus, "--max-steps", "2", "--sample-every", "0", "-o", tmp_path / "auto", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert f"from scratch: {base_mod.DEFAULT_BASE} does not know this text well enough" in joined(r)
+    assert checkpoint.load(tmp_path / "auto" / "best.pt").train_config["base"] == "none"
