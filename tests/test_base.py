@@ -119,6 +119,7 @@ def test_an_unknown_base_is_a_clear_error(english, tmp_path):
 def test_base_with_resume_or_init_from_is_refused(trained, english, tmp_path):
     r = invoke("train", "--resume", trained.last, "--base", "none")
     assert_clean_error(r, "--base starts a new run", "a resumed run keeps its start")
+    assert "drop --base" in joined(r)
     r = invoke("train", english, "--init-from", trained.best, "--base", trained.best, "-o", tmp_path / "x")
     assert_clean_error(r, "give --base or --init-from, not both")
 
@@ -129,6 +130,31 @@ def test_a_damaged_or_foreign_base_file_is_a_clear_error(english, tmp_path, cont
     bad.write_bytes(content)
     r = invoke("train", english, "--base", bad, "--max-steps", "2", "-o", tmp_path / "run", *RUN)
     assert_clean_error(r, "base.pt")
+    assert f"--base {bad}:" in joined(r) and "--base none trains from scratch" in joined(r)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_damaged_shipped_base_says_the_installation_is_damaged_and_how_to_go_on(shipped, english, tmp_path):
+    installed = shipped / f"{base_mod.DEFAULT_BASE}.pt"
+    installed.write_bytes(installed.read_bytes()[:4000])
+    r = invoke("train", english, "--max-steps", "2", "-o", tmp_path / "run", *RUN)  # --base auto, not asked for
+    assert_clean_error(r)
+    text = joined(r)
+    assert f"the base {base_mod.DEFAULT_BASE} shipped with charnn cannot be read" in text, text
+    assert "Reinstall charnn, or pass --base none" in text
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_an_empty_base_or_a_link_to_nothing_is_a_clear_error(english, tmp_path):
+    r = invoke("train", english, "--base", "", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "--base is empty")
+    dangling, loop = tmp_path / "gone.pt", tmp_path / "loop.pt"
+    dangling.symlink_to(tmp_path / "missing.pt")
+    loop.symlink_to(loop)
+    for link in (dangling, loop):
+        r = invoke("train", english, "--base", link, "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+        assert_clean_error(r)
+        assert f"--base {link}: a symbolic link to nothing" in joined(r), joined(r)
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
@@ -142,6 +168,7 @@ def test_a_base_that_shares_nothing_with_the_text_says_so_and_still_trains(train
     assert known and float(known.group(1)) < 10, text  # the newlines only
     assert "--base none trains from scratch" in text
     assert "vocabulary extended" in text
+    assert "'床' (U+5E8A)" in text  # which characters: the user can tell a typo from a new script
     saved = checkpoint.load(tmp_path / "run" / "best.pt")
     assert set(CHINESE) <= set(saved.tokenizer.chars)
     assert all(bool(torch.isfinite(t).all()) for t in saved.data["model_state"].values())
@@ -150,6 +177,13 @@ def test_a_base_that_shares_nothing_with_the_text_says_so_and_still_trains(train
 def test_a_shape_option_that_differs_from_the_base_is_a_clear_error(trained, english, tmp_path):
     r = invoke("train", english, "--base", trained.best, "--hidden-size", "999", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
     assert_clean_error(r, "cannot start from the base", "--hidden-size 999", "--base none")
+
+
+def test_a_shipped_base_is_named_not_shown_as_a_path_inside_the_package(shipped, english, tmp_path):
+    r = invoke("train", english, "--base", base_mod.DEFAULT_BASE, "--hidden-size", "999", "--max-steps", "2",
+               "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "--hidden-size 999")
+    assert f"cannot start from the base {base_mod.DEFAULT_BASE}:" in joined(r), joined(r)
 
 
 def test_a_run_from_a_base_takes_the_fine_tuning_recipe_for_what_was_left_open(trained, english, tmp_path):
@@ -176,6 +210,23 @@ def test_a_run_from_a_base_takes_the_fine_tuning_recipe_for_what_was_left_open(t
     assert r.exit_code == 0, r.output
     saved = checkpoint.load(tmp_path / "scratch" / "best.pt")
     assert (saved.train_config["batch_size"], saved.train_config["lr"]) == (TrainConfig().batch_size, default_lr)
+
+
+def test_the_start_line_names_the_recipe_s_chunk_length_without_calling_it_an_option(trained, english, tmp_path):
+    r = invoke("train", english, "--base", trained.best, "--batch-size", "8", "--max-steps", "1", "--precision",
+               "fp32", "--sample-every", "0", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    start = joined(r).split("start:")[1].split("reading:")[0]
+    assert f"{base_mod.FINE_TUNE['seq_len']}-character chunks" in start and "--seq-len" not in start, start
+
+
+def test_a_dict_of_options_with_a_misspelled_key_is_a_clear_error(english, tmp_path):
+    from charnn.errors import ConfigError
+    from charnn.training.trainer import train
+
+    with pytest.raises(ConfigError, match="unknown training option.*bse.*model_overrides"):
+        train({"corpus": [str(english)], "max_steps": 1, "out": str(tmp_path / "run"), "bse": "none"})
+    assert not (tmp_path / "run").exists()
 
 
 def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, trained):

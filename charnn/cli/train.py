@@ -198,8 +198,9 @@ def train(
         }
         given = {k: v for k, v in given.items() if v is not None}
         if base is not None and (resume is not None or init_from is not None):
-            raise ConfigError("--base starts a new run: " + ("a resumed run keeps its start" if resume is not None
-                                                             else "give --base or --init-from, not both"))
+            raise ConfigError("--base starts a new run: " + ("a resumed run keeps its start; drop --base"
+                                                             if resume is not None else
+                                                             "give --base or --init-from, not both"))
         if resume is None and init_from is None:
             given.setdefault("base", "auto")
         budget_given = any(k in given for k in ("max_steps", "epochs", "time_limit"))

@@ -70,7 +70,7 @@ def describe_recipe(chosen: dict[str, object], dropout: float | None) -> str:
     elif "batch_size" in chosen:
         parts.append(f"batch {chosen['batch_size']}")
     elif "seq_len" in chosen:
-        parts.append(f"--seq-len {chosen['seq_len']}")
+        parts.append(f"{chosen['seq_len']}-character chunks")
     if "lr" in chosen:
         parts.append(f"lr {chosen['lr']:g}")
     if dropout is not None:
@@ -95,7 +95,9 @@ def card(path: Path) -> dict:
 
 def resolve(spec: str) -> tuple[Path | None, str]:
     """``--base`` as a path and a name: ``none`` -> (None, "none"); a shipped
-    base's name; or the path of a charnn checkpoint (or a run folder)."""
+    base's name; or the path of a charnn checkpoint (a run's best.pt)."""
+    if not spec.strip():
+        raise ConfigError("--base is empty. Give auto, none, a base's name or the path of a charnn checkpoint")
     if spec == "none":
         return None, "none"
     bases = shipped_bases()
@@ -108,9 +110,27 @@ def resolve(spec: str) -> tuple[Path | None, str]:
     path = Path(os.path.expanduser(spec))
     if path.exists():  # named as charnn names runs' checkpoints: the run folder shows which run
         return path, f"{path.parent.name}/{path.name}" if path.name in ("best.pt", "last.pt") else path.name
+    if path.is_symlink():  # exists() follows the link: its target is missing, or it loops
+        raise ConfigError(f"--base {spec}: a symbolic link to nothing (its target is missing, or the links "
+                          "loop). Give the checkpoint's own path")
     names = ", ".join(bases) or "none shipped with this installation"
     raise ConfigError(f"--base {spec}: no such base or file. Give auto, none, a base's name ({names}) "
                       "or the path of a charnn checkpoint")
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` is one of the bases installed with charnn."""
+    return path.resolve().parent == BASES_DIR.resolve()
+
+
+def unreadable(spec: str, path: Path, error: Exception) -> str:
+    """The message for a base that cannot be loaded: a shipped one means a
+    damaged installation, any other a file the user named."""
+    error = str(error).rstrip(".")
+    if is_shipped(path):
+        return (f"the base {path.stem} shipped with charnn cannot be read, so this installation is damaged: "
+                f"{error}. Reinstall charnn, or pass --base none to train from scratch")
+    return f"--base {spec}: {error} (--base none trains from scratch)"
 
 
 def coverage(text: str, vocab: set[str], bigrams: set[str] | None) -> tuple[float, float | None]:

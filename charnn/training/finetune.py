@@ -48,31 +48,34 @@ def extend_vocab(model: CharRNN, old: CharTokenizer, new: CharTokenizer) -> Char
 
 
 def fine_tune_start(init_from: str | os.PathLike, text: str, overrides: dict[str, Any],
-                    grow_vocab: bool, what: str = "--init-from") -> tuple[CharTokenizer, CharRNN, list[str]]:
+                    grow_vocab: bool, what: str = "--init-from", shown: str | None = None,
+                    ) -> tuple[CharTokenizer, CharRNN, list[str]]:
     """The tokenizer and model a new run on ``text`` starts from, and the
     warnings to report. The architecture must match (only dropout may change);
     characters outside the checkpoint's vocabulary are an error unless
-    ``grow_vocab``."""
+    ``grow_vocab``. ``shown``: how messages name the checkpoint (its path
+    unless given)."""
     base = ckpt_mod.load(init_from)
     arch = {k: v for k, v in overrides.items() if k != "dropout"}  # dropout may change when fine-tuning
     hint = "Drop those options or start a new run" + (" with --base none" if what == "--base" else "")
-    check_arch(arch, base.model_config, init_from,
+    check_arch(arch, base.model_config, shown or init_from,
                "cannot fine-tune from" if what == "--init-from" else "cannot start from the base", hint)
     tokenizer, model = base.tokenizer, base.build_model("cpu")
     warnings = []
     unknown = tokenizer.unknown_chars(text)
+    listed = ", ".join(describe_char(c) for c in unknown[:20]) + (
+        f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else "")
     if unknown and not grow_vocab:
-        shown = ", ".join(describe_char(c) for c in unknown[:20]) + (
-            f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else "")
         raise VocabError(f"the text has {len(unknown):,} character{'' if len(unknown) == 1 else 's'} that "
-                         f"{init_from}'s vocabulary lacks: {shown}. Pass --extend-vocab to grow the "
+                         f"{init_from}'s vocabulary lacks: {listed}. Pass --extend-vocab to grow the "
                          "vocabulary (their rows start fresh), or remove them from the text",
                          characters=unknown)
     if unknown:
         new_tok = CharTokenizer(sorted(set(tokenizer.chars) | set(unknown)))
         model = extend_vocab(model, tokenizer, new_tok)
         tokenizer = new_tok
-        warnings.append(f"vocabulary extended by {len(unknown):,} character{'' if len(unknown) == 1 else 's'}")
+        warnings.append(f"vocabulary extended by {len(unknown):,} character{'' if len(unknown) == 1 else 's'} "
+                        f"the checkpoint lacks (new rows start fresh): {listed}")
     if overrides.get("dropout") is not None:
         model.config.dropout = overrides["dropout"]
         rebuilt = CharRNN(model.config)

@@ -51,6 +51,10 @@ def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.C
         if "out" not in given:
             cfg = replace(cfg, out=str(Path(resume).parent))  # the run's folder, wherever it is now
     elif isinstance(cfg, Mapping) or cfg is None:
+        unknown = set(cfg or {}) - {f.name for f in fields(TrainConfig)}
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}; "
+                              "TrainConfig's fields name them (model options go in model_overrides)")
         cfg = TrainConfig(**dict(cfg or {}))
     return replace(cfg).validate(), changed
 
@@ -99,7 +103,9 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
             dropout = overrides.get("dropout")
             if dropout is None:
                 overrides = {**overrides, "dropout": base_mod.FINE_TUNE_DROPOUT}
-            tokenizer, model, notes = fine_tune_start(choice.path, corpus.text, overrides, True, what="--base")
+            shown = choice.name if base_mod.is_shipped(choice.path) else str(choice.path)
+            tokenizer, model, notes = fine_tune_start(choice.path, corpus.text, overrides, True, what="--base",
+                                                      shown=shown)
             plan.size_reason = f"the shape of {choice.name} (--base)"
             for message in notes:
                 warn(message)
@@ -128,7 +134,10 @@ def start_from(cfg: TrainConfig, text: str, overrides: dict[str, Any]) -> base_m
         return base_mod.BaseChoice(None, "none", f"from scratch: {why} chooses the shape")
 
     def vocab_of(path: Path) -> list[str]:
-        return ckpt_mod.load(path).tokenizer.chars
+        try:
+            return ckpt_mod.load(path).tokenizer.chars
+        except CheckpointError as e:
+            raise CheckpointError(base_mod.unreadable(cfg.base, path, e)) from None
 
     return base_mod.choose_base(cfg.base, text, vocab_of)
 
