@@ -169,6 +169,8 @@ def test_a_base_that_shares_nothing_with_the_text_says_so_and_still_trains(train
     assert "--base none trains from scratch" in text
     assert "vocabulary extended" in text
     assert "'床' (U+5E8A)" in text  # which characters: the user can tell a typo from a new script
+    # The recipe belongs to the fine-tuning, so it comes before the advice to train from scratch.
+    assert re.search(r"\([^()]*lr [^()]*\); it gains little on a text it does not know", text), text
     saved = checkpoint.load(tmp_path / "run" / "best.pt")
     assert set(CHINESE) <= set(saved.tokenizer.chars)
     assert all(bool(torch.isfinite(t).all()) for t in saved.data["model_state"].values())
@@ -238,6 +240,10 @@ def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, t
     larger = base_mod.choose_base("auto", trained.text[:2001], vocab_of)
     assert larger.path is None and "larger than" in larger.reason and "2,001" in larger.reason
     assert base_mod.choose_base(base_mod.DEFAULT_BASE, trained.text[:2001], vocab_of).path is not None  # named: taken
+    # The card alone decides for a larger text: the base is not read (a large text's coverage takes seconds).
+    installed = shipped / f"{base_mod.DEFAULT_BASE}.pt"
+    installed.write_bytes(installed.read_bytes()[:4000])
+    assert "larger than" in base_mod.choose_base("auto", trained.text[:2001], vocab_of).reason
 
 
 # -- the base charnn ships ---------------------------------------------------------

@@ -44,6 +44,7 @@ class BaseChoice:
     path: Path | None  # None: train from scratch
     name: str  # the base's name ("prose-en", a file name), or "none"
     reason: str  # one line: why
+    advice: str = ""  # said after the recipe: what to do if this start is a poor one
 
 
 def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int | None = None) -> dict[str, object]:
@@ -170,6 +171,10 @@ def choose_base(spec: str, text: str, vocab_of) -> BaseChoice:
             return BaseChoice(None, "none", "no base model is installed")
         return BaseChoice(None, "none", "--base none")
     info = card(path)
+    base_chars = info.get("characters") if isinstance(info.get("characters"), int) else None
+    if spec == "auto" and base_chars is not None and len(text) > base_chars:  # decided without reading the base
+        return BaseChoice(None, "none", f"from scratch: the text ({len(text):,} characters) is larger than "
+                                        f"{name}'s own training text ({base_chars:,})")
     bigrams = set(info["bigrams"]) if isinstance(info.get("bigrams"), list) else None
     chars, pairs = coverage(text, set(vocab_of(path)), bigrams)
     known = f"it knows {chars:.1%} of the text's characters" + (
@@ -177,11 +182,7 @@ def choose_base(spec: str, text: str, vocab_of) -> BaseChoice:
     if spec != "auto":
         advice = "" if knows(chars, pairs) else \
             "; it gains little on a text it does not know (--base none trains from scratch)"
-        return BaseChoice(path, name, f"fine-tuning {name} (--base): {known}{advice}")
-    if not knows(chars, pairs):
-        return BaseChoice(None, "none", f"from scratch: {name} does not know this text well enough ({known})")
-    base_chars = info.get("characters") if isinstance(info.get("characters"), int) else None
+        return BaseChoice(path, name, f"fine-tuning {name} (--base): {known}", advice)
     if not auto_takes_base(chars, pairs, len(text), base_chars):
-        return BaseChoice(None, "none", f"from scratch: the text ({len(text):,} characters) is larger than "
-                                        f"{name}'s own training text ({base_chars:,})")
+        return BaseChoice(None, "none", f"from scratch: {name} does not know this text well enough ({known})")
     return BaseChoice(path, name, f"fine-tuning {name}: {known}")

@@ -118,7 +118,7 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
         chosen = base_mod.fine_tune_options(left_open, world_size, len(train_ids))
         cfg = replace(cfg, **chosen).validate() if chosen else cfg
         recipe = base_mod.describe_recipe(chosen, base_mod.FINE_TUNE_DROPOUT if dropout is None else None)
-        plan.base_reason += f" ({recipe})" if recipe else ""
+        plan.base_reason += (f" ({recipe})" if recipe else "") + choice.advice
     if resumed is not None and plan.shuffle is None:  # only a hand-made file: charnn records its choice
         plan.shuffle = False
     return cfg, corpus, tokenizer, model, train_ids, val_ids
