@@ -231,6 +231,18 @@ def test_a_dict_of_options_with_a_misspelled_key_is_a_clear_error(english, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("base", ["auto", "klingon-poetry"])
+def test_the_python_api_refuses_a_base_with_init_from_rather_than_record_a_start_it_did_not_take(
+        trained, english, tmp_path, base):
+    from charnn.errors import ConfigError
+    from charnn.training.trainer import train
+
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train({"corpus": [str(english)], "max_steps": 1, "out": str(tmp_path / "run"), "base": base},
+              init_from=trained.best)
+    assert not (tmp_path / "run").exists()
+
+
 def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, trained):
     card_path = shipped / f"{base_mod.DEFAULT_BASE}.json"
     card = json.loads(card_path.read_text(encoding="utf-8"))
