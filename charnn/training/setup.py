@@ -31,7 +31,8 @@ from .step import make_optimizer
 
 
 def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None,
-                overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+                overrides: dict[str, Any], init_from: str | os.PathLike | None = None,
+                ) -> tuple[TrainConfig, list[str]]:
     """The run's options, validated and frozen: a new run's, or the resumed
     run's with the given ones on top (and a line per option that changed).
     The caller's own TrainConfig stays as it was."""
@@ -56,7 +57,11 @@ def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.C
             raise ConfigError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}; "
                               "TrainConfig's fields name them (model options go in model_overrides)")
         cfg = TrainConfig(**dict(cfg or {}))
-    return replace(cfg).validate(), changed
+    cfg = replace(cfg).validate()
+    if init_from and cfg.base != "none":  # the checkpoint would record a start the run did not take
+        raise ConfigError(f"base={cfg.base!r} and init_from exclude each other: init_from starts a new run "
+                          "from a checkpoint's weights, base from a base model; give one of them")
+    return cfg, changed
 
 
 def left_open(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None) -> set[str]:

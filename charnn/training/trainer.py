@@ -104,10 +104,7 @@ class Trainer:
 
         # -- options: a new run's, or the resumed run's with the given ones on top
         resumed = ckpt_mod.load(resume, prefer="last.pt") if resume else None
-        self.cfg, self.changed = run_options(cfg, resumed, overrides)
-        if init_from and self.cfg.base != "none":  # the checkpoint would record a start the run did not take
-            raise ConfigError(f"base={self.cfg.base!r} and init_from exclude each other: init_from starts a new "
-                              "run from a checkpoint's weights, base from a base model; give one of them")
+        self.cfg, self.changed = run_options(cfg, resumed, overrides, init_from)
         cfg, self.left_open = self.cfg, left_open(cfg, resumed)
         if resumed is not None:
             self.pos.resumed(resumed.train_state, self.changed)
