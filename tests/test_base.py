@@ -53,6 +53,7 @@ def test_base_none_trains_from_scratch(trained, english, tmp_path):
     assert r.exit_code == 0, r.output
     saved = checkpoint.load(tmp_path / "run" / "best.pt")
     assert saved.model_config.hidden_size == 24 and saved.train_config["base"] == "none"
+    assert "start: from scratch: --base none" in joined(r)  # every start line says which start it is
 
 
 def test_a_run_started_from_a_base_resumes_exactly(trained, english, tmp_path, monkeypatch):
@@ -107,7 +108,7 @@ def test_auto_trains_from_scratch_when_the_user_chose_the_shape(shipped, trained
 def test_auto_without_an_installed_base_trains_from_scratch(tmp_path, monkeypatch, trained):
     monkeypatch.setattr(base_mod, "BASES_DIR", tmp_path / "nothing")
     choice = base_mod.choose_base("auto", trained.text, vocab_of)
-    assert choice.path is None and "no base model is installed" in choice.reason
+    assert choice.path is None and choice.reason == "from scratch: no base model is installed"
 
 
 def test_an_unknown_base_is_a_clear_error(english, tmp_path):

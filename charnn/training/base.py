@@ -168,8 +168,8 @@ def choose_base(spec: str, text: str, vocab_of) -> BaseChoice:
     path, name = resolve(spec)
     if path is None:
         if spec == "auto":
-            return BaseChoice(None, "none", "no base model is installed")
-        return BaseChoice(None, "none", "--base none")
+            return BaseChoice(None, "none", "from scratch: no base model is installed")
+        return BaseChoice(None, "none", "from scratch: --base none")
     info = card(path)
     base_chars = info.get("characters") if isinstance(info.get("characters"), int) else None
     if spec == "auto" and base_chars is not None and len(text) > base_chars:  # decided without reading the base
