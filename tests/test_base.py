@@ -135,6 +135,30 @@ def test_a_damaged_or_foreign_base_file_is_a_clear_error(english, tmp_path, cont
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
+@pytest.mark.parametrize("flag", ["--base", "--init-from"])
+def test_overwrite_never_deletes_the_checkpoint_a_run_starts_from(trained, english, tmp_path, flag):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained.best, run / "best.pt")
+    before = (run / "best.pt").read_bytes()
+    r = invoke("train", english, flag, run / "best.pt", "--max-steps", "2", "-o", run, "--overwrite", *RUN)
+    assert_clean_error(r)
+    assert "is in the --out folder that --overwrite empties" in joined(r), joined(r)
+    assert (run / "best.pt").read_bytes() == before
+
+
+def test_a_bad_base_fails_before_overwrite_removes_the_old_run(trained, english, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", english, "--base", trained.best, "--max-steps", "1", "-o", run, *RUN).exit_code == 0
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".jsonl")}
+    bad = tmp_path / "base.pt"
+    bad.write_bytes(trained.best.read_bytes()[:3000])
+    r = invoke("train", english, "--base", bad, "--max-steps", "1", "-o", run, "--overwrite", *RUN)
+    assert_clean_error(r)
+    assert f"--base {bad}:" in joined(r)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".jsonl")} == kept
+
+
 def test_a_damaged_shipped_base_says_the_installation_is_damaged_and_how_to_go_on(shipped, english, tmp_path):
     installed = shipped / f"{base_mod.DEFAULT_BASE}.pt"
     installed.write_bytes(installed.read_bytes()[:4000])

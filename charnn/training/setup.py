@@ -19,6 +19,7 @@ from ..model.devices import resolve_device
 from ..model.precision import autocast_precision, emulated_bf16
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from ..storage import checkpoint as ckpt_mod
+from ..storage.outdir import CHECKPOINT_NAMES, STEP_FILE
 from ..text.data import BUILTIN_NAME, Corpus, builtin_corpus_path, encode_corpus, make_batcher, read_corpus, split_ids
 from ..text.tokenizer import CharTokenizer
 from . import base as base_mod, choices
@@ -31,7 +32,7 @@ from .step import make_optimizer
 
 
 def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None,
-                overrides: dict[str, Any], init_from: str | os.PathLike | None = None,
+                overrides: dict[str, Any], init_from: str | os.PathLike | None = None, overwrite: bool = False,
                 ) -> tuple[TrainConfig, list[str]]:
     """The run's options, validated and frozen: a new run's, or the resumed
     run's with the given ones on top (and a line per option that changed).
@@ -61,7 +62,38 @@ def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.C
     if init_from and cfg.base != "none":  # the checkpoint would record a start the run did not take
         raise ConfigError(f"base={cfg.base!r} and init_from exclude each other: init_from starts a new run "
                           "from a checkpoint's weights, base from a base model; give one of them")
+    if overwrite and cfg.out and resumed is None:
+        check_start_kept(cfg, init_from)
     return cfg, changed
+
+
+def check_start_kept(cfg: TrainConfig, init_from: str | os.PathLike | None) -> None:
+    """--overwrite removes the --out folder's run before the new run reads
+    the checkpoint it starts from: refuse when that is one of the files it
+    removes, and read it now, so that a bad one fails with the old run kept."""
+    if init_from:
+        start, flag = Path(init_from), "--init-from"
+    elif cfg.base in ("auto", "none"):
+        return
+    else:
+        start, flag = base_mod.resolve(cfg.base)[0], "--base"
+        if start is None or base_mod.is_shipped(start):
+            return
+    if start.name in CHECKPOINT_NAMES or STEP_FILE.match(start.name):
+        try:
+            inside = start.absolute().parent.resolve() == Path(cfg.out).resolve()
+        except (OSError, RuntimeError):  # an unreadable path: loading it says what is wrong
+            inside = False
+        if inside:
+            raise ConfigError(f"{flag} {shell_arg(start)} is in the --out folder that --overwrite empties: the "
+                              "run would delete the checkpoint it starts from. Write to another --out, or copy "
+                              "the checkpoint out of that folder first")
+    try:
+        ckpt_mod.load(start)
+    except CheckpointError as e:
+        if flag == "--base":
+            raise CheckpointError(base_mod.unreadable(cfg.base, start, e)) from None
+        raise
 
 
 def left_open(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None) -> set[str]:

@@ -104,7 +104,7 @@ class Trainer:
 
         # -- options: a new run's, or the resumed run's with the given ones on top
         resumed = ckpt_mod.load(resume, prefer="last.pt") if resume else None
-        self.cfg, self.changed = run_options(cfg, resumed, overrides, init_from)
+        self.cfg, self.changed = run_options(cfg, resumed, overrides, init_from, overwrite)
         cfg, self.left_open = self.cfg, left_open(cfg, resumed)
         if resumed is not None:
             self.pos.resumed(resumed.train_state, self.changed)
