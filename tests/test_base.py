@@ -173,6 +173,9 @@ def test_a_damaged_shipped_base_says_the_installation_is_damaged_and_how_to_go_o
 def test_an_empty_base_or_a_link_to_nothing_is_a_clear_error(english, tmp_path):
     r = invoke("train", english, "--base", "", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
     assert_clean_error(r, "--base is empty")
+    r = invoke("train", english, "--base", "b" * 5000 + ".pt", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "File name too long")
+    assert r.stderr.startswith("Error: --base bbbb") and "unexpected" not in r.stderr, r.stderr[:300]
     dangling, loop = tmp_path / "gone.pt", tmp_path / "loop.pt"
     dangling.symlink_to(tmp_path / "missing.pt")
     loop.symlink_to(loop)

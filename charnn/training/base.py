@@ -109,9 +109,14 @@ def resolve(spec: str) -> tuple[Path | None, str]:
     if spec in bases:
         return bases[spec], spec
     path = Path(os.path.expanduser(spec))
-    if path.exists():  # named as charnn names runs' checkpoints: the run folder shows which run
+    try:
+        exists, link = path.exists(), path.is_symlink()
+    except OSError as e:  # a name too long for the file system, a folder it may not search
+        raise ConfigError(f"--base {spec}: {e.strerror or e}. Give auto, none, a base's name or the path "
+                          "of a charnn checkpoint") from None
+    if exists:  # named as charnn names runs' checkpoints: the run folder shows which run
         return path, f"{path.parent.name}/{path.name}" if path.name in ("best.pt", "last.pt") else path.name
-    if path.is_symlink():  # exists() follows the link: its target is missing, or it loops
+    if link:  # exists() follows the link: its target is missing, or it loops
         raise ConfigError(f"--base {spec}: a symbolic link to nothing (its target is missing, or the links "
                           "loop). Give the checkpoint's own path")
     names = ", ".join(bases) or "none shipped with this installation"
