@@ -176,13 +176,15 @@ def test_an_empty_base_or_a_link_to_nothing_is_a_clear_error(english, tmp_path):
     r = invoke("train", english, "--base", "b" * 5000 + ".pt", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
     assert_clean_error(r, "File name too long")
     assert r.stderr.startswith("Error: --base bbbb") and "unexpected" not in r.stderr, r.stderr[:300]
+    r = invoke("train", english, "--init-from", "b" * 5000 + ".pt", "--max-steps", "2", "-o", tmp_path / "run", *RUN)
+    assert_clean_error(r, "cannot read checkpoint bbbb", "File name too long")
     dangling, loop = tmp_path / "gone.pt", tmp_path / "loop.pt"
     dangling.symlink_to(tmp_path / "missing.pt")
     loop.symlink_to(loop)
     for link in (dangling, loop):
         r = invoke("train", english, "--base", link, "--max-steps", "2", "-o", tmp_path / "run", *RUN)
         assert_clean_error(r)
-        assert f"--base {link}: a symbolic link to nothing" in joined(r), joined(r)
+        assert f"--base {link}: checkpoint {link} is a symlink" in joined(r), joined(r)
     assert not (tmp_path / "run" / "best.pt").exists()
 
 

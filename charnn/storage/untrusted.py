@@ -169,7 +169,11 @@ def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     ``prefer``: the file of a run folder to suggest when ``path`` is the folder
     (``last.pt`` to resume, ``best.pt`` to sample or evaluate)."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long for the file system, a folder it may not search
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not exists:
         if path.is_symlink():
             raise CheckpointError(_broken_link(path))
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -114,19 +114,17 @@ def resolve(spec: str) -> tuple[Path | None, str]:
     except OSError as e:  # a name too long for the file system, a folder it may not search
         raise ConfigError(f"--base {spec}: {e.strerror or e}. Give auto, none, a base's name or the path "
                           "of a charnn checkpoint") from None
-    if exists:  # named as charnn names runs' checkpoints: the run folder shows which run
+    if exists or link:  # a link to nothing: loading it says why. Named as charnn names runs' checkpoints
         return path, f"{path.parent.name}/{path.name}" if path.name in ("best.pt", "last.pt") else path.name
-    if link:  # exists() follows the link: its target is missing, or it loops
-        raise ConfigError(f"--base {spec}: a symbolic link to nothing (its target is missing, or the links "
-                          "loop). Give the checkpoint's own path")
     names = ", ".join(bases) or "none shipped with this installation"
     raise ConfigError(f"--base {spec}: no such base or file. Give auto, none, a base's name ({names}) "
                       "or the path of a charnn checkpoint")
 
 
 def is_shipped(path: Path) -> bool:
-    """Whether ``path`` is one of the bases installed with charnn."""
-    return path.resolve().parent == BASES_DIR.resolve()
+    """Whether ``path`` is one of the bases installed with charnn (the file
+    itself, not followed: it may be a link to nothing)."""
+    return path.absolute().parent.resolve() == BASES_DIR.resolve()
 
 
 def unreadable(spec: str, path: Path, error: Exception) -> str:
