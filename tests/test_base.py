@@ -273,6 +273,18 @@ def test_the_python_api_refuses_a_base_with_init_from_rather_than_record_a_start
     assert not (tmp_path / "run").exists()
 
 
+def test_a_json_file_beside_a_checkpoint_is_no_card_and_a_damaged_card_is_ignored(shipped, trained, english, tmp_path):
+    mine = tmp_path / "mine.pt"
+    shutil.copy(trained.best, mine)
+    mine.with_suffix(".json").write_text('{"bigrams": [[1, 2], {"a": 1}], "characters": true}', encoding="utf-8")
+    r = invoke("train", english, "--base", mine, "--max-steps", "1", "-o", tmp_path / "run", *RUN)
+    assert r.exit_code == 0, r.output
+    assert "character pairs" not in joined(r)  # only charnn's own bases have cards
+    for junk in ("[1, 2]", '{"bigrams": [[1, 2]], "characters": "many"}'):
+        (shipped / f"{base_mod.DEFAULT_BASE}.json").write_text(junk, encoding="utf-8")
+        assert base_mod.choose_base("auto", trained.text[:3000], vocab_of).path is not None
+
+
 def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, trained):
     card_path = shipped / f"{base_mod.DEFAULT_BASE}.json"
     card = json.loads(card_path.read_text(encoding="utf-8"))

@@ -86,12 +86,22 @@ def shipped_bases() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BASES_DIR.glob("*.pt")) if p.with_suffix(".json").is_file()}
 
 
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` is one of the bases installed with charnn (the file
+    itself, not followed: it may be a link to nothing)."""
+    return path.absolute().parent.resolve() == BASES_DIR.resolve()
+
+
 def card(path: Path) -> dict:
-    """A shipped base's card (its .json beside it); {} for any other checkpoint."""
+    """A shipped base's card (its .json beside it); {} for any other
+    checkpoint, and for a card that is not a JSON object."""
+    if not is_shipped(path):
+        return {}
     try:
-        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def resolve(spec: str) -> tuple[Path | None, str]:
@@ -119,12 +129,6 @@ def resolve(spec: str) -> tuple[Path | None, str]:
     names = ", ".join(bases) or "none shipped with this installation"
     raise ConfigError(f"--base {spec}: no such base or file. Give auto, none, a base's name ({names}) "
                       "or the path of a charnn checkpoint")
-
-
-def is_shipped(path: Path) -> bool:
-    """Whether ``path`` is one of the bases installed with charnn (the file
-    itself, not followed: it may be a link to nothing)."""
-    return path.absolute().parent.resolve() == BASES_DIR.resolve()
 
 
 def unreadable(spec: str, path: Path, error: Exception) -> str:
@@ -174,11 +178,13 @@ def choose_base(spec: str, text: str, vocab_of) -> BaseChoice:
             return BaseChoice(None, "none", "from scratch: no base model is installed")
         return BaseChoice(None, "none", "from scratch: --base none")
     info = card(path)
-    base_chars = info.get("characters") if isinstance(info.get("characters"), int) else None
+    base_chars = info.get("characters")
+    base_chars = base_chars if isinstance(base_chars, int) and not isinstance(base_chars, bool) else None
     if spec == "auto" and base_chars is not None and len(text) > base_chars:  # decided without reading the base
         return BaseChoice(None, "none", f"from scratch: the text ({len(text):,} characters) is larger than "
                                         f"{name}'s own training text ({base_chars:,})")
-    bigrams = set(info["bigrams"]) if isinstance(info.get("bigrams"), list) else None
+    listed = info.get("bigrams")
+    bigrams = set(listed) if isinstance(listed, list) and all(isinstance(p, str) for p in listed) else None
     chars, pairs = coverage(text, set(vocab_of(path)), bigrams)
     known = f"it knows {chars:.1%} of the text's characters" + (
         f" and {pairs:.1%} of its character pairs" if pairs is not None else "")
