@@ -47,6 +47,17 @@ def test_a_checkpoint_as_base_is_fine_tuned_named_at_start_and_recorded(trained,
     assert "fine-tuning" in " ".join(info.output.split())
 
 
+def test_the_start_line_says_100_percent_only_when_the_base_knows_every_character(trained, english, tmp_path):
+    corpus = tmp_path / "tab.txt"
+    corpus.write_text(english.read_text(encoding="utf-8") + "\t", encoding="utf-8")  # one character it lacks
+    r = invoke("train", corpus, "--base", trained.best, "--max-steps", "1", "-o", tmp_path / "run", *RUN)
+    assert r.exit_code == 0, r.output
+    text = joined(r)
+    assert "vocabulary extended by 1 character" in text and "it knows 99.9% of the text's characters" in text, text
+    r = invoke("train", english, "--base", trained.best, "--max-steps", "1", "-o", tmp_path / "all", *RUN)
+    assert "it knows 100.0% of the text's characters" in joined(r)
+
+
 def test_base_none_trains_from_scratch(trained, english, tmp_path):
     r = invoke("train", english, "--base", "none", "--max-steps", "3", "-o", tmp_path / "run", *RUN,
                "--hidden-size", "24", "--num-layers", "1", "--embedding-dim", "8")
