@@ -159,7 +159,7 @@ def share(x: float) -> str:
     """``x`` as a percentage rounded down: "100.0%" only when it is all (one
     character the base lacks in 20,000 shows as 99.9%, beside the warning
     that grows the vocabulary for it)."""
-    return f"{math.floor(x * 1000 + 1e-9) / 10:.1f}%"  # the epsilon: 0.58 * 1000 is 579.99...
+    return f"{math.floor(x * 1000 + 1e-9) / 10:.1f}%"  # 1e-9: an exact k/1000 never shows as k-1 from float rounding
 
 
 def knows(chars: float, pairs: float | None) -> bool:
