@@ -69,7 +69,8 @@ def choose_out_dir(requested: Path | None, default: Path, *, resuming: bool,
     - resuming: ``requested`` (or ``default``) as is.
     - a new run with an explicit ``--out`` holding a run: refused, naming
       ``--resume``, ``--out`` and ``--overwrite``; with ``overwrite`` it is
-      used (its old files are removed by :meth:`RunFolder.open`).
+      used (its old files are removed when the new run first writes there,
+      see :class:`RunFolder`).
     - a new run into the default folder holding a run: the first free
       ``DEFAULT-2``, ``DEFAULT-3``, ... and a note saying so.
     """
@@ -82,7 +83,8 @@ def choose_out_dir(requested: Path | None, default: Path, *, resuming: bool,
     if not folder_holds_run(target):
         return target, None
     if overwrite:
-        return target, f"{target} holds an earlier run; --overwrite: its checkpoints and metrics are replaced"
+        return target, (f"{target} holds an earlier run; --overwrite: its checkpoints and metrics are replaced "
+                        "when this run writes its first")
     if requested is not None:
         resumable = _resumable(target)
         if resumable is not None:

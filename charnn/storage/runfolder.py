@@ -7,6 +7,11 @@ it to save and to log:
   another run's files (:func:`choose_out_dir`: the default folder moves on to ``NAME-2/``,
   ``NAME-3/``...; an explicit ``--out`` that holds a run is refused unless
   ``--overwrite``);
+- **replacing** an earlier run (``--overwrite``): its checkpoints, step files
+  and metrics log are removed just before the new run writes its first file
+  there (a checkpoint or a metrics row), not when the folder is opened, so a
+  run that fails while it sets up (a bad text or base, Ctrl-C) leaves the
+  earlier run as it was;
 - **owning** it: an exclusive ``flock`` on ``.charnn.lock`` for as long as the
   run is open, so two live processes never write one folder; a lock left by a
   killed process (the kernel released the ``flock``) is taken over and said so;
@@ -89,9 +94,11 @@ class RunFolder:
     ``open()`` raises :class:`RunFolderError` (not a folder, read-only, locked
     by a live process, ...) before anything is written; ``notes`` then lists
     what it did that the user should hear about (a stale lock taken over, temp
-    files removed, metrics rows dropped on resume, an earlier run removed by
-    ``overwrite``). ``save`` raises :class:`CheckpointError`; ``log`` never
-    raises for I/O (see there).
+    files removed, metrics rows dropped on resume). With ``overwrite`` the
+    earlier run's files stay until the first ``save`` or ``log`` removes them
+    (and adds a note saying so). ``save`` raises :class:`CheckpointError` (or
+    :class:`RunFolderError` when an earlier run's file cannot be removed);
+    ``log`` never raises for I/O (see there).
     """
 
     def __init__(self, path: str | os.PathLike, *, resuming_at_step: int | None = None,
@@ -104,6 +111,7 @@ class RunFolder:
         self._lock_fd: int | None = None
         self._metrics_fd: int | None = None
         self._log_failing = False
+        self._old_run_pending = False  # overwrite: the earlier run's files are still there
 
     @property
     def metrics_path(self) -> Path:
@@ -144,14 +152,15 @@ class RunFolder:
                 raise FolderTakenError(f"{self.path} already holds a training run (another run took it a "
                                        "moment ago); choose another --out, or --overwrite to replace it")
             self._check_writable()
-            if self.overwrite:
-                self._remove_old_run()
+            # The earlier run stays until this one writes (see _replace_old_run).
+            self._old_run_pending = self.overwrite
             stale = remove_stale_temps(self.path)
             if stale:
                 self.notes.append(f"removed {len(stale)} unfinished temp file(s) left in {self.path} "
                                   "by an interrupted save")
             self._write_marker()
-            self._tidy_metrics()
+            if not self._old_run_pending:  # the earlier run's log is left as it is until it is removed
+                self._tidy_metrics()
             if self.resuming_at_step is not None:
                 later = [p.name for n, p in step_files(self.path) if n > self.resuming_at_step]
                 if later:
@@ -243,6 +252,16 @@ class RunFolder:
         except OSError:
             pass
 
+    def _replace_old_run(self) -> None:
+        """With ``overwrite``, before this run's first file: remove the earlier
+        run's, so none of them mixes into this run's (a stale metrics.jsonl
+        would), and mark the folder as this run's."""
+        if not self._old_run_pending:
+            return
+        self._remove_old_run()
+        self._old_run_pending = False
+        self._write_marker()
+
     def _remove_old_run(self) -> None:
         names = [n for n in (*CHECKPOINT_NAMES, METRICS_NAME) if (self.path / n).exists()]
         names += [p.name for _, p in step_files(self.path)]
@@ -332,6 +351,7 @@ class RunFolder:
         self._check_open()
         if not name or Path(name).name != name or name.startswith(TMP_PREFIX) or name in (LOCK_NAME, RUN_MARKER):
             raise ValueError(f"invalid checkpoint name {name!r}")
+        self._replace_old_run()
         data = payload if isinstance(payload, (bytes, bytearray)) else serialize(payload)
         path = write_atomic(self.path / name, bytes(data))
         remove_stale_temps(self.path)  # we hold the lock: any temp file here is a dead save's
@@ -365,6 +385,7 @@ class RunFolder:
         self._check_open()
         data = json_line(row).encode("utf-8")
         try:
+            self._replace_old_run()  # RunFolderError: the row is not written beside the earlier run's
             if self._metrics_fd is None:
                 # Non-blocking: a FIFO put there since open() is refused, not waited on.
                 self._metrics_fd = open_own(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -378,7 +399,7 @@ class RunFolder:
                 except OSError:
                     pass
                 raise
-        except RunFolderError as e:  # not a regular file (see open_own)
+        except RunFolderError as e:  # not a regular file (see open_own), an earlier run's file kept
             self.log_failures += 1
             if self._log_failing:
                 return None

@@ -68,9 +68,10 @@ def run_options(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.C
 
 
 def check_start_kept(cfg: TrainConfig, init_from: str | os.PathLike | None) -> None:
-    """--overwrite removes the --out folder's run before the new run reads
-    the checkpoint it starts from: refuse when that is one of the files it
-    removes, and read it now, so that a bad one fails with the old run kept."""
+    """--overwrite removes the --out folder's run once the new run writes
+    there: refuse when the checkpoint it starts from is one of the files it
+    removes. (A bad start checkpoint fails while the run sets up, before that,
+    with the old run kept.)"""
     if init_from:
         start, flag = Path(init_from), "--init-from"
     elif cfg.base in ("auto", "none"):
@@ -88,12 +89,6 @@ def check_start_kept(cfg: TrainConfig, init_from: str | os.PathLike | None) -> N
             raise ConfigError(f"{flag} {shell_arg(start)} is in the --out folder that --overwrite empties: the "
                               "run would delete the checkpoint it starts from. Write to another --out, or copy "
                               "the checkpoint out of that folder first")
-    try:
-        ckpt_mod.load(start)
-    except CheckpointError as e:
-        if flag == "--base":
-            raise CheckpointError(base_mod.unreadable(cfg.base, start, e)) from None
-        raise
 
 
 def left_open(cfg: TrainConfig | Mapping[str, Any] | None, resumed: ckpt_mod.Checkpoint | None) -> set[str]:
