@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,9 +24,9 @@ from charnn.errors import CharnnError, RunFolderError
 from charnn.storage import checkpoint
 from charnn.storage.runfolder import LOCK_NAME, RUN_MARKER, TMP_PREFIX, RunFolder, choose_out_dir, folder_holds_run
 from fs_faults import tmpfs
-from robust_helpers import TINY_TRAIN, checkpoint_payload, popen, python_script, reaped, wait_for_progress, write_corpus
+from robust_helpers import TINY_MODEL, TINY_TRAIN, checkpoint_payload, popen, python_script, reaped, wait_for_progress, write_corpus
 
-from conftest import invoke
+from conftest import assert_clean_error, invoke
 
 FAST = [*TINY_TRAIN, "--max-steps", "4", "--eval-every", "2"]
 
@@ -293,7 +294,8 @@ def test_explicit_out_with_overwrite_and_resume(tmp_path):
         tmp_path / "fresh", None)
 
 
-def test_overwrite_removes_the_old_run_and_nothing_else(tmp_path, small):
+@pytest.mark.parametrize("first", ["save", "log"])
+def test_overwrite_removes_the_old_run_at_the_first_write_and_nothing_else(tmp_path, small, first):
     out = tmp_path / "run"
     with RunFolder(out) as folder:
         folder.save(small, "last.pt")
@@ -301,12 +303,26 @@ def test_overwrite_removes_the_old_run_and_nothing_else(tmp_path, small):
         folder.save_step(b"x", 10, keep=5)
         folder.save_step(b"x", 20, keep=5)
         folder.log({"step": 10})
+        with (out / "metrics.jsonl").open("a") as log:
+            log.write('{"step": 11, "train_lo')  # cut short by a crash
     (out / "notes.txt").write_text("mine\n")
-    old_marker = json.loads((out / RUN_MARKER).read_text())
+    before = digest(out)
     with RunFolder(out, overwrite=True) as folder:
+        # Opened, locked, checked: the old run is untouched until this run writes.
+        assert {k: v for k, v in digest(out).items() if k != LOCK_NAME} == {
+            k: v for k, v in before.items() if k != LOCK_NAME}
+        if first == "save":
+            folder.save(b"new", "last.pt")
+        else:
+            folder.log({"step": 1})
         assert any(n.startswith("--overwrite: removed the earlier run") for n in folder.notes), folder.notes
-        assert sorted(os.listdir(out)) == sorted([LOCK_NAME, RUN_MARKER, "notes.txt"])
-    assert json.loads((out / RUN_MARKER).read_text())["charnn_version"] == old_marker["charnn_version"]
+        written = "last.pt" if first == "save" else "metrics.jsonl"
+        assert sorted(os.listdir(out)) == sorted([LOCK_NAME, RUN_MARKER, "notes.txt", written])
+        folder.log({"step": 2})
+    steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == ([1, 2] if first == "log" else [2])  # no row of the old run's
+    assert json.loads((out / RUN_MARKER).read_text())["charnn_version"]
+    assert (out / "notes.txt").read_text() == "mine\n"
     with pytest.raises(RunFolderError, match="cannot be combined"):
         RunFolder(out, overwrite=True, resuming_at_step=3).open()
 
@@ -324,6 +340,72 @@ def test_overwrite_is_refused_while_another_process_writes_there(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A finished run (its own vocabulary: --base none) and a copy of its best.pt outside its folder."""
+    root = tmp_path_factory.mktemp("old")
+    done = invoke("train", write_corpus(root / "notes.txt"), *FAST, "--base", "none", "--out", root / "run")
+    assert done.exit_code == 0, done.output
+    shutil.copy(root / "run" / "best.pt", root / "start.pt")
+    return root
+
+
+def assert_old_run_intact(run: Path, before: dict[str, str]) -> None:
+    """Byte for byte, no file of the new run beside it, and usable."""
+    assert digest(run) == before
+    assert sorted(os.listdir(run)) == sorted(before)
+    info = invoke("info", run / "best.pt")
+    assert info.exit_code == 0, info.output
+    sample = invoke("sample", run / "best.pt", "-n", "20", "--seed", "1")
+    assert sample.exit_code == 0 and sample.stdout.strip(), sample.output
+
+
+SETUP_ARGS = [*TINY_TRAIN[len(TINY_MODEL):], "--max-steps", "2", "--eval-every", "1"]  # without the model options
+
+
+@pytest.mark.parametrize("fault", ["too-short corpus", "init-from lacking characters", "base of another shape"])
+def test_overwrite_that_fails_while_setting_up_keeps_the_old_run(old_run, tmp_path, fault):
+    run = tmp_path / "run"
+    shutil.copytree(old_run / "run", run)
+    before = digest(run)
+    corpus = write_corpus(tmp_path / "notes.txt")
+    if fault == "too-short corpus":
+        corpus.write_text("ab", encoding="utf-8")
+        args, said = [corpus, *TINY_MODEL, "--base", "none"], "too few"
+    elif fault == "init-from lacking characters":
+        corpus.write_text(corpus.read_text(encoding="utf-8") + "\u00e9\u00e8\n", encoding="utf-8")
+        args, said = [corpus, "--init-from", old_run / "start.pt"], "--extend-vocab"
+    else:
+        args, said = [corpus, "--base", old_run / "start.pt", "--hidden-size", "32"], "architecture differs"
+    r = invoke("train", *args, *SETUP_ARGS, "--out", run, "--overwrite")
+    assert_clean_error(r, said)
+    assert_old_run_intact(run, before)
+
+
+@pytest.mark.system
+def test_ctrl_c_while_an_overwrite_sets_up_keeps_the_old_run(old_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(old_run / "run", run)
+    before = digest(run)
+    corpus = write_corpus(tmp_path / "big.txt", n_words=300_000)  # reading it takes a while
+    proc = popen(["train", str(corpus), *TINY_TRAIN, "--base", "none", "--max-steps", "2", "--out", str(run),
+                  "--overwrite"], tmp_path / "data", tmp_path, stdout=subprocess.DEVNULL)
+    with reaped(proc):
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            # The folder is locked and checked: the run is setting up.
+            if f'"pid": {proc.pid},' in (run / LOCK_NAME).read_text():
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    text = " ".join(err.decode().split())
+    if "saved" in text:
+        pytest.skip("the run was training before Ctrl-C reached it (machine too fast)")
+    assert proc.returncode == 130 and "Interrupted." in text and "Traceback" not in text, text
+    assert_old_run_intact(run, before)
 
 
 def test_the_marker_is_kept_on_resume(tmp_path):
