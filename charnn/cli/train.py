@@ -55,7 +55,8 @@ def train(
              + _d("checkpoints/<corpus name>/"))] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start a new run in an --out folder that holds a run, replacing its "
-                            "checkpoints and metrics.")] = False,
+                            "checkpoints and metrics when the new run writes its first; one that fails "
+                            "before then leaves them.")] = False,
     time_limit: Annotated[Optional[str], typer.Option(
         metavar="DURATION", callback=parse_time_limit, show_default=False,
         help="Wall-clock budget for training: 90 (seconds), 30s, 5m, 2h or 1h30m."
