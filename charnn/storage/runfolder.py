@@ -7,11 +7,9 @@ it to save and to log:
   another run's files (:func:`choose_out_dir`: the default folder moves on to ``NAME-2/``,
   ``NAME-3/``...; an explicit ``--out`` that holds a run is refused unless
   ``--overwrite``);
-- **replacing** an earlier run (``--overwrite``): its checkpoints, step files
-  and metrics log are removed just before the new run writes its first file
-  there (a checkpoint or a metrics row), not when the folder is opened, so a
-  run that fails while it sets up (a bad text or base, Ctrl-C) leaves the
-  earlier run as it was;
+- **replacing** an earlier run (``--overwrite``): its files go just before the
+  new run's first checkpoint or metrics row, so a run that fails while it sets
+  up (a bad text or base, Ctrl-C) leaves the earlier run as it was;
 - **owning** it: an exclusive ``flock`` on ``.charnn.lock`` for as long as the
   run is open, so two live processes never write one folder; a lock left by a
   killed process (the kernel released the ``flock``) is taken over and said so;
@@ -94,11 +92,10 @@ class RunFolder:
     ``open()`` raises :class:`RunFolderError` (not a folder, read-only, locked
     by a live process, ...) before anything is written; ``notes`` then lists
     what it did that the user should hear about (a stale lock taken over, temp
-    files removed, metrics rows dropped on resume). With ``overwrite`` the
-    earlier run's files stay until the first ``save`` or ``log`` removes them
-    (and adds a note saying so). ``save`` raises :class:`CheckpointError` (or
-    :class:`RunFolderError` when an earlier run's file cannot be removed);
-    ``log`` never raises for I/O (see there).
+    files removed, metrics rows dropped on resume, an earlier run removed by
+    ``overwrite``, which the first ``save`` or ``log`` does). ``save`` raises
+    :class:`CheckpointError` (:class:`RunFolderError` when an earlier run's
+    file cannot be removed); ``log`` never raises for I/O (see there).
     """
 
     def __init__(self, path: str | os.PathLike, *, resuming_at_step: int | None = None,

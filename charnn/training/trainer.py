@@ -84,9 +84,7 @@ class Trainer:
     as given). With ``resume`` the run's own options come from the checkpoint
     and ``cfg`` gives what should change (see :func:`.config.merge_resume`).
     ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
-    ``overwrite``: a new run may replace the run in an explicit ``out`` folder
-    (removed when this run writes its first checkpoint or metrics row: a run
-    that fails before then leaves it as it was).
+    ``overwrite``: a new run replaces the run in an explicit ``out`` folder once it first writes there.
     """
 
     def __init__(self, cfg: TrainConfig | Mapping[str, Any] | None = None,
