@@ -166,6 +166,7 @@ class RunFolder:
                         f"are from after step {self.resuming_at_step}, where this run resumes; they "
                         "are kept until training reaches those steps")
         except BaseException:
+            remove_stale_temps(self.path)  # a Ctrl-C in _check_writable leaves its probe
             self.close()
             raise
         return self
@@ -250,9 +251,8 @@ class RunFolder:
             pass
 
     def _replace_old_run(self) -> None:
-        """With ``overwrite``, before this run's first file: remove the earlier
-        run's, so none of them mixes into this run's (a stale metrics.jsonl
-        would), and mark the folder as this run's."""
+        """With ``overwrite``, before this run's first file: remove the earlier run's (a
+        stale metrics.jsonl would mix into this run's) and mark the folder as this run's."""
         if not self._old_run_pending:
             return
         self._remove_old_run()

@@ -120,10 +120,10 @@ class Trainer:
         # corpus never includes it and no other run can take it meanwhile)
         self.output = RunOutput(self.dist)
         default = Path("checkpoints") / (cfg.corpus_name or (corpus_name(cfg.corpus) if cfg.corpus else BUILTIN_NAME))
-        self.out_dir = self.output.open(Path(cfg.out) if cfg.out else None, default, resumed, overwrite)
-        self.plan.out = str(self.out_dir)
-        self.notes.extend(self.output.notes)
         try:
+            self.out_dir = self.output.open(Path(cfg.out) if cfg.out else None, default, resumed, overwrite)
+            self.plan.out = str(self.out_dir)
+            self.notes.extend(self.output.notes)
             self._setup(resumed, init_from, overrides, extend_vocab, cache)
         except BaseException:
             self.close()  # a new run that failed here leaves no trace in its folder
