@@ -146,7 +146,8 @@ def pack(best: Path, sources: list[dict], train_seconds: float | None) -> None:
         "characters": len(text),
         "corpus_sha256": corpus.sha256,
         "recipe": "charnn train SOURCES --time-limit " + TIME_LIMIT + " " + " ".join(TRAIN_ARGS),
-        "train_seconds": round(train_seconds, 1) if train_seconds else None,
+        # the run's own training time (a packed run may have been stopped and resumed)
+        "train_seconds": round(float(keep.get("elapsed") or train_seconds or 0), 1),
         "steps": keep.get("step"),
         "val_loss_fp32": round(fp32, 4),
         "val_loss_bf16": round(bf16, 4),
