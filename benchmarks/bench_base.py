@@ -1,6 +1,7 @@
 """Does starting from the shipped base beat training from scratch?
 
     python benchmarks/bench_base.py TEXT[:BUDGET,...] ...      # e.g. poems.txt:2m,5m
+    python benchmarks/bench_base.py --base-only TEXT:BUDGET     # only the base side again (keeps the scratch run)
     python benchmarks/bench_base.py --table                     # print the recorded rows
 
 For each text and budget it runs, one after the other (never side by side),
@@ -74,26 +75,39 @@ def coverage(text: Path) -> tuple[float, float]:
     return chars, pairs or 0.0
 
 
-def measure(spec: str, threads: int) -> None:
+def recorded() -> list[dict]:
+    return list(csv.DictReader(open(RESULTS, encoding="utf-8"))) if RESULTS.exists() else []
+
+
+def measure(spec: str, threads: int, base_only: bool) -> None:
+    """Measure one text at each budget; a row replaces an earlier one of the
+    same text and budget. ``base_only`` keeps that row's scratch run (the
+    scratch path does not depend on the base or its recipe)."""
     path, _, budgets = spec.partition(":")
     text = Path(path)
     chars, pairs = coverage(text)
     size = len(read_corpus([text]).text)
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
     for budget in (budgets or "2m").split(","):
+        rows = recorded()
+        old = [r for r in rows if r["sha256"] == digest and r["budget"] == budget]
+        if base_only and not old:
+            sys.exit(f"--base-only: no recorded scratch run of {text} at {budget}")
         base_loss, base_steps, _ = train_and_score(text, budget, base_mod.DEFAULT_BASE, threads)
-        none_loss, none_steps, _ = train_and_score(text, budget, "none", threads)
+        if base_only:
+            none_loss, none_steps = float(old[-1]["none_loss"]), int(old[-1]["none_steps"])
+        else:
+            none_loss, none_steps, _ = train_and_score(text, budget, "none", threads)
         row = {"text": text.name, "chars": size, "budget": budget, "char_cover": f"{chars:.4f}",
                "pair_cover": f"{pairs:.4f}", "base_loss": f"{base_loss:.4f}", "none_loss": f"{none_loss:.4f}",
                "base_steps": base_steps, "none_steps": none_steps, "threads": threads,
-               "load1": f"{os.getloadavg()[0]:.2f}", "date": time.strftime("%Y-%m-%d %H:%M"),
-               "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
-        new = not RESULTS.exists()
+               "load1": f"{os.getloadavg()[0]:.2f}", "date": time.strftime("%Y-%m-%d %H:%M"), "sha256": digest}
+        rows = [r for r in rows if not (r["sha256"] == digest and r["budget"] == budget)] + [row]
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a", newline="") as f:
+        with open(RESULTS, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            w.writeheader()
+            w.writerows(rows)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
@@ -106,7 +120,7 @@ def auto_chooses_base(row: dict) -> bool:
 
 def markdown() -> str:
     """The recorded rows as a Markdown table, with what --base auto chooses for each."""
-    rows = list(csv.DictReader(open(RESULTS, encoding="utf-8")))
+    rows = recorded()
     lines = ["| text | characters | budget | base knows (chars / pairs) | `--base prose-en` | `--base none` | "
              "auto chooses | auto vs none | steps (base / none) |",
              "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
@@ -135,6 +149,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("texts", nargs="*", help="TEXT or TEXT:BUDGET[,BUDGET...] (default budget 2m)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--base-only", action="store_true",
+                   help="run only the base (after a change to it or its recipe); keep the recorded scratch run")
     p.add_argument("--table", action="store_true", help="print the recorded rows as a Markdown table")
     args = p.parse_args()
     if args.table:
@@ -143,7 +159,7 @@ def main() -> None:
     if base_mod.DEFAULT_BASE not in base_mod.shipped_bases():
         sys.exit(f"no {base_mod.DEFAULT_BASE} base in charnn/bases: build it with benchmarks/build_bases.py")
     for spec in args.texts:
-        measure(spec, args.threads)
+        measure(spec, args.threads, args.base_only)
 
 
 if __name__ == "__main__":
