@@ -5,8 +5,8 @@ charnn ships its bases inside the package (``charnn/bases/NAME.pt``, a
 checkpoint with bf16 weights, and ``NAME.json``, its card: sources and their
 licences, how it was built, the character bigrams of its training text).
 ``auto`` fine-tunes from the shipped base when the text is written mostly in
-characters and character pairs the base has seen and the budget is short
-for the text (see :func:`choose_base`); otherwise the run trains from
+characters and character pairs the base has seen and is not larger than the
+base's own text (see :func:`auto_takes_base`); otherwise the run trains from
 scratch, as ``none`` does.
 """
 
@@ -25,22 +25,18 @@ from .config import TrainConfig
 BASES_DIR = Path(__file__).resolve().parent.parent / "bases"
 DEFAULT_BASE = "prose-en"
 
-# The rule's thresholds (measured: docs/training.md#start-from-a-base-model).
-# How well the base must know a text (measured, 2-minute runs against
-# scratch: docs/training.md#start-from-a-base-model). The character pairs
-# tell its language apart: English at 96.2-100% of pairs gained 9-18%,
-# German (94.4%) 1.6%, and Python source (94.0%) lost 8.8%. The characters
-# only rule out another script (Chinese: 9%); English with tabs and
-# symbols the novels never use still had 98.4%.
+# How well the base must know a text (measured against scratch:
+# docs/training.md#start-from-a-base-model). The character pairs tell a
+# language apart: the threshold lies between the English texts that gained
+# and the German and Python ones that did not. The characters only rule out
+# another script; English with tabs and symbols the novels never use passes.
 MIN_CHAR_COVERAGE = 0.95  # share of the text's characters in the base's vocabulary
 MIN_BIGRAM_COVERAGE = 0.955  # share of its character pairs seen in the base's training text
 
 # Fine-tuning's recipe, for each of these the user left open (measured on
 # 2-minute runs, docs/training.md#start-from-a-base-model): the peak rate of a
-# run from scratch (1e-3 and 2e-3 kept too much of the novels: 1.590 and
-# 1.515 nats/char on a glossary where 7e-3 and 1e-2 reached 1.441 and 1.442);
-# 32 x 128 batches use the larger shape's throughput (16 x 128 made more
-# steps to the same loss); dropout 0.2 (0.1: +0.6%) holds off copying a
+# run from scratch, as lower ones keep too much of the novels; 32 x 128
+# batches use the larger shape's throughput; dropout 0.2 holds off copying a
 # small text, which a model of this size memorises in minutes.
 FINE_TUNE = {"batch_size": 32, "seq_len": 128, "lr": 7e-3}
 FINE_TUNE_DROPOUT = 0.2
@@ -61,12 +57,11 @@ def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int
     chosen: dict[str, object] = {k: v for k, v in FINE_TUNE.items() if k in left_open}
     if "batch_size" in chosen:
         chosen["batch_size"] = -(-int(chosen["batch_size"]) // world_size) * world_size
-    batch = int(chosen.get("batch_size", 0) or 0) or None
-    seq = int(chosen.get("seq_len", 0) or 0) or None
-    if train_chars is not None and (batch or seq):
-        if train_chars <= (batch or TrainConfig.batch_size) * (seq or TrainConfig.seq_len):
-            chosen.pop("batch_size", None)
-            chosen.pop("seq_len", None)
+    batch = int(chosen.get("batch_size", TrainConfig.batch_size))
+    seq = int(chosen.get("seq_len", TrainConfig.seq_len))
+    if train_chars is not None and train_chars <= batch * seq:
+        chosen.pop("batch_size", None)
+        chosen.pop("seq_len", None)
     return chosen
 
 
