@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -298,3 +302,26 @@ def test_an_untimed_shape_is_estimated_from_the_largest_timed_one():
     assert sizing.scaled_step_time(big, {}, 80) is None
     t = sizing.scaled_step_time(big, {small: 0.01, mid: 0.02, sizing.LADDER[5]: math.inf}, 80, "gru")
     assert t == pytest.approx(0.02 * sizing.recurrent_params(big, 80, "gru") / sizing.recurrent_params(mid, 80, "gru"))
+
+
+@pytest.mark.system
+def test_a_short_budget_plans_the_steps_its_run_makes(tmp_path):
+    """A fresh `charnn train` with a 20 s budget, as a user types it: torch's
+    one-time set-up (about 0.9 s, in a new process's first step) is paid
+    before the probe times shapes, so it neither inflates the first shape's
+    step nor uses up the probe's 3% of the budget. With it inside, the size
+    line promised a tenth of the steps the run made and chose the smallest
+    shape ("the budget is short for any model")."""
+    text = tmp_path / "text.txt"
+    text.write_text(make_text(400_000), encoding="utf-8")
+    env = {**os.environ, "CHARNN_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-m", "charnn", "train", str(text), "-o", str(tmp_path / "run"),
+                           "--time-limit", "20s", "--base", "none", "--sample-every", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = " ".join(proc.stderr.split())  # rich wraps long lines
+    planned = re.search(r"size: .*? = ~([\d,]+) steps", said)
+    measured = re.search(r"about ([\d,]+) steps fit the budget", said)
+    assert planned and measured, said[-3000:]
+    ratio = int(planned.group(1).replace(",", "")) / int(measured.group(1).replace(",", ""))
+    assert 1 / 2 <= ratio <= 2, said[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,45 @@ def test_batch_size_must_split_evenly(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--batch-size 16 must be divisible by the number of processes"):
         Trainer(TrainConfig(corpus=[str(corpus)], out=str(tmp_path / "o"), max_steps=2, batch_size=16,
                             seq_len=8), {"hidden_size": 8, "num_layers": 1}, handle_sigint=False)
+
+
+def stdlib_text(chars: int) -> str:
+    """Real text of ``chars`` characters: the running Python's standard library source."""
+    import sysconfig
+    parts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= chars:
+            break
+    return "".join(parts)[:chars]
+
+
+@pytest.mark.system
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_the_start_lines_agree_on_the_steps_the_budget_fits(tmp_path):
+    """`--size auto` under torchrun, as a user types it: the size line's steps
+    (from the probe, before training) and the evaluation line's (from the
+    run's first steps) describe the same run. The probe times each rank's
+    steps with the gradients averaged over the ranks, as the run's are, and
+    pays torch's one-time set-up before it starts timing shapes. The two still
+    differ: the probe times steps without the dropout the run may add (3-20%
+    a step), and a run's first steps are its slowest (1.15-1.65x apart in six
+    runs on 2 cores; with the set-up inside the probe's share, 10x)."""
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(stdlib_text(400_000), encoding="utf-8")
+    env = {**os.environ, "CHARNN_DATA_DIR": str(tmp_path / "data")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "charnn",
+           "train", str(corpus), "--out", str(tmp_path / "ddp"), "--time-limit", "30s", "--base", "none",
+           "--sample-every", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = " ".join(proc.stderr.split())  # rich wraps long lines
+    planned = re.search(r"size: .*? = ~([\d,]+) steps", text)
+    measured = re.search(r"about ([\d,]+) steps fit the budget", text)
+    assert planned and measured, text[-3000:]
+    planned_steps, measured_steps = (int(m.group(1).replace(",", "")) for m in (planned, measured))
+    assert 1 / 2 <= planned_steps / measured_steps <= 2, text[-3000:]

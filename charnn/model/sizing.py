@@ -248,11 +248,13 @@ def scaled_step_time(shape: Shape, timed: dict[Shape, float], vocab_size: int, c
 
 
 def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any, y: Any,
-                        device: Any, precision: str, *, steps: int = 3, warmup: int = 1) -> float:
+                        device: Any, precision: str, *, steps: int = 3, warmup: int = 1,
+                        sync: Callable[[Any], None] | None = None) -> float:
     """Seconds per training step of ``model`` (a throwaway CharRNN) on inputs
     ``x`` and targets ``y``: forward, backward, clipping and the optimizer's
-    step, in the run's precision, as the trainer does them. The global random
-    state is left as it was."""
+    step, in the run's precision, as the trainer does them; ``sync(model)``
+    after backward, where the run averages gradients over ranks. The global
+    random state is left as it was."""
     import torch
     import torch.nn.functional as F
 
@@ -272,6 +274,8 @@ def time_training_steps(model: Any, make_optimizer: Callable[[Any], Any], x: Any
             optimizer.zero_grad(set_to_none=True)
             with kernels_for(device, precision):
                 loss.backward()
+            if sync is not None:
+                sync(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         if device.type == "cuda":  # GPU work is asynchronous: time it done

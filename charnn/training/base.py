@@ -37,7 +37,9 @@ MIN_BIGRAM_COVERAGE = 0.955  # share of its character pairs seen in the base's t
 # 2-minute runs, docs/training.md#start-from-a-base-model): the peak rate of a
 # run from scratch, as lower ones keep too much of the novels; 32 x 128
 # batches use the larger shape's throughput; dropout 0.2 holds off copying a
-# small text, which a model of this size memorises in minutes.
+# small text, which a model of this size memorises in minutes. Every layer
+# trains: the steps a frozen lower half saves do not make up for what it
+# cannot learn.
 FINE_TUNE = {"batch_size": 32, "seq_len": 128, "lr": 7e-3}
 FINE_TUNE_DROPOUT = 0.2
 

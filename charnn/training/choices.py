@@ -44,7 +44,7 @@ class ProbeSetup:
 # cheap enough that a 100,000-character head cannot spend the budget on the
 # probe itself.
 GLANCE_ROWS = 8
-FULL_PROBE_STEPS = 4  # what sizing.time_training_steps runs by default
+PROBE_TIMINGS = ({"warmup": 1, "steps": 3}, {"warmup": 1, "steps": 1})  # full, then short
 
 
 def glance_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> float:
@@ -56,7 +56,7 @@ def glance_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size:
 
 
 def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
-                    **timing: int) -> float:
+                    **timing: Any) -> float:
     """Seconds per training step of a throwaway model of ``shape``. ``dropout``:
     the one given, else 0, the rule's choice wherever the shape is in doubt
     (under 3 epochs); a step with dropout 0.1 takes 3-13% longer (measured on
@@ -69,6 +69,50 @@ def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: 
                                       probe.precision, **timing)
 
 
+class Ranks:
+    """Under torchrun the ranks must time the same shapes in the same order
+    (a full timing averages the gradients, a collective) and plan with the
+    same figures: rank 0's decide. Without torchrun each call is the value."""
+
+    def __init__(self, dist_info: DistInfo, device: torch.device):
+        self.enabled, self.world_size, self.device = dist_info.enabled, dist_info.world_size, device
+
+    def rank0(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t)
+
+    def all(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        """What DDP does each step: the gradients copied into one buffer,
+        summed over the ranks (which waits for the slowest) and copied back."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def warm_up(cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> None:
+    """A process's first training step sets torch up (thread pools, kernels:
+    about 0.9 s on a 2-core CPU), whatever the model's size. Paid here, on a
+    tiny model, it neither inflates the first shape's timing nor uses up the
+    probe's share of a short budget."""
+    tiny = ProbeSetup(probe.x[:1, :4], probe.y[:1, :4], probe.device, probe.precision, probe.make_optimizer)
+    probe_step_time(sizing.Shape(8, 2, 8), cell, dropout, vocab_size, tiny, steps=1, warmup=0)
+
+
 def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: int | None, train_chars: int,
                 vocab_size: int, probe: ProbeSetup, dist_info: DistInfo,
                 status: Callable[[str], None]) -> sizing.SizeChoice:
@@ -77,28 +121,42 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
     cell = overrides.get("cell") or ModelConfig.cell
     given = {k: overrides.get(k) for k in ("hidden_size", "num_layers", "embedding_dim", "dropout")}
     timings: dict[sizing.Shape, float] = {}
-    started = time.perf_counter()
-
-    share = sizing.PROBE_SHARE * cfg.time_limit
+    ranks = Ranks(dist_info, probe.device)
     dropout = given["dropout"] or 0.0
+    if cfg.time_limit:
+        warm_up(cell, dropout, vocab_size, probe)
+    started = time.perf_counter()
+    share = sizing.PROBE_SHARE * cfg.time_limit
 
     def step_time(shape: sizing.Shape) -> float:
-        if shape in timings:
-            return timings[shape]
-        status(f"timing a {shape.name} model on this device (--size auto)")
-        try:
-            # The full timing runs only where its predicted cost fits what is
-            # left of the probe's share; otherwise the estimate stands.
-            estimate = sizing.scaled_step_time(shape, timings, vocab_size, cell)
-            if estimate is None:
-                estimate = glance_step_time(shape, cell, dropout, vocab_size, probe)
-            if time.perf_counter() - started + FULL_PROBE_STEPS * estimate > share:
-                timings[shape] = estimate
-            else:
-                timings[shape] = probe_step_time(shape, cell, dropout, vocab_size, probe)
-        except ConfigError:  # too big for this machine's memory: it buys no steps
-            timings[shape] = math.inf
+        if shape not in timings:
+            status(f"timing a {shape.name} model on this device (--size auto)")
+            timings[shape] = ranks.rank0(measure(shape))
         return timings[shape]
+
+    def measure(shape: sizing.Shape) -> float:
+        mc = ModelConfig(cell=cell, vocab_size=vocab_size, hidden_size=shape.hidden_size,
+                         num_layers=shape.num_layers, embedding_dim=shape.embedding_dim, dropout=dropout)
+        try:
+            check_memory(mc.validate(), factor=TRAIN_MEMORY_FACTOR)
+            fits = True
+        except ConfigError:
+            fits = False
+        if not ranks.all(fits):  # too big for this machine's memory: it buys no steps
+            return math.inf
+        estimate = sizing.scaled_step_time(shape, timings, vocab_size, cell)
+        if estimate is None:
+            estimate = glance_step_time(shape, cell, dropout, vocab_size, probe)
+        # The full timing runs where its predicted cost fits what is left of
+        # the probe's share, else a short one (a warm-up step and one timed:
+        # a busy machine doubles the glance, which over-counts a small
+        # model's steps several times); where neither fits, the estimate stands.
+        left = share - (time.perf_counter() - started)
+        timing = next((t for t in PROBE_TIMINGS if ranks.rank0(sum(t.values()) * estimate <= left)), None)
+        if timing is None:
+            return estimate
+        sync = ranks.average_gradients if ranks.enabled else None
+        return probe_step_time(shape, cell, dropout, vocab_size, probe, sync=sync, **timing)
 
     seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None
     choice = sizing.choose(train_chars=train_chars, vocab_size=vocab_size,

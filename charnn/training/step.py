@@ -99,10 +99,10 @@ class Stepper:
                     raise
                 finite = False
             else:
-                # Every weight finite: each tensor's largest |value| is (NaN and inf carry
-                # through the max); a third of the cost of isfinite's boolean copies.
-                finite = bool(torch.stack([torch.linalg.vector_norm(p.detach(), math.inf)
-                                           for p in self.model.parameters()]).isfinite().all())
+                # Every weight finite: the largest |weight| is (NaN and inf carry through
+                # the max), in one foreach call; a third of the cost of isfinite's boolean copies.
+                finite = bool(torch.nn.utils.get_total_norm(
+                    [p.detach() for p in self.model.parameters()], math.inf).isfinite())
         self.scaler.update()
         # The mean loss over the whole batch: each rank holds its share of it.
         reported = loss.detach() / self.dist.world_size
