@@ -364,3 +364,19 @@ def test_auto_trains_chinese_from_scratch_and_says_why(tmp_path):
     assert r.exit_code == 0, r.output
     assert f"from scratch: {base_mod.DEFAULT_BASE} does not know this text well enough" in joined(r)
     assert checkpoint.load(tmp_path / "auto" / "best.pt").train_config["base"] == "none"
+
+
+def test_the_commands_that_read_a_checkpoint_take_a_bases_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("sample", "prose-en", "-n", "60", "--seed", "1", "--no-copy-report")
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout) >= 60
+    r = invoke("info", "prose-en", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["path"] == str(base_mod.shipped_bases()["prose-en"])
+    r = invoke("eval", "prose-en", "--help")
+    assert "shipped base's name" in r.stdout
+    # A file of that name in the current folder is what the user means.
+    (tmp_path / "prose-en").write_bytes(b"")
+    assert_clean_error(invoke("info", "prose-en"), "prose-en is empty")
+    assert_clean_error(invoke("sample", "prose-nope"), "prose-nope does not exist")

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .common import (DEVICE_HELP, escape_text, THREADS_HELP, Unknown, _quiet_rank, app, at_least, between, dumps, err,
-                     out_console, parse_device, plural, run_command, safe_display, stdout)
+from .common import (CHECKPOINT_HELP, named_checkpoint, DEVICE_HELP, escape_text, THREADS_HELP, Unknown,
+                     _quiet_rank, app, at_least, between, dumps, err, out_console, parse_device, plural, run_command, safe_display, stdout)
 
 # ---------------------------------------------------------------------------
 # eval
@@ -24,8 +24,8 @@ GRADIENT_FLOW_ROWS = (0, 1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 99)
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
-                                               help="A checkpoint written by charnn train.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False, help=CHECKPOINT_HELP,
+                                               callback=named_checkpoint)],
     files: Annotated[Optional[list[Path]], typer.Argument(
         metavar="FILE", show_default=False,
         help="Text files to score, each on its own.  [default: the validation split of the "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, err, run_command
+from .common import app, err, run_command, CHECKPOINT_HELP, named_checkpoint
 
 
 class Format(str, Enum):
@@ -25,8 +25,8 @@ class Weights(str, Enum):
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
-                                               help="A checkpoint written by charnn train.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False, help=CHECKPOINT_HELP,
+                                               callback=named_checkpoint)],
     fmt: Annotated[Format, typer.Option(
         "--format", "-f", metavar="[web|onnx]",
         help="web: one HTML file that generates text offline in a browser; onnx: the model for "

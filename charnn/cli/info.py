@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.cells import cell_len
 
-from .common import (app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command,
+from .common import (CHECKPOINT_HELP, named_checkpoint, app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command,
                      safe_display, stdout)
 
 LABEL_W = 12  # "vocabulary  ": the first column of the header lines
@@ -22,8 +22,8 @@ VOCAB_LINES = 4  # a vocabulary of thousands (Chinese poems: 2,841) would fill t
 
 @app.command()
 def info(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
-                                               help="A checkpoint written by charnn train.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False, help=CHECKPOINT_HELP,
+                                               callback=named_checkpoint)],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", metavar="FILE", show_default=False,

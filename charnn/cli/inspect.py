@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command, safe_display
+from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command, safe_display, CHECKPOINT_HELP, named_checkpoint
 
 MAX_CHARS_DEFAULT = 100_000  # characters inspected (correlations, saturation)
 HTML_CHARS_DEFAULT = 2_000  # characters shown on the --html page (its size grows with them)
@@ -39,8 +39,8 @@ def _check_features(values: Optional[list[str]]) -> Optional[list[str]]:
 
 @app.command("inspect")
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
-                                               help="A checkpoint written by charnn train.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False, help=CHECKPOINT_HELP,
+                                               callback=named_checkpoint)],
     files: Annotated[Optional[list[Path]], typer.Argument(
         metavar="FILE", show_default=False,
         help="Text files to run the model over, read one after another.  [default: the validation "

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from .copies import CopyCheck, single_sample
-from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, inference_only, parse_device, plural,
+from .common import (CHECKPOINT_HELP, named_checkpoint, DEVICE_HELP, Unknown, app, at_least, dumps, err, inference_only, parse_device, plural,
                      run_command, stdout, unit_interval)
 
 # ---------------------------------------------------------------------------
@@ -49,8 +49,8 @@ def _stop_string(value: Optional[str]) -> Optional[str]:
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False,
-                                               help="A checkpoint written by charnn train.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", show_default=False, help=CHECKPOINT_HELP,
+                                               callback=named_checkpoint)],
     prime: Annotated[Optional[str], typer.Option(
         "--prime", "-p", metavar="TEXT", show_default=False,
         help="Text to start from (printed first).")] = None,

@@ -118,7 +118,7 @@ def recorded_text(train_config: dict, fix: str | None = AGAINST_FIX) -> tuple[Tr
             return None, f"{_too_large('the training text ' + label, size, 'bytes')}; pass --no-copy-report"
         corpus = read_corpus(sources, encoding=encoding)
     except FileNotFoundError:
-        return None, f"the training text {label} is not there any more (moved or deleted){fix}"
+        return None, f"the training text {label} is not on this machine (moved, deleted, or trained elsewhere){fix}"
     except (OSError, DataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return None, f"the training text {label} cannot be read ({reason}){fix}"
