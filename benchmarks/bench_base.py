@@ -8,7 +8,8 @@ For each text and budget it runs, one after the other (never side by side),
 ``charnn train TEXT --time-limit BUDGET --base prose-en`` and the same with
 ``--base none``, scores each run's ``best.pt`` with ``charnn eval`` (the
 held-out last 10%), and appends a row to ``benchmarks/results/base.csv``: the
-text's size, how much of its characters and character pairs the base knows,
+text's size, how much of its characters and character pairs the base knows
+and how surprised the base is by it (what ``--base auto`` decides by),
 both losses and the steps each run made. The table shows what ``--base auto``
 (the default) chooses for each row under the current rule, and so what it
 scores: the base's loss or the scratch run's. Nothing else should run
@@ -37,7 +38,7 @@ from charnn.text.reading import read_corpus  # noqa: E402
 from charnn.training import base as base_mod  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "base.csv"
-FIELDS = ["text", "chars", "budget", "char_cover", "pair_cover", "base_loss", "none_loss", "base_steps",
+FIELDS = ["text", "chars", "budget", "char_cover", "pair_cover", "surprise", "base_loss", "none_loss", "base_steps",
           "none_steps", "threads", "load1", "date", "sha256"]
 
 
@@ -66,13 +67,14 @@ def train_and_score(text: Path, budget: str, base: str, threads: int) -> tuple[f
         return loss, steps, start.group(1) if start else ""
 
 
-def coverage(text: Path) -> tuple[float, float]:
-    bases = base_mod.shipped_bases()
-    path = bases[base_mod.DEFAULT_BASE]
-    card = base_mod.card(path)
-    chars, pairs = base_mod.coverage(read_corpus([text]).text, set(checkpoint.load(path).tokenizer.chars),
-                                     set(card["bigrams"]))
-    return chars, pairs or 0.0
+def coverage(text: Path) -> tuple[float, float, float | None]:
+    """How well the shipped base knows the text: its characters, its
+    character pairs, and its surprise (what --base auto decides by)."""
+    path = base_mod.shipped_bases()[base_mod.DEFAULT_BASE]
+    body, base = read_corpus([text]).text, checkpoint.load(path)
+    chars, pairs = base_mod.coverage(body, set(base.tokenizer.chars), set(base_mod.card(path)["bigrams"]))
+    known = chars >= base_mod.MIN_CHAR_COVERAGE  # as charnn train: another script is not scored
+    return chars, pairs or 0.0, (base_mod.surprise(base, body) if known else None)
 
 
 def recorded() -> list[dict]:
@@ -85,7 +87,7 @@ def measure(spec: str, threads: int, base_only: bool) -> None:
     scratch path does not depend on the base or its recipe)."""
     path, _, budgets = spec.partition(":")
     text = Path(path)
-    chars, pairs = coverage(text)
+    chars, pairs, surprised = coverage(text)
     size = len(read_corpus([text]).text)
     digest = hashlib.sha256(text.read_bytes()).hexdigest()
     for budget in (budgets or "2m").split(","):
@@ -99,7 +101,8 @@ def measure(spec: str, threads: int, base_only: bool) -> None:
         else:
             none_loss, none_steps, _ = train_and_score(text, budget, "none", threads)
         row = {"text": text.name, "chars": size, "budget": budget, "char_cover": f"{chars:.4f}",
-               "pair_cover": f"{pairs:.4f}", "base_loss": f"{base_loss:.4f}", "none_loss": f"{none_loss:.4f}",
+               "pair_cover": f"{pairs:.4f}", "surprise": "" if surprised is None else f"{surprised:.3f}",
+               "base_loss": f"{base_loss:.4f}", "none_loss": f"{none_loss:.4f}",
                "base_steps": base_steps, "none_steps": none_steps, "threads": threads,
                "load1": f"{os.getloadavg()[0]:.2f}", "date": time.strftime("%Y-%m-%d %H:%M"), "sha256": digest}
         rows = [r for r in rows if not (r["sha256"] == digest and r["budget"] == budget)] + [row]
@@ -114,22 +117,25 @@ def measure(spec: str, threads: int, base_only: bool) -> None:
 def auto_chooses_base(row: dict) -> bool:
     """What --base auto decides for this row's text under the current rule."""
     card = base_mod.card(base_mod.shipped_bases()[base_mod.DEFAULT_BASE])
-    return base_mod.auto_takes_base(float(row["char_cover"]), float(row["pair_cover"]), int(row["chars"]),
+    surprised = float(row["surprise"]) if row["surprise"] else None
+    return base_mod.auto_takes_base(float(row["char_cover"]), surprised, int(row["chars"]),
                                     card.get("characters"))
 
 
 def markdown() -> str:
     """The recorded rows as a Markdown table, with what --base auto chooses for each."""
     rows = recorded()
-    lines = ["| text | characters | budget | base knows (chars / pairs) | `--base prose-en` | `--base none` | "
-             "auto chooses | auto vs none | steps (base / none) |",
-             "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    lines = ["| text | characters | budget | base knows (chars / pairs) | surprise | `--base prose-en` | "
+             "`--base none` | auto chooses | auto vs none | steps (base / none) |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
         base, none = float(r["base_loss"]), float(r["none_loss"])
         chosen = auto_chooses_base(r)
+        surprised = f"{float(r['surprise']):.2f}" if r["surprise"] else "-"  # not scored: another script
         auto = base if chosen else none
         lines.append(f"| {r['text']} | {int(r['chars']):,} | {r['budget']} | "
-                     f"{float(r['char_cover']):.1%} / {float(r['pair_cover']):.1%} | {base:.4f} | {none:.4f} | "
+                     f"{float(r['char_cover']):.1%} / {float(r['pair_cover']):.1%} | {surprised} | "
+                     f"{base:.4f} | {none:.4f} | "
                      f"{'base' if chosen else 'none'} | {(auto / none - 1) * 100:+.1f}% | "
                      f"{int(r['base_steps']):,} / {int(r['none_steps']):,} |")
     return "\n".join(lines) + "\n"

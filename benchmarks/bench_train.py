@@ -103,7 +103,7 @@ def grid(args: argparse.Namespace, vocab: int) -> None:
           f"(best of {args.rounds}, about {args.grid_chars:,} characters timed per run)")
     for precision in ("fp32", "bf16"):
         rows = []
-        for batch in GRID_BATCHES:
+        for batch in (int(b) for b in args.grid_batches.split(",")):
             cells = []
             for seq in GRID_CONTEXTS:
                 steps = max(3, min(args.steps, args.grid_chars // (batch * seq)))
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
     ap.add_argument("--grid", action="store_true", help="batch x context from 8x32 to 128x256, fp32 and bf16")
     ap.add_argument("--grid-chars", type=int, default=120_000, help="characters per timed run in --grid")
+    ap.add_argument("--grid-batches", default=",".join(map(str, GRID_BATCHES)), help="the grid's rows (batch sizes)")
     args = ap.parse_args()
     if args.grid:
         vocab = len(set(Path(args.corpus).read_text(encoding="utf-8-sig").replace("\r", "\n")))

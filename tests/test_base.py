@@ -93,19 +93,16 @@ def shipped(trained, tmp_path, monkeypatch):
     return folder
 
 
-def vocab_of(path):
-    return checkpoint.load(path).tokenizer.chars
+def load(path):
+    return checkpoint.load(path)
 
 
 def test_auto_fine_tunes_a_base_that_knows_the_text_and_not_one_that_does_not(shipped, trained):
-    known = base_mod.choose_base("auto", trained.text[:3000], vocab_of)
+    known = base_mod.choose_base("auto", trained.text[:3000], load)
     assert known.path == shipped / f"{base_mod.DEFAULT_BASE}.pt" and known.reason.startswith("fine-tuning")
-    other = base_mod.choose_base("auto", CHINESE, vocab_of)
+    other = base_mod.choose_base("auto", CHINESE, load)
     assert other.path is None and "does not know this text well enough" in other.reason
-    # The same characters in pairs the base never saw (reversed words) are not its text either.
-    scrambled = " ".join(w[::-1] for w in trained.text[:3000].split())
-    assert base_mod.choose_base("auto", scrambled, vocab_of).path is None
-    assert base_mod.choose_base("none", trained.text, vocab_of).path is None
+    assert base_mod.choose_base("none", trained.text, load).path is None
 
 
 def test_auto_trains_from_scratch_when_the_user_chose_the_shape(shipped, trained):
@@ -118,7 +115,7 @@ def test_auto_trains_from_scratch_when_the_user_chose_the_shape(shipped, trained
 
 def test_auto_without_an_installed_base_trains_from_scratch(tmp_path, monkeypatch, trained):
     monkeypatch.setattr(base_mod, "BASES_DIR", tmp_path / "nothing")
-    choice = base_mod.choose_base("auto", trained.text, vocab_of)
+    choice = base_mod.choose_base("auto", trained.text, load)
     assert choice.path is None and choice.reason == "from scratch: no base model is installed"
 
 
@@ -293,7 +290,7 @@ def test_a_json_file_beside_a_checkpoint_is_no_card_and_a_damaged_card_is_ignore
     assert "character pairs" not in joined(r)  # only charnn's own bases have cards
     for junk in ("[1, 2]", '{"bigrams": [[1, 2]], "characters": "many"}'):
         (shipped / f"{base_mod.DEFAULT_BASE}.json").write_text(junk, encoding="utf-8")
-        assert base_mod.choose_base("auto", trained.text[:3000], vocab_of).path is not None
+        assert base_mod.choose_base("auto", trained.text[:3000], load).path is not None
 
 
 def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, trained):
@@ -301,14 +298,14 @@ def test_auto_trains_from_scratch_on_a_text_larger_than_the_bases_own(shipped, t
     card = json.loads(card_path.read_text(encoding="utf-8"))
     card["characters"] = 2000
     card_path.write_text(json.dumps(card), encoding="utf-8")
-    assert base_mod.choose_base("auto", trained.text[:2000], vocab_of).path is not None
-    larger = base_mod.choose_base("auto", trained.text[:2001], vocab_of)
+    assert base_mod.choose_base("auto", trained.text[:2000], load).path is not None
+    larger = base_mod.choose_base("auto", trained.text[:2001], load)
     assert larger.path is None and "larger than" in larger.reason and "2,001" in larger.reason
-    assert base_mod.choose_base(base_mod.DEFAULT_BASE, trained.text[:2001], vocab_of).path is not None  # named: taken
+    assert base_mod.choose_base(base_mod.DEFAULT_BASE, trained.text[:2001], load).path is not None  # named: taken
     # The card alone decides for a larger text: the base is not read (a large text's coverage takes seconds).
     installed = shipped / f"{base_mod.DEFAULT_BASE}.pt"
     installed.write_bytes(installed.read_bytes()[:4000])
-    assert "larger than" in base_mod.choose_base("auto", trained.text[:2001], vocab_of).reason
+    assert "larger than" in base_mod.choose_base("auto", trained.text[:2001], load).reason
 
 
 # -- the base charnn ships ---------------------------------------------------------
@@ -380,3 +377,20 @@ def test_the_commands_that_read_a_checkpoint_take_a_bases_name(tmp_path, monkeyp
     (tmp_path / "prose-en").write_bytes(b"")
     assert_clean_error(invoke("info", "prose-en"), "prose-en is empty")
     assert_clean_error(invoke("sample", "prose-nope"), "prose-nope does not exist")
+
+
+@needs_shipped
+def test_auto_tells_english_from_text_in_the_same_letters_that_is_not():
+    """The base's surprise at a text, before any training, decides: English
+    it never read passes; the same letters reversed word by word, and Python
+    source (the built-in corpus's kind of text), do not."""
+    english = base_mod.choose_base("auto", LETTER * 20, load)
+    assert english.path is not None, english.reason
+    said = re.search(r"finds it ([\d.]+)x as surprising as its own text", english.reason)
+    assert said and float(said.group(1)) <= base_mod.MAX_SURPRISE, english.reason
+    reversed_words = "\n".join(" ".join(w[::-1] for w in line.split()) for line in (LETTER * 20).splitlines())
+    assert base_mod.choose_base("auto", reversed_words, load).path is None
+    import inspect as source_of
+    code = source_of.getsource(re) + source_of.getsource(json)
+    chosen = base_mod.choose_base("auto", code, load)
+    assert chosen.path is None and "does not know this text well enough" in chosen.reason, chosen.reason

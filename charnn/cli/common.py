@@ -16,7 +16,6 @@ import os
 import re
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -499,15 +498,3 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-
-def named_checkpoint(path: Path) -> Path:
-    """A CHECKPOINT argument: a file, or the name of a base shipped with
-    charnn (``prose-en``) where no file in the current folder has that name."""
-    if path.parent == Path(".") and not os.path.lexists(path):
-        from ..training.base import shipped_bases
-
-        return shipped_bases().get(str(path), path)
-    return path
-
-
-CHECKPOINT_HELP = "A checkpoint written by charnn train, or a shipped base's name (prose-en)."

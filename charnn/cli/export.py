@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, err, run_command, CHECKPOINT_HELP, named_checkpoint
+from .arguments import CHECKPOINT_HELP, named_checkpoint
+from .common import app, err, run_command
 
 
 class Format(str, Enum):

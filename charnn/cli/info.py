@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.cells import cell_len
 
-from .common import (CHECKPOINT_HELP, named_checkpoint, app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command,
+from .arguments import CHECKPOINT_HELP, named_checkpoint
+from .common import (app, dumps, err, escape_text, fmt_duration, fmt_loss, out_console, plural, run_command,
                      safe_display, stdout)
 
 LABEL_W = 12  # "vocabulary  ": the first column of the header lines

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command, safe_display, CHECKPOINT_HELP, named_checkpoint
+from .arguments import CHECKPOINT_HELP, named_checkpoint
+from .common import THREADS_HELP, Unknown, app, at_least, between, err, run_command, safe_display
 
 MAX_CHARS_DEFAULT = 100_000  # characters inspected (correlations, saturation)
 HTML_CHARS_DEFAULT = 2_000  # characters shown on the --html page (its size grows with them)

@@ -165,13 +165,13 @@ def start_from(cfg: TrainConfig, text: str, overrides: dict[str, Any]) -> base_m
         why = "--size fixed" if cfg.size == "fixed" else ", ".join("--" + k.replace("_", "-") for k in shape)
         return base_mod.BaseChoice(None, "none", f"from scratch: {why} chooses the shape")
 
-    def vocab_of(path: Path) -> list[str]:
+    def load(path: Path) -> ckpt_mod.Checkpoint:
         try:
-            return ckpt_mod.load(path).tokenizer.chars
+            return ckpt_mod.load(path)
         except CheckpointError as e:
             raise CheckpointError(base_mod.unreadable(cfg.base, path, e)) from None
 
-    return base_mod.choose_base(cfg.base, text, vocab_of)
+    return base_mod.choose_base(cfg.base, text, load)
 
 
 def read_run_corpus(cfg: TrainConfig, resume: str | os.PathLike | None, exclude: list[Path],
