@@ -179,8 +179,10 @@ def test_the_start_lines_agree_on_the_steps_the_budget_fits(tmp_path):
     steps with the gradients averaged over the ranks, as the run's are, and
     pays torch's one-time set-up before it starts timing shapes. The two still
     differ: the probe times steps without the dropout the run may add (3-20%
-    a step), and a run's first steps are its slowest (1.15-1.65x apart in six
-    runs on 2 cores; with the set-up inside the probe's share, 10x)."""
+    a step), a run's first steps are its slowest, and other work comes and
+    goes (1.15-1.75x apart in ten runs on 2 cores, some beside one or two
+    busy processes; with the set-up inside the probe's share, 10x, and 17x
+    under load with a glance that scaled one small step by the rows)."""
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(stdlib_text(400_000), encoding="utf-8")
@@ -195,4 +197,4 @@ def test_the_start_lines_agree_on_the_steps_the_budget_fits(tmp_path):
     measured = re.search(r"about ([\d,]+) steps fit the budget", text)
     assert planned and measured, text[-3000:]
     planned_steps, measured_steps = (int(m.group(1).replace(",", "")) for m in (planned, measured))
-    assert 1 / 2 <= planned_steps / measured_steps <= 2, text[-3000:]
+    assert 1 / 2.5 <= planned_steps / measured_steps <= 2.5, text[-3000:]

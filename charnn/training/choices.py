@@ -38,21 +38,29 @@ class ProbeSetup:
     make_optimizer: Callable[[torch.nn.Module], Any]
 
 
-# Before a shape's full timing (a warmup step and three timed ones), one step
-# with no warmup on this fraction of the batch's rows, scaled to the whole
-# batch: an over-estimate (allocation and the optimizer's fixed cost count),
-# cheap enough that a 100,000-character head cannot spend the budget on the
-# probe itself.
+# Before a shape's full timing (a warmup step and three timed ones), a glance:
+# a warm step on this fraction of the batch's rows and one on twice as many,
+# extended along the line through them to the whole batch. Cheap enough that
+# a 100,000-character head cannot spend the budget on the probe itself; and
+# a small model's step, which costs about the same at any number of rows, is
+# not counted eight times over (scaling one step by the rows did that).
 GLANCE_ROWS = 8
 PROBE_TIMINGS = ({"warmup": 1, "steps": 3}, {"warmup": 1, "steps": 1})  # full, then short
 
 
 def glance_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> float:
-    """A quick upper estimate of the seconds per full-batch step of ``shape``."""
+    """A quick estimate of the seconds per full-batch step of ``shape``."""
     rows = probe.x.shape[0]
     r = max(1, rows // GLANCE_ROWS)
-    small = ProbeSetup(probe.x[:r], probe.y[:r], probe.device, probe.precision, probe.make_optimizer)
-    return probe_step_time(shape, cell, dropout, vocab_size, small, steps=1, warmup=0) * rows / r
+
+    def step(n: int) -> float:
+        part = ProbeSetup(probe.x[:n], probe.y[:n], probe.device, probe.precision, probe.make_optimizer)
+        return probe_step_time(shape, cell, dropout, vocab_size, part, steps=1, warmup=1)
+
+    if 2 * r >= rows:
+        return step(rows)
+    one, two = step(r), step(2 * r)
+    return two + max(0.0, two - one) * (rows - 2 * r) / r
 
 
 def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
