@@ -4,6 +4,7 @@ resumes exactly; bad bases are clear errors or explained fallbacks."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -390,7 +391,6 @@ def test_auto_tells_english_from_text_in_the_same_letters_that_is_not():
     assert said and float(said.group(1)) <= base_mod.MAX_SURPRISE, english.reason
     reversed_words = "\n".join(" ".join(w[::-1] for w in line.split()) for line in (LETTER * 20).splitlines())
     assert base_mod.choose_base("auto", reversed_words, load).path is None
-    import inspect as source_of
-    code = source_of.getsource(re) + source_of.getsource(json)
+    code = inspect.getsource(re) + inspect.getsource(json)
     chosen = base_mod.choose_base("auto", code, load)
     assert chosen.path is None and "does not know this text well enough" in chosen.reason, chosen.reason

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from .arguments import CHECKPOINT_HELP, named_checkpoint
-from .common import (DEVICE_HELP, escape_text, THREADS_HELP, Unknown,
-                     _quiet_rank, app, at_least, between, dumps, err, out_console, parse_device, plural, run_command, safe_display, stdout)
+from .common import (DEVICE_HELP, escape_text, THREADS_HELP, Unknown, _quiet_rank, app, at_least, between, dumps, err,
+                     out_console, parse_device, plural, run_command, safe_display, stdout)
 
 # ---------------------------------------------------------------------------
 # eval

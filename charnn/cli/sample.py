@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .copies import CopyCheck, single_sample
 from .arguments import CHECKPOINT_HELP, named_checkpoint
+from .copies import CopyCheck, single_sample
 from .common import (DEVICE_HELP, Unknown, app, at_least, dumps, err, inference_only, parse_device, plural,
                      run_command, stdout, unit_interval)
 

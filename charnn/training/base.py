@@ -18,13 +18,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..storage.checkpoint import Checkpoint
 
 BASES_DIR = Path(__file__).resolve().parent.parent / "bases"
 DEFAULT_BASE = "prose-en"
@@ -59,6 +62,7 @@ class BaseChoice:
     name: str  # the base's name ("prose-en", a file name), or "none"
     reason: str  # one line: why
     advice: str = ""  # said after the recipe: what to do if this start is a poor one
+    checkpoint: Checkpoint | None = None  # the base as read to decide: fine-tuning starts from it, not from a second read
 
 
 def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int | None = None) -> dict[str, object]:
@@ -167,7 +171,7 @@ def coverage(text: str, vocab: set[str], bigrams: set[str] | None) -> tuple[floa
     return chars, sum(n for p, n in pairs.items() if p in bigrams) / (len(text) - 1)
 
 
-def surprise(base: Any, text: str) -> float | None:
+def surprise(base: Checkpoint, text: str) -> float | None:
     """How surprised ``base`` (a loaded checkpoint) is by ``text`` before any
     training: its mean loss on up to SURPRISE_WINDOWS windows of the text
     (characters it lacks left out), over its own validation loss. None where
@@ -181,10 +185,10 @@ def surprise(base: Any, text: str) -> float | None:
     starts = [round(i * (len(text) - width) / max(1, n - 1)) for i in range(n)]
     # Only the windows are read: encoding a whole large text would take seconds.
     windows = [[stoi[c] for c in text[s:s + width] if c in stoi] for s in starts]
-    width = min(len(w) for w in windows)
-    if width < 2:
+    known = min(len(w) for w in windows)  # characters the base lacks leave a window shorter
+    if known < 2:
         return None
-    x = torch.tensor([w[:width] for w in windows], dtype=torch.long)  # (n, width)
+    x = torch.tensor([w[:known] for w in windows], dtype=torch.long)  # (n, known)
     model = base.build_model("cpu").eval()
     with torch.inference_mode():
         logits, _ = model(x[:, :-1])
@@ -239,7 +243,7 @@ def choose_base(spec: str, text: str, load) -> BaseChoice:
     if spec != "auto":
         advice = "" if knows(chars, surprised) else \
             "; it gains little on a text it does not know (--base none trains from scratch)"
-        return BaseChoice(path, name, f"fine-tuning {name} (--base): {known}", advice)
+        return BaseChoice(path, name, f"fine-tuning {name} (--base): {known}", advice, base)
     if not auto_takes_base(chars, surprised, len(text), base_chars):
         return BaseChoice(None, "none", f"from scratch: {name} does not know this text well enough ({known})")
-    return BaseChoice(path, name, f"fine-tuning {name}: {known}")
+    return BaseChoice(path, name, f"fine-tuning {name}: {known}", checkpoint=base)

@@ -23,7 +23,8 @@ from ..model.config import ModelConfig
 from .config import TrainConfig
 from ..errors import ConfigError
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
-from .runtime import DistInfo
+from .runtime import DistInfo, rank0_values
+from .step import agree
 
 
 @dataclass
@@ -40,10 +41,10 @@ class ProbeSetup:
 
 # Before a shape's full timing (a warmup step and three timed ones), a glance:
 # a warm step on this fraction of the batch's rows and one on twice as many,
-# extended along the line through them to the whole batch. Cheap enough that
-# a 100,000-character head cannot spend the budget on the probe itself; and
-# a small model's step, which costs about the same at any number of rows, is
-# not counted eight times over (scaling one step by the rows did that).
+# extended along the line through them to the whole batch (a small model's
+# step costs about the same at any number of rows, so scaling one small step
+# by the rows would count it several times over). Cheap enough that a
+# 100,000-character head cannot spend the budget on the probe itself.
 GLANCE_ROWS = 8
 PROBE_TIMINGS = ({"warmup": 1, "steps": 3}, {"warmup": 1, "steps": 1})  # full, then short
 
@@ -77,39 +78,17 @@ def probe_step_time(shape: sizing.Shape, cell: str, dropout: float, vocab_size: 
                                       probe.precision, **timing)
 
 
-class Ranks:
-    """Under torchrun the ranks must time the same shapes in the same order
-    (a full timing averages the gradients, a collective) and plan with the
-    same figures: rank 0's decide. Without torchrun each call is the value."""
-
-    def __init__(self, dist_info: DistInfo, device: torch.device):
-        self.enabled, self.world_size, self.device = dist_info.enabled, dist_info.world_size, device
-
-    def rank0(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.broadcast(t, src=0)
-        return float(t)
-
-    def all(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item() > 0)
-
-    def average_gradients(self, model: torch.nn.Module) -> None:
-        """What DDP does each step: the gradients copied into one buffer,
-        summed over the ranks (which waits for the slowest) and copied back."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """What DDP does each step: the gradients copied into one buffer, summed
+    over the ranks (which waits for the slowest) and copied back."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def warm_up(cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> None:
@@ -129,7 +108,16 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
     cell = overrides.get("cell") or ModelConfig.cell
     given = {k: overrides.get(k) for k in ("hidden_size", "num_layers", "embedding_dim", "dropout")}
     timings: dict[sizing.Shape, float] = {}
-    ranks = Ranks(dist_info, probe.device)
+    # Under torchrun the ranks must time the same shapes in the same order (a
+    # full timing averages gradients, a collective) and plan with the same
+    # figures: rank 0's decide, and a shape too big for any rank's memory is out.
+    def rank0(value: float) -> float:
+        return rank0_values(dist_info, probe.device, value)[0]
+
+    def on_every_rank(flag: bool) -> bool:
+        return not agree(dist_info, not flag, probe.device)
+
+    sync = (lambda m: average_gradients(m, dist_info.world_size)) if dist_info.enabled else None
     dropout = given["dropout"] or 0.0
     if cfg.time_limit:
         warm_up(cell, dropout, vocab_size, probe)
@@ -139,7 +127,7 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
     def step_time(shape: sizing.Shape) -> float:
         if shape not in timings:
             status(f"timing a {shape.name} model on this device (--size auto)")
-            timings[shape] = ranks.rank0(measure(shape))
+            timings[shape] = rank0(measure(shape))
         return timings[shape]
 
     def measure(shape: sizing.Shape) -> float:
@@ -150,20 +138,19 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
             fits = True
         except ConfigError:
             fits = False
-        if not ranks.all(fits):  # too big for this machine's memory: it buys no steps
+        if not on_every_rank(fits):  # too big for this machine's memory: it buys no steps
             return math.inf
         estimate = sizing.scaled_step_time(shape, timings, vocab_size, cell)
         if estimate is None:
             estimate = glance_step_time(shape, cell, dropout, vocab_size, probe)
         # The full timing runs where its predicted cost fits what is left of
-        # the probe's share, else a short one (a warm-up step and one timed:
-        # a busy machine doubles the glance, which over-counts a small
-        # model's steps several times); where neither fits, the estimate stands.
+        # the probe's share, else a short one (a warm-up step and one timed,
+        # for a machine busy enough to slow the glance); where neither fits,
+        # the estimate stands.
         left = share - (time.perf_counter() - started)
-        timing = next((t for t in PROBE_TIMINGS if ranks.rank0(sum(t.values()) * estimate <= left)), None)
+        timing = next((t for t in PROBE_TIMINGS if rank0(sum(t.values()) * estimate <= left)), None)
         if timing is None:
             return estimate
-        sync = ranks.average_gradients if ranks.enabled else None
         return probe_step_time(shape, cell, dropout, vocab_size, probe, sync=sync, **timing)
 
     seconds = sizing.training_seconds(cfg.time_limit) if cfg.time_limit else None

@@ -49,13 +49,13 @@ def extend_vocab(model: CharRNN, old: CharTokenizer, new: CharTokenizer) -> Char
 
 def fine_tune_start(init_from: str | os.PathLike, text: str, overrides: dict[str, Any],
                     grow_vocab: bool, what: str = "--init-from", shown: str | None = None,
-                    ) -> tuple[CharTokenizer, CharRNN, list[str]]:
+                    loaded: ckpt_mod.Checkpoint | None = None) -> tuple[CharTokenizer, CharRNN, list[str]]:
     """The tokenizer and model a new run on ``text`` starts from, and the
     warnings to report. The architecture must match (only dropout may change);
     characters outside the checkpoint's vocabulary are an error unless
     ``grow_vocab``. ``shown``: how messages name the checkpoint (its path
-    unless given)."""
-    base = ckpt_mod.load(init_from)
+    unless given); ``loaded``: the checkpoint, where the caller has read it."""
+    base = loaded if loaded is not None else ckpt_mod.load(init_from)
     arch = {k: v for k, v in overrides.items() if k != "dropout"}  # dropout may change when fine-tuning
     hint = "Drop those options or start a new run" + (" with --base none" if what == "--base" else "")
     check_arch(arch, base.model_config, shown or init_from,

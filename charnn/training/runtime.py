@@ -32,6 +32,16 @@ class DistInfo:
         return self.world_size > 1
 
 
+def rank0_values(dist_info: DistInfo, device: torch.device, *values: float,
+                 dtype: torch.dtype = torch.float64) -> list[float]:
+    """Rank 0's ``values`` on every rank (the values themselves without torchrun)."""
+    if not dist_info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=dtype, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
 def _env_int(name: str, default: int, low: int, high: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":

@@ -137,7 +137,7 @@ def load_text(cfg: TrainConfig, plan: RunPlan, resumed: ckpt_mod.Checkpoint | No
                 overrides = {**overrides, "dropout": base_mod.FINE_TUNE_DROPOUT}
             shown = choice.name if base_mod.is_shipped(choice.path) else str(choice.path)
             tokenizer, model, notes = fine_tune_start(choice.path, corpus.text, overrides, True, what="--base",
-                                                      shown=shown)
+                                                      shown=shown, loaded=choice.checkpoint)
             plan.size_reason = f"the shape of {choice.name} (--base)"
             for message in notes:
                 warn(message)

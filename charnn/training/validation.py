@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..model import sizing
 from .config import TrainConfig
@@ -22,7 +21,7 @@ from .plan import RunPlan
 from ..errors import ConfigError, plural
 from ..model.scoring import evaluate_ids
 from ..model.precision import AUTOCAST_DTYPE, kernels_for
-from .runtime import DistInfo
+from .runtime import DistInfo, rank0_values
 from .schedule import Budget, auto_eval_chars, auto_eval_every, patience_note
 
 CALIBRATION_CHARS = 8192  # validation characters timed at start to predict an evaluation's cost
@@ -84,11 +83,7 @@ class Validation:
 
     def _shared(self, *values: float, dtype: torch.dtype = torch.float32) -> list[float]:
         """Rank 0's ``values`` on every rank."""
-        if not self.dist.enabled:
-            return list(values)
-        t = torch.tensor(values, dtype=dtype, device=self.device)
-        dist.broadcast(t, src=0)
-        return t.tolist()
+        return rank0_values(self.dist, self.device, *values, dtype=dtype)
 
     def evaluate(self, model: torch.nn.Module) -> float:
         """Validation loss over the slice, state carried; agreed by all ranks."""
