@@ -175,7 +175,7 @@ def train(
     stopped."""
 
     def body() -> None:
-        from ..model.devices import set_threads
+        from ..model.devices import set_threads, threads_left_open
         from ..training.schedule import parse_duration
         from ..training.trainer import Trainer
 
@@ -218,7 +218,7 @@ def train(
                               "--max-steps or --epochs).")
             trainer = Trainer(given, overrides, resume=resume,
                               init_from=init_from, extend_vocab=extend_vocab, callback=reporter,
-                              overwrite=overwrite)
+                              overwrite=overwrite, adapt_threads=threads_left_open(threads))
             if resume is not None and sample_every is None and trainer.cfg.sample_every != _TD.sample_every:
                 reporter.sample_every = trainer.cfg.sample_every  # the run's own --sample-every
                 reporter.sample_spacing = 0.0

@@ -102,6 +102,11 @@ def _env_count(name: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+# The most threads charnn chooses by itself: the small matrices of a
+# char-level model gain little beyond it.
+MOST_AUTO_THREADS = 4
+
+
 def max_threads(cores: int) -> int:
     """Beyond this many threads OpenMP only thrashes (and 100,000 crash it)."""
     return max(8, 4 * cores)
@@ -127,7 +132,19 @@ def default_threads() -> int:
         return min(given, max_threads(cores))
     ranks = _env_count("LOCAL_WORLD_SIZE") or 1
     idle = int((cores - busy_cores()) / ranks + 0.5)
-    return max(1, min(idle, cores // ranks, 4))
+    return max(1, min(idle, cores // ranks, MOST_AUTO_THREADS))
+
+
+def threads_left_open(requested: int | None) -> bool:
+    """Whether charnn chooses the thread count (neither --threads nor
+    OMP_NUM_THREADS says it), so a training run may change it as the
+    machine's load changes (:mod:`charnn.training.threads`)."""
+    return requested is None and _env_count("OMP_NUM_THREADS") is None and _env_count("LOCAL_WORLD_SIZE") is None
+
+
+def most_auto_threads() -> int:
+    """The most threads charnn chooses by itself on this machine."""
+    return max(1, min(available_cores(), MOST_AUTO_THREADS))
 
 
 def set_threads(requested: int | None) -> int:

@@ -44,6 +44,7 @@ from .schedule import SPEED_PROBE_STEPS, Budget, lr_factor, parse_duration  # no
 from .setup import device_and_precision, left_open, load_text, run_options, size_and_order
 from .state import LoopPosition
 from .step import Stepper, agree
+from .threads import ThreadTuner
 from .validation import Validation
 
 Callback = Callable[[dict[str, Any]], None]
@@ -83,7 +84,7 @@ class Trainer:
     (a new run treats its default values as left open; a resume, every field
     as given). With ``resume`` the run's own options come from the checkpoint
     and ``cfg`` gives what should change (see :func:`.config.merge_resume`).
-    ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop.
+    ``handle_sigint``: SIGINT, SIGTERM and SIGHUP save and stop; ``adapt_threads``: see :mod:`.threads`.
     ``overwrite``: a new run replaces the run in an explicit ``out`` folder once it first writes there.
     """
 
@@ -91,7 +92,7 @@ class Trainer:
                  model_overrides: dict[str, Any] | None = None, *,
                  resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
                  extend_vocab: bool = False, callback: Callback | None = None,
-                 handle_sigint: bool = True, cache: bool = True, overwrite: bool = False):
+                 handle_sigint: bool = True, cache: bool = True, overwrite: bool = False, adapt_threads: bool = False):
         if resume and init_from:
             raise ConfigError("--resume and --init-from exclude each other; --resume continues a run, "
                               "--init-from starts a new one from its weights")
@@ -124,13 +125,13 @@ class Trainer:
             self.out_dir = self.output.open(Path(cfg.out) if cfg.out else None, default, resumed, overwrite)
             self.plan.out = str(self.out_dir)
             self.notes.extend(self.output.notes)
-            self._setup(resumed, init_from, overrides, extend_vocab, cache)
+            self._setup(resumed, init_from, overrides, extend_vocab, cache, adapt_threads)
         except BaseException:
             self.close()  # a new run that failed here leaves no trace in its folder
             raise
 
     def _setup(self, resumed: ckpt_mod.Checkpoint | None, init_from: str | os.PathLike | None,
-               overrides: dict[str, Any], extend_vocab: bool, cache: bool) -> None:
+               overrides: dict[str, Any], extend_vocab: bool, cache: bool, adapt_threads: bool) -> None:
         cfg, plan = self.cfg, self.plan
         # -- the text, its vocabulary (and the model started from, with --init-from)
         self.cfg, self.corpus, tokenizer, model, self.train_ids, self.val_ids = load_text(
@@ -143,6 +144,7 @@ class Trainer:
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
         self.device, self.precision = device_and_precision(cfg, self.dist, self.notes)
+        self.tuner = ThreadTuner.for_run(adapt_threads, self.device, self.dist.enabled)
 
         # -- size and order, then the batcher and budget they make; the model
         if resumed is not None:
@@ -265,9 +267,6 @@ class Trainer:
     def _budget_left(self, reserve: float) -> str | None:
         return self.budget.ended(self.pos.step, self.epochs_done(), self.pos.elapsed, reserve)
 
-    def _agree(self, flag: bool) -> bool:
-        return agree(self.dist, flag, self.device)
-
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, n_valid_global: int) -> tuple[float, float, bool]:
         """One TBPTT chunk: forward, backward, clip, step. Returns (loss, grad norm, finite)."""
         loss, norm, finite, self.state = self.steps.step(x, y, n_valid_global, self.state)
@@ -323,9 +322,9 @@ class Trainer:
             while True:
                 reserve = eval_time if eval_time is not None else guessed_reserve
                 stopped = self._budget_left(reserve)
-                if self._agree(signals is not None and signals.hit):
+                if agree(self.dist, signals is not None and signals.hit, self.device):
                     stopped = "interrupted"
-                if self._agree(stopped is not None):
+                if agree(self.dist, stopped is not None, self.device):
                     stopped = stopped or "another rank's budget"
                     break
                 if pos.chunk >= len(self.batcher):  # epoch boundary: reset the carried state
@@ -339,6 +338,8 @@ class Trainer:
                 if self.batcher.starts_block(pos.chunk):  # new text in every row
                     self.state = None
                 loss, norm, finite = self._train_step(x, y, n_valid)
+                if self.tuner and (message := self.tuner.after_step(time.perf_counter() - t_step)):
+                    self._emit("note", message=message)
                 pos.chunk += 1
                 pos.elapsed = elapsed_base + time.perf_counter() - run_start
                 if plan.eval_every is None:
