@@ -119,6 +119,27 @@ def test_bf16_weights_run_and_stay_close():
     assert all(len(s.text) == 31 for s in text)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_bf16_weights_laid_out_for_onednn_give_the_numbers_of_torchs_own_layout(cell, monkeypatch):
+    from charnn.model import fastrnn
+
+    if not fastrnn.prepacking_works(torch.bfloat16):
+        pytest.skip("this torch cannot lay bf16 weights out for oneDNN")
+    model, _ = random_model(cell, 2, hidden=64)
+    packed = PackedRNN(model, torch.bfloat16, batch_size=16)
+    monkeypatch.setitem(fastrnn._PREPACKING, torch.bfloat16, False)
+    plain = PackedRNN(model, torch.bfloat16, batch_size=16)
+    assert packed.prepacked and not plain.prepacked
+    with torch.inference_mode():
+        _, s1 = packed.forward_prime([1, 2, 3], 16)
+        _, s2 = plain.forward_prime([1, 2, 3], 16)
+        ids = torch.arange(16) % model.config.vocab_size
+        for _ in range(5):
+            a, b = packed.step(ids, s1), plain.step(ids, s2)
+            assert torch.equal(a, b)
+            ids = a.argmax(-1)
+
+
 # ---------------------------------------------------------------------------
 # Sampling controls (library)
 # ---------------------------------------------------------------------------

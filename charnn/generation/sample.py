@@ -305,12 +305,12 @@ class Sampler:
     """
 
     def __init__(self, model: CharRNN, tokenizer: CharTokenizer, temperature: float = DEFAULT_TEMPERATURE,
-                 top_k: int = 0, top_p: float = 1.0, precision: str = "fp32"):
+                 top_k: int = 0, top_p: float = 1.0, precision: str = "fp32", batch_size: int = 1):
         validate_options(temperature, top_k, top_p, 0, 1, precision)
         if precision == "auto":
             precision = "fp32"
         self._set_options(tokenizer, temperature, top_k, top_p, model.head.weight.device)
-        self.packed = PackedRNN(model, PRECISIONS[precision])
+        self.packed = PackedRNN(model, PRECISIONS[precision], batch_size)
         # Overflow is impossible for sane weights (see PackedRNN._value_bound):
         # only a model whose bound is absurd pays for a check of every step.
         # (pick_ids works in float64 on logits minus their maximum: no overflow beyond the logits'.)
@@ -443,7 +443,7 @@ def generate_samples(model: CharRNN, tokenizer: CharTokenizer, prime: str = "", 
     check_sample_memory(model, tokenizer, prime, length, num_samples)
     greedy = temperature == 0 or top_k == 1
     precision = sampling_precision(precision, model.head.weight.device, num_samples, greedy)
-    sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision)
+    sampler = Sampler(model, tokenizer, temperature, top_k, top_p, precision, num_samples)
     seed = random_seed() if seed is None else seed
     seeds = [seed + i for i in range(num_samples)]
     vocab = tokenizer.chars
