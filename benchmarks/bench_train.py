@@ -10,15 +10,17 @@ timed between two step counts via its log events.
     python benchmarks/bench_train.py --grid [--shapes 2x320]   # batch x context 8x32 .. 128x256
 
 ``--grid`` measures the first shape at every batch size and context length
-from 8 x 32 to 128 x 256, in fp32 and bf16, with about ``--grid-chars``
-characters per timed run, and prints one table per precision of charnn's
-speed as a share of the bare loop's.
+from 8 x 32 to 128 x 256, in fp32 and bf16, each side timed for about
+``--grid-seconds`` after a warmup, charnn logging every 10 steps as a run
+does, and prints one table per precision of charnn's speed as a share of
+the bare loop's.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -65,13 +67,15 @@ def bare_loop(layers: int, hidden: int, batch: int, seq: int, steps: int, warmup
 
 
 def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, steps: int,
-                warmup: int, precision: str) -> float:
+                warmup: int, precision: str, log_every: int | None = None) -> float:
     """chars/s of charnn's Trainer over ``steps`` steps after at least ``warmup``.
-    It logs every ``steps`` steps (a run logs every 10 by default: a log row
-    per step would charge charnn a metrics line and a progress render that
-    real runs do not pay each step), so the warmup is rounded up to a
-    multiple of ``steps``."""
-    warmup = steps * max(1, -(-warmup // steps))
+    It logs every ``log_every`` steps (default: ``steps``; a run logs every 10
+    by default: a log row per step would charge charnn a metrics line and a
+    progress render that real runs do not pay each step), so the warmup is
+    rounded up to a multiple of it, and ``steps`` must be one."""
+    log_every = log_every or steps
+    assert steps % log_every == 0
+    warmup = log_every * max(1, -(-warmup // log_every))
     marks: dict[int, float] = {}
     # The CLI's own reporter renders every event (into a buffer), so progress
     # and logging cost what they cost in `charnn train`.
@@ -83,7 +87,7 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
         reporter(event)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=steps,
+        cfg = TrainConfig(corpus=[corpus], max_steps=warmup + steps, eval_every=10**9, log_every=log_every,
                           batch_size=batch, seq_len=seq, precision=precision, device="cpu",
                           sample_every=0, out=out, val_fraction=0.001)
         trainer = Trainer(cfg, {"hidden_size": hidden, "num_layers": layers, "dropout": 0.0,
@@ -95,23 +99,31 @@ def charnn_loop(corpus: str, layers: int, hidden: int, batch: int, seq: int, ste
 
 GRID_BATCHES = (8, 16, 32, 64, 128)
 GRID_CONTEXTS = (32, 64, 128, 256)
+LOG_EVERY = 10  # charnn train's default
+
+
+def grid_steps(seconds: float, layers: int, hidden: int, batch: int, seq: int, precision: str, vocab: int) -> int:
+    """Steps that take about ``seconds`` at this cell (timed from a few bare
+    steps), in whole logging intervals, at least two."""
+    rate = bare_loop(layers, hidden, batch, seq, 5, 2, precision, vocab=vocab, embed=EMBED)
+    return LOG_EVERY * max(2, math.ceil(seconds * rate / (batch * seq) / LOG_EVERY))
 
 
 def grid(args: argparse.Namespace, vocab: int) -> None:
     layers, hidden = (int(v) for v in args.shapes.split(",")[0].split("x"))
     print(f"{layers}x{hidden} LSTM, embedding {EMBED}, {vocab} characters; charnn chars/s / bare chars/s "
-          f"(best of {args.rounds}, about {args.grid_chars:,} characters timed per run)")
+          f"(best of {args.rounds}, each timed for about {args.grid_seconds:g} s)")
     for precision in ("fp32", "bf16"):
         rows = []
         for batch in (int(b) for b in args.grid_batches.split(",")):
             cells = []
             for seq in GRID_CONTEXTS:
-                steps = max(3, min(args.steps, args.grid_chars // (batch * seq)))
-                common = (layers, hidden, batch, seq, steps, 2, precision)
+                steps = grid_steps(args.grid_seconds, layers, hidden, batch, seq, precision, vocab)
+                common = (layers, hidden, batch, seq, steps, LOG_EVERY, precision)
                 bare = mine = 0.0
                 for _ in range(args.rounds):
                     bare = max(bare, bare_loop(*common, vocab=vocab, embed=EMBED))
-                    mine = max(mine, charnn_loop(args.corpus, *common))
+                    mine = max(mine, charnn_loop(args.corpus, *common, log_every=LOG_EVERY))
                 cells.append(f"{mine / bare:.2f} ({mine / 1000:.1f}k)")
             rows.append(f"| {batch} | " + " | ".join(cells) + " |")
         print(f"\n{precision}: charnn / bare (charnn's thousands of chars/s)\n")
@@ -130,7 +142,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="2x512,2x256")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
     ap.add_argument("--grid", action="store_true", help="batch x context from 8x32 to 128x256, fp32 and bf16")
-    ap.add_argument("--grid-chars", type=int, default=120_000, help="characters per timed run in --grid")
+    ap.add_argument("--grid-seconds", type=float, default=3.0, help="seconds each side is timed per cell in --grid")
     ap.add_argument("--grid-batches", default=",".join(map(str, GRID_BATCHES)), help="the grid's rows (batch sizes)")
     args = ap.parse_args()
     if args.grid:
