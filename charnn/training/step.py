@@ -99,10 +99,11 @@ class Stepper:
                     raise
                 finite = False
             else:
-                # Every weight finite: each tensor's float64 sum is (NaN and inf carry
-                # through a sum, and no fp32 values overflow one in float64). A third of the
-                # cost of the largest |weight|: 0.5 ms a step at 2x320, against 1.9.
-                finite = bool(torch.stack([p.detach().sum(dtype=torch.float64)
+                # Every weight finite: each tensor times 0 sums to 0, or to NaN where
+                # it holds inf or NaN; no finite weight can overflow it (a plain fp32
+                # sum can: an absurd --lr makes finite 1e38 weights). 0.52 ms a step at
+                # 2x320, against 0.88 for float64 sums and 2.4 for isfinite().all().
+                finite = bool(torch.stack([(p.detach() * 0).sum()
                                            for p in self.model.parameters()]).isfinite().all())
         self.scaler.update()
         # The mean loss over the whole batch: each rank holds its share of it.
