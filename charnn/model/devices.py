@@ -137,8 +137,9 @@ def default_threads() -> int:
 
 def threads_left_open(requested: int | None) -> bool:
     """Whether charnn chooses the thread count (neither --threads nor
-    OMP_NUM_THREADS says it), so a training run may change it as the
-    machine's load changes (:mod:`charnn.training.threads`)."""
+    OMP_NUM_THREADS says it, and torchrun's ranks do not share the cores by
+    LOCAL_WORLD_SIZE), so a training run may change it as the machine's load
+    changes (:mod:`charnn.training.threads`)."""
     return requested is None and _env_count("OMP_NUM_THREADS") is None and _env_count("LOCAL_WORLD_SIZE") is None
 
 

@@ -116,8 +116,9 @@ class PackedRNN:
 
     def _w(self, t: Tensor) -> Tensor:
         """A weight matrix given as (K, N) -- ``x @ t`` is the product -- laid out
-        as the step's matmuls run fastest: fp32 ``addmm`` reads (K, N); the bf16
-        kernels want torch's own (N, K) layout, multiplied as ``x @ W.t()``."""
+        as the step's matmuls run fastest: fp32 ``addmm`` reads (K, N); bf16
+        takes torch's own (N, K) layout, laid out once more for oneDNN where
+        :func:`prepacking_works` (see :meth:`_linear`)."""
         if self.dtype == torch.float32:
             return t.contiguous()
         w = t.t().to(self.dtype).contiguous()

@@ -100,9 +100,9 @@ class Stepper:
                 finite = False
             else:
                 # Every weight finite: each tensor times 0 sums to 0, or to NaN where
-                # it holds inf or NaN; no finite weight can overflow it (a plain fp32
-                # sum can: an absurd --lr makes finite 1e38 weights). 0.52 ms a step at
-                # 2x320, against 0.88 for float64 sums and 2.4 for isfinite().all().
+                # it holds inf or NaN, and no finite weight can overflow it (a plain
+                # fp32 sum can: an absurd --lr makes finite 1e38 weights). One fp32
+                # pass per tensor: cheaper than float64 sums or isfinite's boolean copies.
                 finite = bool(torch.stack([(p.detach() * 0).sum()
                                            for p in self.model.parameters()]).isfinite().all())
         self.scaler.update()
