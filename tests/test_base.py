@@ -253,6 +253,34 @@ def test_a_run_from_a_base_takes_the_fine_tuning_recipe_for_what_was_left_open(t
     assert (saved.train_config["batch_size"], saved.train_config["lr"]) == (TrainConfig().batch_size, default_lr)
 
 
+def test_fine_tuning_plans_the_epochs_a_small_text_takes_and_says_when_they_end_the_run(trained, english, tmp_path):
+    r = invoke("train", english, "--base", trained.best, "--time-limit", "10m", "--precision", "fp32",
+               "--sample-every", "0", "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")
+    train_chars = round(len(english.read_text(encoding="utf-8")) * (1 - TrainConfig().val_fraction))
+    planned = base_mod.fine_tune_epochs(train_chars)
+    assert saved.train_config["epochs"] == planned
+    assert [row["epoch"] for row in saved.metrics if "epoch" in row][-1] == pytest.approx(planned)
+    text = joined(r)
+    assert f"at most {planned:g} epochs" in text.split("start:")[1].split("reading:")[0], text
+    assert re.search(rf"Done: [\d,]+ steps \({planned:g} epochs, \d+ seconds of the 10 minutes allowed\)", text), text
+    # A budget the user gave in steps or epochs stands: no plan of epochs is added.
+    for budget in (["--max-steps", "7"], ["--epochs", "1"]):
+        r = invoke("train", english, "--base", trained.best, *budget, *RUN, "-o", tmp_path / budget[0][2:])
+        assert r.exit_code == 0, r.output
+        assert "epochs" not in joined(r).split("start:")[1].split("reading:")[0]
+    assert checkpoint.load(tmp_path / "max-steps" / "last.pt").train_state["step"] == 7
+    assert not checkpoint.load(tmp_path / "max-steps" / "last.pt").train_config.get("epochs")
+
+
+def test_the_epochs_fine_tuning_plans_grow_with_the_text_and_never_fall_below_the_floor():
+    sizes = [1_000, 50_000, 270_000, 900_000, 5_000_000]
+    epochs = [base_mod.fine_tune_epochs(n) for n in sizes]
+    assert epochs == sorted(epochs) and epochs[0] == base_mod.MIN_EPOCHS
+    assert base_mod.fine_tune_epochs(base_mod.EPOCHS_AT[0]) == base_mod.EPOCHS_AT[1]
+
+
 def test_the_start_line_names_the_recipe_s_chunk_length_without_calling_it_an_option(trained, english, tmp_path):
     r = invoke("train", english, "--base", trained.best, "--batch-size", "8", "--max-steps", "1", "--precision",
                "fp32", "--sample-every", "0", "-o", tmp_path / "run")

@@ -19,8 +19,8 @@ from ..model.config import ModelConfig
 from ..training.config import TrainConfig
 from ..errors import ConfigError, safe_display, shell_arg
 from ..training.schedule import AUTO_EVAL_CHARS, AUTO_EVALS, AUTO_WARMUP_SHARE, AUTO_WARMUP_STEPS, MAX_EVAL_EVERY
-from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss, parse_device,
-                     parse_time_limit, plural, positive, run_command, say)
+from .common import (DEVICE_HELP, THREADS_HELP, Cell, Order, Precision, Size, app, at_least, between, fmt_loss,
+                     fmt_span, parse_device, parse_time_limit, plural, positive, run_command, say)
 from .progress import TrainReporter
 
 DEFAULT_TIME_LIMIT = "5m"
@@ -228,7 +228,11 @@ def train(
                 trainer.close()
         if trainer.dist.is_main:
             best = result.best_path or result.last_path
-            say(f"Done: {plural(result.step, 'step')}, best validation loss {fmt_loss(result.best_val_loss)}.")
+            cfg = trainer.cfg
+            early = (f" ({cfg.epochs:g} epochs, {fmt_span(trainer.pos.elapsed)} of the "
+                     f"{fmt_span(cfg.time_limit)} allowed)"
+                     if result.stopped_because == "epochs" and cfg.time_limit else "")
+            say(f"Done: {plural(result.step, 'step')}{early}, best validation loss {fmt_loss(result.best_val_loss)}.")
             say(f"Checkpoints in {safe_display(result.out_dir, None)}/")
             say(f"Next: charnn sample {shell_arg(best)} -n 500")
         return trainer.dist.enabled

@@ -55,6 +55,16 @@ SURPRISE_CHARS = 512  # ... each this long (a 2x512 base: about 0.3 s on 2 cores
 # cannot learn.
 FINE_TUNE = {"batch_size": 32, "seq_len": 128, "lr": 7e-3}
 FINE_TUNE_DROPOUT = 0.2
+# How many epochs fine-tuning plans for, where neither --epochs nor
+# --max-steps is given: its schedule ends there, or at the time limit if that
+# comes first. A base overfits a small text within a few epochs, and a
+# schedule planned over a long time budget keeps the learning rate high past
+# that point. The epochs a text can take grow with its size: planned over
+# 8 or 11 epochs, 270 kB texts scored alike and better than over 5 or 15-17;
+# a 900 kB one was still gaining at 16 (docs/training.md#start-from-a-base-model).
+EPOCHS_AT = (270_000, 10.0)  # (training characters, epochs) the rule passes through
+EPOCHS_EXPONENT = 0.7  # epochs grow as the text's size to this power
+MIN_EPOCHS = 3.0
 
 
 @dataclass
@@ -71,6 +81,8 @@ def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int
     (the batch split evenly over ``world_size`` processes). A training text
     too short for the recipe's batch keeps the usual batch and context."""
     chosen: dict[str, object] = {k: v for k, v in FINE_TUNE.items() if k in left_open}
+    if train_chars and {"epochs", "max_steps"} <= left_open:
+        chosen["epochs"] = fine_tune_epochs(train_chars)
     if "batch_size" in chosen:
         chosen["batch_size"] = -(-int(chosen["batch_size"]) // world_size) * world_size
     batch = int(chosen.get("batch_size", TrainConfig.batch_size))
@@ -79,6 +91,12 @@ def fine_tune_options(left_open: set[str], world_size: int = 1, train_chars: int
         chosen.pop("batch_size", None)
         chosen.pop("seq_len", None)
     return chosen
+
+
+def fine_tune_epochs(train_chars: int) -> float:
+    """The epochs fine-tuning plans for on a training text this long (to one decimal)."""
+    chars, epochs = EPOCHS_AT
+    return round(max(MIN_EPOCHS, epochs * (train_chars / chars) ** EPOCHS_EXPONENT), 1)
 
 
 def describe_recipe(chosen: dict[str, object], dropout: float | None) -> str:
@@ -92,6 +110,8 @@ def describe_recipe(chosen: dict[str, object], dropout: float | None) -> str:
         parts.append(f"{chosen['seq_len']}-character chunks")
     if "lr" in chosen:
         parts.append(f"lr {chosen['lr']:g}")
+    if "epochs" in chosen:
+        parts.append(f"at most {chosen['epochs']:g} epochs")
     if dropout is not None:
         parts.append(f"dropout {dropout:g}")
     return ", ".join(parts)
