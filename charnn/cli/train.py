@@ -66,7 +66,8 @@ def train(
         help="Stop after N optimizer steps; 0 is no step budget.")] = None,
     epochs: Annotated[Float, typer.Option(
         metavar="N", callback=at_least(0), show_default=False,
-        help="Stop after N passes over the text (may be fractional); 0 is none.")] = None,
+        help="Stop after N passes over the text (may be fractional); 0 is none. A run from a base given "
+             "neither this nor --max-steps plans its own from the text's size.")] = None,
     resume: Annotated[Optional[Path], typer.Option(
         metavar="CHECKPOINT", show_default=False,
         help="Continue a run exactly from its checkpoint, with the run's own options; options given "
