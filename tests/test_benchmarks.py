@@ -350,20 +350,23 @@ def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
 def test_a_real_cell_writes_a_complete_row(tmp_path, tiny_corpus):
     results = tmp_path / "fit.csv"
     tiny = fit.shape_options(32, 1, 16, 0.0)
-    cell = fit.Cell(tiny_corpus, "3s", 3, "tiny", tiny, 7)
+    # 10 s, not less: on a machine busy with the rest of the suite the time
+    # before the first step alone has reached 2 s, and charnn refuses a budget
+    # it cannot train in.
+    cell = fit.Cell(tiny_corpus, "10s", 10, "tiny", tiny, 7)
     assert fit.run_cells([cell], results, threads=1, logs=tmp_path / "logs") == 1
     (row,) = fit.read_rows(results)
     assert row["error"] == "", row["error"]
     blank = [k for k in fit.FIELDS if row[k] == "" and k not in ("error", "size_line")]
     assert not blank, blank
-    # below the uniform guess it starts from (beating the bigram in 3 s depends on the machine's load)
+    # below the uniform guess it starts from (beating the bigram in 10 s depends on the machine's load)
     assert 0.0 < float(row["val_loss"]) < math.log(tiny_corpus.vocab)
     assert int(row["val_chars"]) == tiny_corpus.val_chars - 1  # the whole split; its first character is context
     assert int(row["steps"]) > 0 and float(row["epochs"]) > 0 and int(row["parameters"]) > 1000
     assert row["model"] == "lstm 1x32 e16 d0.0"
     assert row["options"] == " ".join(tiny) and row["seed"] == "7" and row["threads"] == "1"
-    assert float(row["train_wall_s"]) >= 3 and row["charnn_commit"] != "unknown"
-    assert (tmp_path / "logs" / "tiny_3s_tiny_seed_7.log").read_text().startswith(sys.executable)
+    assert float(row["train_wall_s"]) >= 10 and row["charnn_commit"] != "unknown"
+    assert (tmp_path / "logs" / "tiny_10s_tiny_seed_7.log").read_text().startswith(sys.executable)
     with open(results, newline="") as f:
         assert next(csv.reader(f)) == fit.FIELDS
     assert fit.run_cells([cell], results, threads=1) == 0  # done: not run again
