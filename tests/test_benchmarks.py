@@ -350,9 +350,8 @@ def test_the_size_line_is_charnns_choice_not_any_mention_of_size():
 def test_a_real_cell_writes_a_complete_row(tmp_path, tiny_corpus):
     results = tmp_path / "fit.csv"
     tiny = fit.shape_options(32, 1, 16, 0.0)
-    # 10 s, not less: on a machine busy with the rest of the suite the time
-    # before the first step alone has reached 2 s, and charnn refuses a budget
-    # it cannot train in.
+    # 10 s: on a machine busy with the rest of the suite the time before the
+    # first step can take seconds, and charnn refuses a budget it cannot train in.
     cell = fit.Cell(tiny_corpus, "10s", 10, "tiny", tiny, 7)
     assert fit.run_cells([cell], results, threads=1, logs=tmp_path / "logs") == 1
     (row,) = fit.read_rows(results)

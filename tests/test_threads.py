@@ -135,3 +135,28 @@ def test_a_real_busy_process_started_mid_run_moves_it_to_one_thread(tmp_path, co
             break
     assert result["threads"] == 1, tries
     assert any(n.startswith("training on 1 thread instead of 2: the machine got busier") for n in result["notes"])
+
+
+def test_only_a_count_charnn_chose_follows_the_load(monkeypatch):
+    """`charnn train` passes adapt_threads=threads_left_open(--threads): a
+    count the user gave (--threads, OMP_NUM_THREADS) or torchrun's share stays."""
+    from charnn.model.devices import threads_left_open
+
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert threads_left_open(None)
+    assert not threads_left_open(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert not threads_left_open(None)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not threads_left_open(None)
+
+
+def test_a_tuner_exists_only_for_one_cpu_process():
+    import torch
+
+    assert ThreadTuner.for_run(True, torch.device("cpu"), False) is not None
+    assert ThreadTuner.for_run(False, torch.device("cpu"), False) is None
+    assert ThreadTuner.for_run(True, torch.device("cpu"), True) is None
+    assert ThreadTuner.for_run(True, torch.device("meta"), False) is None

@@ -223,6 +223,10 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
     model, auto_epochs, probe_seconds = None, None, 0.0  # auto_epochs: what --size auto estimated the budget buys
     if new_model:
         if cfg.size == "auto":
+            # torch loads its compiler's modules when the first optimizer is
+            # built (about 1 s on this project's machine): starting torch, which
+            # the budget does not cover, so it happens before the clock starts.
+            torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
             started = time.perf_counter()
             x, y = layout.chunk(0)
             probe = choices.ProbeSetup(x[rows], y[rows], device, precision, lambda m: make_optimizer(m, cfg))
