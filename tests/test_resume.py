@@ -409,6 +409,27 @@ def test_resume_is_bit_exact(tale, tmp_path):
     assert a.train_state["step"] == b.train_state["step"] == 12
     assert a.train_state["chars_seen"] == b.train_state["chars_seen"]
     assert a.data["optimizer_state"]["state"][0]["step"] == b.data["optimizer_state"]["state"][0]["step"]
+    # torch's fused AdamW on a CPU (docs/training.md), and the resumed run kept it
+    assert all(g["fused"] for c in (a, b) for g in c.data["optimizer_state"]["param_groups"])
+
+
+def test_a_run_written_with_torchs_default_adamw_resumes_with_it_bit_for_bit(tale, tmp_path, monkeypatch):
+    """Checkpoints from before the fused optimizer recorded the default one:
+    such a run, resumed now, gives the same bits as when it ran straight."""
+    plain = torch.optim.AdamW
+
+    class DefaultAdamW(plain):  # the optimizer as charnn 0.2.3 built it
+        def __init__(self, *args, fused=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", DefaultAdamW)
+    train(tale_config(tale, tmp_path / "a", max_steps=12, keep=3), TALE_MODEL, handle_sigint=False)
+    monkeypatch.undo()
+    train(tale_config(tale, tmp_path / "b", max_steps=12), TALE_MODEL, resume=tmp_path / "a" / "step-0000005.pt",
+          handle_sigint=False)
+    assert max_diff(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")) == 0.0
+    groups = checkpoint.load(tmp_path / "b" / "last.pt").data["optimizer_state"]["param_groups"]
+    assert not any(g["fused"] for g in groups)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
