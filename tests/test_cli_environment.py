@@ -60,6 +60,9 @@ CRAFTED = {
     "lr-a-string": lambda d: d["optimizer_state"]["param_groups"][0].__setitem__("lr", "x"),
     "base-lrs-strings": lambda d: d["scheduler_state"].__setitem__("base_lrs", ["x", "y"]),
     "exp-avg-shape": _bad_exp_avg,
+    "fused-a-string": lambda d: d["optimizer_state"]["param_groups"][0].__setitem__("fused", "yes"),
+    "foreach-a-number": lambda d: d["optimizer_state"]["param_groups"][1].__setitem__("foreach", 3),
+    "maximize-a-list": lambda d: d["optimizer_state"]["param_groups"][0].__setitem__("maximize", [1]),
 }
 
 

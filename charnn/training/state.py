@@ -127,6 +127,10 @@ def restore(resumed: ckpt_mod.Checkpoint, pos: LoopPosition, optimizer: torch.op
     return carried.to(device)
 
 
+# AdamW's switches a checkpoint records; a resumed run keeps them.
+FLAGS = ("fused", "foreach", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay")
+
+
 def check(pos: LoopPosition, optimizer: torch.optim.Optimizer, scheduler: Any, carried: Any, *,
           chunks: int, batch_size: int, model_config: ModelConfig) -> None:
     """What a crafted or damaged checkpoint could put out of range: the
@@ -149,6 +153,9 @@ def check(pos: LoopPosition, optimizer: torch.optim.Optimizer, scheduler: Any, c
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
                 raise ValueError(f"optimizer_state: {key} is not a non-negative number")
+        for key in FLAGS:
+            if group.get(key) is not None and not isinstance(group[key], bool):
+                raise ValueError(f"optimizer_state: {key} is not true or false")
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if key in ("exp_avg", "exp_avg_sq") and (not torch.is_tensor(value) or value.shape != p.shape):
