@@ -40,6 +40,10 @@ from charnn.training.config import TrainConfig
 from charnn.training.trainer import Trainer
 
 EMBED = 64  # both sides use the same embedding width and vocabulary size
+# The bare loop's optimizer: torch's default AdamW, as the plainest loop
+# writes it (charnn uses the fused kernel); --bare-fused gives it that too,
+# which leaves charnn's own overhead.
+BARE_ADAMW: dict = {}
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "war-and-peace.txt"
 
 
@@ -49,7 +53,7 @@ def bare_loop(layers: int, hidden: int, batch: int, seq: int, steps: int, warmup
     torch.manual_seed(0)
     emb, rnn, head = nn.Embedding(vocab, embed), nn.LSTM(embed, hidden, layers, batch_first=True), nn.Linear(hidden, vocab)
     params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, **BARE_ADAMW)
     data = torch.randint(0, vocab, (batch, (steps + warmup) * seq + 1))
     state = None
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -78,7 +82,7 @@ class BareLoop:
         self.emb, self.rnn = nn.Embedding(vocab, EMBED), nn.LSTM(EMBED, hidden, layers, batch_first=True)
         self.head = nn.Linear(hidden, vocab)
         self.params = [*self.emb.parameters(), *self.rnn.parameters(), *self.head.parameters()]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-3)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3, **BARE_ADAMW)
         self.data = torch.randint(0, vocab, (batch, 64 * seq + 1))
         self.seq, self.i, self.state = seq, 0, None
         self.dtype = torch.bfloat16 if precision == "bf16" else None
@@ -208,8 +212,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is kept")
     ap.add_argument("--grid", action="store_true", help="batch x context from 8x32 to 128x256, fp32 and bf16")
     ap.add_argument("--grid-seconds", type=float, default=3.0, help="seconds each side is timed per cell in --grid")
+    ap.add_argument("--bare-fused", action="store_true", help="the bare loop uses torch's fused AdamW, as charnn does")
     ap.add_argument("--grid-batches", default=",".join(map(str, GRID_BATCHES)), help="the grid's rows (batch sizes)")
     args = ap.parse_args()
+    if args.bare_fused:
+        BARE_ADAMW["fused"] = True
     if args.grid:
         vocab = len(set(Path(args.corpus).read_text(encoding="utf-8-sig").replace("\r", "\n")))
         grid(args, vocab)
