@@ -109,7 +109,10 @@ def test_a_short_time_budget_evaluates_early_and_reaches_the_set_rate(tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(r) for r in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
-    assert max(lrs) > 0.0095  # the warmup finished inside the budget
+    # The warmup ends by a quarter of the budget at the latest, where the
+    # cosine still leaves 0.87 of the rate (0.1 + 0.9 * 0.854): on a busy
+    # machine the 100 steps may not come sooner.
+    assert max(lrs) > 0.0085
     evals = [r for r in rows if "val_loss" in r]
     assert len(evals) >= 3  # chosen from the measured speed, not every 1000 steps
     assert "evaluating every" in " ".join(result.stderr.split())
