@@ -91,13 +91,16 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
-def warm_up(cell: str, dropout: float, vocab_size: int, probe: ProbeSetup) -> None:
-    """A process's first training step sets torch up (thread pools, kernels:
-    about 0.9 s on a 2-core CPU), whatever the model's size. Paid here, on a
-    tiny model, it neither inflates the first shape's timing nor uses up the
-    probe's share of a short budget."""
+def warm_up(overrides: dict[str, Any], vocab_size: int, probe: ProbeSetup) -> None:
+    """A process's first training step sets torch up (thread pools, kernels,
+    the compiler's modules its first optimizer loads: about 2 s on a 2-core
+    CPU), whatever the model's size. Paid on a tiny model before --size auto's
+    clock starts, it neither inflates the first shape's timing nor counts
+    against --time-limit, which does not cover starting torch."""
+    cell = overrides.get("cell") or ModelConfig.cell
     tiny = ProbeSetup(probe.x[:1, :4], probe.y[:1, :4], probe.device, probe.precision, probe.make_optimizer)
-    probe_step_time(sizing.Shape(8, 2, 8), cell, dropout, vocab_size, tiny, steps=1, warmup=0)
+    probe_step_time(sizing.Shape(8, 2, 8), cell, overrides.get("dropout") or 0.0, vocab_size, tiny,
+                    steps=1, warmup=0)
 
 
 def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: int | None, train_chars: int,
@@ -119,8 +122,6 @@ def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: i
 
     sync = (lambda m: average_gradients(m, dist_info.world_size)) if dist_info.enabled else None
     dropout = given["dropout"] or 0.0
-    if cfg.time_limit:
-        warm_up(cell, dropout, vocab_size, probe)
     started = time.perf_counter()
     share = sizing.PROBE_SHARE * cfg.time_limit
 

@@ -223,13 +223,11 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
     model, auto_epochs, probe_seconds = None, None, 0.0  # auto_epochs: what --size auto estimated the budget buys
     if new_model:
         if cfg.size == "auto":
-            # torch loads its compiler's modules when the first optimizer is
-            # built (about 1 s on this project's machine): starting torch, which
-            # the budget does not cover, so it happens before the clock starts.
-            torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-            started = time.perf_counter()
             x, y = layout.chunk(0)
             probe = choices.ProbeSetup(x[rows], y[rows], device, precision, lambda m: make_optimizer(m, cfg))
+            if cfg.time_limit:
+                choices.warm_up(overrides, vocab_size, probe)
+            started = time.perf_counter()
             choice = choices.choose_size(cfg, overrides, planned_steps=steps, train_chars=len(train_ids),
                                          vocab_size=vocab_size, probe=probe, dist_info=dist_info, status=status)
             probe_seconds = time.perf_counter() - started
