@@ -169,6 +169,7 @@ def test_a_run_that_ends_far_short_of_its_plan_says_so_in_its_last_lines_and_its
     err, rows = _train_paused(tmp_path, pause=7.0, after_step=40, time_limit="12s")  # after the plan is made
     short = [r for r in rows if r.get("event") == "short_of_plan"]
     assert len(short) == 1 and short[0]["steps"] < 0.6 * short[0]["planned_steps"], rows[-3:]
+    assert short[0] is rows[-1] and short[0]["elapsed"] >= rows[-2]["elapsed"]  # every row says when
     # Among the last lines: after the final evaluation, before the closing summary.
     assert err.rindex(": validation loss") < err.index("steps its first steps promised") < err.index("Done:"), err
 
@@ -178,13 +179,13 @@ def test_only_a_run_well_short_of_its_plan_is_reported():
     threshold is checked here, the real fault above.)"""
     cfg = TrainConfig(time_limit=100.0, eval_chars=1000)
     v = Validation(cfg, RunPlan.of(cfg), np.zeros(5000, dtype=np.int64), DistInfo(), torch.device("cpu"), "fp32")
-    assert v.shortfall(10, 0.5) is None  # no plan was made (a fixed --eval-every)
+    assert v.shortfall(10, 0.5, 30.0) is None  # no plan was made (a fixed --eval-every)
     v.seconds_per_char = 1e-5
     v.choose_every(Budget(cfg, chunks_per_epoch=10**6), 20, 2.0, 0.1, 0.1)  # about 1,000 steps promised
     planned = v.planned[0]
-    assert v.shortfall(int(0.61 * planned), 0.16) is None
-    short = v.shortfall(int(0.5 * planned), 0.2)
-    assert short["event"] == "short_of_plan" and short["planned_steps"] == int(planned)
+    assert v.shortfall(int(0.61 * planned), 0.16, 100.0) is None
+    short = v.shortfall(int(0.5 * planned), 0.2, 100.0)
+    assert short["event"] == "short_of_plan" and short["planned_steps"] == int(planned) and short["elapsed"] == 100.0
     assert short["ms_per_step_planned"] == 100.0 and "200 ms on average, 100 ms at the start" in short["message"]
 
 

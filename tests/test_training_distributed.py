@@ -93,7 +93,10 @@ def test_ranks_share_the_cores_instead_of_stalling(tmp_path, omp):
     assert len(gaps) >= 10, proc.stderr[-2000:]
     typical = sorted(gaps)[len(gaps) // 2]
     assert max(gaps[1:]) < 10 * typical + 0.2, (typical, gaps)  # (the first five include warm-up)
-    assert rows[-1]["elapsed"] <= 6.0 + 0.5  # the budget holds, the final evaluation included
+    # The budget holds. The last row is the final evaluation's (its "elapsed" is
+    # when it began) or, on a machine that got busier, the short_of_plan row
+    # written after it.
+    assert "elapsed" in rows[-1] and rows[-1]["elapsed"] <= 6.0 + 0.5, rows[-2:]
 
 
 LATE_RANK = """

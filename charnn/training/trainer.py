@@ -395,7 +395,7 @@ class Trainer:
                 last_path = self._evaluate_and_save()
             if stopped == "time_limit":  # the time budget ended it: was that the plan?
                 per_step = (time.perf_counter() - loop_start - eval_seconds) / (pos.step - start_step)
-                short = self.validation.shortfall(pos.step, per_step)
+                short = self.validation.shortfall(pos.step, per_step, elapsed_base + time.perf_counter() - run_start)
                 if short is not None:
                     self._log_row(short)
                     self._emit("warning", message=short["message"])

@@ -203,10 +203,11 @@ class Validation:
         return [f"evaluating every {plural(every, 'step')} from here: the run is faster than its first steps "
                 f"said (about {plural(int(total), 'step')} fit the budget at {per_step * 1000:.0f} ms/step)"]
 
-    def shortfall(self, step: int, per_step: float) -> dict[str, Any] | None:
+    def shortfall(self, step: int, per_step: float, elapsed: float) -> dict[str, Any] | None:
         """At the end of a run stopped by its --time-limit: when it made less
         than :data:`SHORT_OF_PLAN` of the steps its first steps promised, the
-        metrics row that says so (``message`` is the line to show)."""
+        metrics row that says so (``message`` is the line to show; ``elapsed``,
+        like every row's, is the run's seconds so far)."""
         if self.planned is None:
             return None
         planned, first = self.planned
@@ -218,4 +219,4 @@ class Validation:
                    "on a quieter machine (or with a longer --time-limit) the same command trains more")
         return {"step": step, "event": "short_of_plan", "planned_steps": int(planned), "steps": step,
                 "ms_per_step_planned": round(first * 1000, 3), "ms_per_step": round(per_step * 1000, 3),
-                "message": message}
+                "message": message, "elapsed": elapsed}
