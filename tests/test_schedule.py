@@ -169,7 +169,8 @@ def test_a_run_that_ends_far_short_of_its_plan_says_so_in_its_last_lines_and_its
     err, rows = _train_paused(tmp_path, pause=7.0, after_step=40, time_limit="12s")  # after the plan is made
     short = [r for r in rows if r.get("event") == "short_of_plan"]
     assert len(short) == 1 and short[0]["steps"] < 0.6 * short[0]["planned_steps"], rows[-3:]
-    assert short[0] is rows[-1] and short[0]["elapsed"] >= rows[-2]["elapsed"]  # every row says when
+    assert short[0] is rows[-1] and short[0]["elapsed"] >= rows[-2]["elapsed"]
+    assert all("step" in r and "elapsed" in r for r in rows)  # every row says when (docs/training.md)
     # Among the last lines: after the final evaluation, before the closing summary.
     assert err.rindex(": validation loss") < err.index("steps its first steps promised") < err.index("Done:"), err
 
