@@ -12,14 +12,24 @@ from ..errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 tiles, where bf16 products are several
+    times as fast as fp32's (AVX512-BF16 alone is not faster than fp32)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def resolve_device(name: str) -> torch.device:

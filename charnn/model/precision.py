@@ -9,18 +9,22 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError
-from .devices import cpu_has_bf16
+from .devices import cpu_has_amx, cpu_has_bf16
 
 AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_precision(name: str, device: torch.device) -> str:
-    """The autocast precision a model trains in: fp32 | bf16 | fp16 for this device; ``auto`` picks the fastest that
-    trains as well as fp32 (bf16: 1.7-1.85x faster at the same loss per step; docs/training.md)."""
+    """The autocast precision a model trains in: fp32 | bf16 | fp16 for this
+    device. ``auto`` picks the fastest that trains as well as fp32 by what
+    the device has: bf16 or fp16 on CUDA, bf16 on a CPU with AMX, fp32 on
+    other CPUs (AVX512-BF16 alone made training slower, not faster;
+    docs/training.md). A --time-limit run times it instead where it is in
+    doubt (:func:`charnn.training.choices.choose_precision`)."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu" and cpu_has_bf16():
+        if device.type == "cpu" and cpu_has_amx():
             return "bf16"
         return "fp32"
     if name not in AUTOCAST_DTYPE:

@@ -103,6 +103,36 @@ def warm_up(overrides: dict[str, Any], vocab_size: int, probe: ProbeSetup) -> No
                     steps=1, warmup=0)
 
 
+# bf16 autocast on a CPU with native bf16 products: with AMX a 2x512 step at
+# 64 x 128 ran 3.2x as fast as in fp32; with AVX512-BF16 alone (a Xeon without
+# AMX) every shape from 2x128 to 2x512 at 16 x 64 to 64 x 128 ran 5-41%
+# slower. The CPU's flags are a guess, so a --time-limit run that leaves
+# --precision open there times both, and takes bf16 only when it is clearly
+# faster: fp32's numbers are the exact ones.
+BF16_SHARE = 0.95  # bf16 when its step takes at most this share of fp32's
+PRECISION_TIMING = {"warmup": 1, "steps": 1}  # per precision and round
+CLOSE_CALL = 1.25  # a second round where the two are within this factor
+
+
+def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
+                     dist_info: DistInfo) -> tuple[str, str]:
+    """(precision, why) for a run on a CPU with native bf16: a step of
+    ``shape`` timed in fp32 and in bf16 on the run's first batch, rank 0's
+    figures deciding under torchrun."""
+    best = {"fp32": math.inf, "bf16": math.inf}
+    for _ in range(2):
+        for precision in best:
+            setup = ProbeSetup(probe.x, probe.y, probe.device, precision, probe.make_optimizer)
+            best[precision] = min(best[precision],
+                                  probe_step_time(shape, cell, dropout, vocab_size, setup, **PRECISION_TIMING))
+        fp32, bf16 = rank0_values(dist_info, probe.device, best["fp32"], best["bf16"])
+        if max(fp32, bf16) > CLOSE_CALL * min(fp32, bf16):
+            break
+    chosen = "bf16" if bf16 <= BF16_SHARE * fp32 else "fp32"
+    return chosen, (f"{chosen}: a {shape.name} step takes {fp32 * 1000:.0f} ms in fp32 and {bf16 * 1000:.0f} ms "
+                    "in bf16 on this CPU")
+
+
 def choose_size(cfg: TrainConfig, overrides: dict[str, Any], *, planned_steps: int | None, train_chars: int,
                 vocab_size: int, probe: ProbeSetup, dist_info: DistInfo,
                 status: Callable[[str], None]) -> sizing.SizeChoice:

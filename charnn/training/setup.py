@@ -13,10 +13,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError, shell_arg
+from ..errors import CheckpointError, ConfigError, DataError, safe_display, shell_arg
 from ..model.config import ModelConfig
-from ..model.devices import resolve_device
-from ..model.precision import autocast_precision, emulated_bf16
+from ..model.devices import cpu_has_bf16, resolve_device
+from ..model import sizing
+from ..model.precision import AUTOCAST_DTYPE, autocast_precision, emulated_bf16
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from ..storage import checkpoint as ckpt_mod
 from ..storage.outdir import CHECKPOINT_NAMES, STEP_FILE
@@ -195,44 +196,89 @@ def read_run_corpus(cfg: TrainConfig, resume: str | os.PathLike | None, exclude:
     return corpus
 
 
-def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]) -> tuple[torch.device, str]:
-    """Where this rank trains and in which precision (a note where it is slow)."""
+def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str],
+                         resumed: ckpt_mod.Checkpoint | None = None) -> tuple[torch.device, str | None]:
+    """Where this rank trains and in which precision (a note where it is
+    slow). None: a new --time-limit run's --precision auto on a CPU with
+    native bf16, which :func:`time_precision` decides (the run depends on
+    the clock anyway; a run without one gives the same weights each time).
+    A resumed run's ``auto`` keeps the precision it trained in where this
+    device has it: an exact resume needs the same numbers."""
+    recorded = resumed.train_state.get("precision") if resumed is not None else None
     device = resolve_device(cfg.device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    precision = autocast_precision(cfg.precision, device)
+    if recorded is not None and not (isinstance(recorded, str) and recorded in AUTOCAST_DTYPE):
+        assert resumed is not None
+        raise CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged "
+                              "(train_state.precision is not fp32, bf16 or fp16); it cannot be resumed. "
+                              f"--init-from {shell_arg(resumed.path)} starts a new run from its weights")
+    precision = None
+    if cfg.precision == "auto" and recorded is not None:
+        try:
+            precision = autocast_precision(recorded, device)
+        except ConfigError:  # fp16 recorded on a GPU, resumed on a CPU: auto's choice here
+            pass
+    if precision is None:
+        if (cfg.precision == "auto" and cfg.time_limit and resumed is None and device.type == "cpu"
+                and cpu_has_bf16()):
+            return device, None
+        precision = autocast_precision(cfg.precision, device)
     if emulated_bf16(device, precision):
         notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32 here")
     return device, precision
 
 
+def time_precision(cfg: TrainConfig, overrides: dict[str, Any], start: CharRNN | None, vocab_size: int,
+                   probe: choices.ProbeSetup, dist_info: DistInfo, status: Callable[[str], None]) -> tuple[str, str]:
+    """--precision auto on a CPU with native bf16: (precision, why). The
+    shape timed is the model started from, the shape given, or --size fixed's
+    (the middle of --size auto's ladder)."""
+    given = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__ and v is not None}
+    mc = start.config if start is not None else ModelConfig(**{**given, "dropout": given.get("dropout", 0.0)})
+    shape = sizing.Shape(mc.hidden_size, mc.num_layers, mc.embedding_dim)
+    status(f"timing a {shape.name} model in fp32 and in bf16 (--precision auto)")
+    return choices.choose_precision(shape, mc.cell, mc.dropout, vocab_size, probe, dist_info)
+
+
 def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], train_ids: np.ndarray, *,
-                   new_model: bool, vocab_size: int, rows: slice, device: torch.device, precision: str,
-                   dist_info: DistInfo, status: Callable[[str], None]) -> tuple[Any, CharRNN | None, list[str], float]:
-    """Decide what the options left open, into ``plan``: a new run's model
-    size (``--size auto`` times candidate shapes on the first batch) and its
-    reading order (from the epochs its budget buys). Returns the run's
-    batcher, the new model (``new_model``; None otherwise), the notes to show
-    and the seconds the size probe took (training time: under --time-limit
-    also ``plan.setup_seconds``). The layout it plans with (the order known so
-    far, else in order) is the run's batcher unless the order chosen here is
-    shuffled."""
+                   start: CharRNN | None, vocab_size: int, rows: slice, device: torch.device,
+                   precision: str | None, dist_info: DistInfo, status: Callable[[str], None],
+                   ) -> tuple[Any, CharRNN | None, list[str], float, str]:
+    """Decide what the options left open, into ``plan``: the precision where
+    only timing tells (``precision`` None: :func:`time_precision`), a new
+    run's model size (``--size auto`` times candidate shapes on the first
+    batch) and its reading order (from the epochs its budget buys).
+    ``start``: the model a run starts from (a base, --init-from, a resume),
+    None for a new model. Returns the run's batcher, the new model (None
+    where it started from one), the notes to show, the seconds the timings
+    took (training time: under --time-limit also ``plan.setup_seconds``) and
+    the precision. The layout it plans with (the order known so far, else in
+    order) is the run's batcher unless the order chosen here is shuffled."""
     layout = make_batcher(train_ids, cfg.batch_size, cfg.seq_len, shuffle=bool(plan.shuffle), seed=cfg.seed)
     steps = planned_steps(cfg, len(layout))
     notes: list[str] = []
-    model, auto_epochs, probe_seconds = None, None, 0.0  # auto_epochs: what --size auto estimated the budget buys
-    if new_model:
-        if cfg.size == "auto":
-            x, y = layout.chunk(0)
-            probe = choices.ProbeSetup(x[rows], y[rows], device, precision, lambda m: make_optimizer(m, cfg))
-            if cfg.time_limit:
-                choices.warm_up(overrides, vocab_size, probe)
-            started = time.perf_counter()
-            choice = choices.choose_size(cfg, overrides, planned_steps=steps, train_chars=len(train_ids),
-                                         vocab_size=vocab_size, probe=probe, dist_info=dist_info, status=status)
-            probe_seconds = time.perf_counter() - started
-            if cfg.time_limit:  # the scheduler's first factor already skips it; the trainer adds the rest
-                plan.setup_seconds = round(probe_seconds, 6)
+    model, auto_epochs = None, None  # auto_epochs: what --size auto estimated the budget buys
+    x, y = layout.chunk(0)
+    probe = choices.ProbeSetup(x[rows], y[rows], device, precision or "fp32", lambda m: make_optimizer(m, cfg))
+    size_probe = start is None and cfg.size == "auto"
+    timed = precision is None or size_probe
+    if cfg.time_limit and timed:
+        choices.warm_up(overrides, vocab_size, probe)
+    started = time.perf_counter()
+    if precision is None:
+        precision, why = time_precision(cfg, overrides, start, vocab_size, probe, dist_info, status)
+        probe = replace(probe, precision=precision)
+        notes.append(f"precision: {why}")
+    choice = None
+    if size_probe:
+        choice = choices.choose_size(cfg, overrides, planned_steps=steps, train_chars=len(train_ids),
+                                     vocab_size=vocab_size, probe=probe, dist_info=dist_info, status=status)
+    probe_seconds = time.perf_counter() - started if timed else 0.0
+    if cfg.time_limit and timed:  # the scheduler's first factor already skips it; the trainer adds the rest
+        plan.setup_seconds = round(probe_seconds, 6)
+    if start is None:
+        if choice is not None:
             overrides = {**overrides, **choice.overrides()}
             plan.size_reason = choice.reason
             auto_epochs = choice.epochs
@@ -250,4 +296,4 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
         notes.append(f"reading: {why}")
         if plan.shuffle:
             layout = make_batcher(train_ids, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
-    return layout, model, notes, probe_seconds
+    return layout, model, notes, probe_seconds, precision

@@ -143,19 +143,19 @@ class Trainer:
         per_rank = cfg.batch_size // self.dist.world_size
         self.rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
 
-        self.device, self.precision = device_and_precision(cfg, self.dist, self.notes)
+        self.device, precision = device_and_precision(cfg, self.dist, self.notes, resumed)
         self.tuner = ThreadTuner.for_run(adapt_threads, self.device, self.dist.enabled)
 
         # -- size and order, then the batcher and budget they make; the model
         if resumed is not None:
             model = resumed.build_model("cpu")
-        self.batcher, new, notes, probe_seconds = size_and_order(
-            cfg, plan, overrides, self.train_ids, new_model=model is None, vocab_size=tokenizer.vocab_size,
-            rows=self.rows, device=self.device, precision=self.precision, dist_info=self.dist, status=self._status)
+        self.batcher, new, notes, probe_seconds, self.precision = size_and_order(
+            cfg, plan, overrides, self.train_ids, start=model, vocab_size=tokenizer.vocab_size,
+            rows=self.rows, device=self.device, precision=precision, dist_info=self.dist, status=self._status)
         self.notes.extend(notes)
         self.budget = Budget(cfg, len(self.batcher))
         self.model = (model or new).to(self.device).train()
-        self.pos.elapsed = probe_seconds  # training seconds, across resumes (a new run's size probe counts)
+        self.pos.elapsed = probe_seconds  # training seconds, across resumes (a new run's timings count)
         self.state: State | None = None
         self.steps = Stepper(self.model, cfg, self._lr_lambda, self.dist, self.device, self.precision, self.rows)
         self.ddp_model, self.optimizer = self.steps.ddp_model, self.steps.optimizer
