@@ -158,7 +158,8 @@ def train(
         metavar="DEVICE", callback=parse_device, show_default=False, help=DEVICE_HELP + _d("auto"))] = None,
     precision: Annotated[Optional[Precision], typer.Option(
         metavar="[auto|fp32|bf16|fp16]", show_default=False,
-        help="Numeric precision; auto picks the fastest that trains as well as fp32 on this device."
+        help="Numeric precision; auto picks the fastest that trains as well as fp32 on this device "
+             "(on a CPU with native bf16, a --time-limit run times both)."
              + _d("auto"))] = None,
     threads: Annotated[Int, typer.Option(
         metavar="N", callback=at_least(1), show_default=False, help=THREADS_HELP)] = None,
