@@ -93,7 +93,7 @@ def sample(
     precision: Annotated[SamplePrecision, typer.Option(
         metavar="[auto|fp32|bf16]",
         help="Weights in fp32 (exact) or bf16; auto picks bf16 only for 16 or more samples on "
-             "a CPU with native bf16.")] = SamplePrecision.auto,
+             "a CPU with AMX.")] = SamplePrecision.auto,
     as_json: Annotated[bool, typer.Option(
         "--json", help='Print a JSON list of {"text", "prime", "seed", "copies"} objects instead of plain '
                        'text.')] = False,
