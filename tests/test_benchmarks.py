@@ -459,3 +459,13 @@ def test_warmup_benchmark_runs_each_warmup_for_the_steps_asked(tmp_path):
     bad = subprocess.run([sys.executable, script, "--corpus", str(text), "--warmups", "soon"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--warmups" in bad.stderr
+
+
+def test_the_precision_benchmark_prints_a_row_per_shape_and_batch():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_precision.py"), "--shapes", "1x32,2x48",
+                           "--batches", "4x8", "--rounds", "1", "--steps", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line and "---" not in line]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("1x32", "4 x 8"), ("2x48", "4 x 8")], proc.stdout
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
