@@ -105,10 +105,11 @@ def warm_up(overrides: dict[str, Any], vocab_size: int, probe: ProbeSetup) -> No
 
 # bf16 autocast on a CPU with native bf16 products: with AMX a 2x512 step at
 # 64 x 128 ran 3.2x as fast as in fp32; with AVX512-BF16 alone (a Xeon without
-# AMX) every shape from 2x128 to 2x512 at 16 x 64 to 64 x 128 ran 5-41%
-# slower. The CPU's flags are a guess, so a --time-limit run that leaves
-# --precision open there times both, and takes bf16 only when it is clearly
-# faster: fp32's numbers are the exact ones.
+# AMX) a step took 0.99-2.0x fp32's time, slower in 11 of 12 shapes and
+# batches from 2x128 to 2x512 and 16 x 64 to 64 x 128 (bench_precision.py).
+# The CPU's flags are a guess, so a --time-limit run that leaves --precision
+# open there times both, and takes bf16 only when it is clearly faster:
+# fp32's numbers are the exact ones.
 BF16_SHARE = 0.95  # bf16 when its step takes at most this share of fp32's
 PRECISION_TIMING = {"warmup": 1, "steps": 1}  # per precision and round
 CLOSE_CALL = 1.25  # a second round where the two are within this factor
