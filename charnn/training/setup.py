@@ -205,14 +205,13 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
     A resumed run's ``auto`` keeps the precision it trained in where this
     device has it: an exact resume needs the same numbers."""
     recorded = resumed.train_state.get("precision") if resumed is not None else None
-    device = resolve_device(cfg.device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    if recorded is not None and not (isinstance(recorded, str) and recorded in AUTOCAST_DTYPE):
-        assert resumed is not None
+    if resumed is not None and recorded is not None and not (isinstance(recorded, str) and recorded in AUTOCAST_DTYPE):
         raise CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged "
                               "(train_state.precision is not fp32, bf16 or fp16); it cannot be resumed. "
                               f"--init-from {shell_arg(resumed.path)} starts a new run from its weights")
+    device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     precision = None
     if cfg.precision == "auto" and recorded is not None:
         try:
@@ -229,8 +228,8 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
     return device, precision
 
 
-def time_precision(cfg: TrainConfig, overrides: dict[str, Any], start: CharRNN | None, vocab_size: int,
-                   probe: choices.ProbeSetup, dist_info: DistInfo, status: Callable[[str], None]) -> tuple[str, str]:
+def time_precision(overrides: dict[str, Any], start: CharRNN | None, vocab_size: int, probe: choices.ProbeSetup,
+                   dist_info: DistInfo, status: Callable[[str], None]) -> tuple[str, str]:
     """--precision auto on a CPU with native bf16: (precision, why). The
     shape timed is the model started from, the shape given, or --size fixed's
     (the middle of --size auto's ladder)."""
@@ -267,7 +266,7 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
         choices.warm_up(overrides, vocab_size, probe)
     started = time.perf_counter()
     if precision is None:
-        precision, why = time_precision(cfg, overrides, start, vocab_size, probe, dist_info, status)
+        precision, why = time_precision(overrides, start, vocab_size, probe, dist_info, status)
         probe = replace(probe, precision=precision)
         notes.append(f"precision: {why}")
     choice = None
