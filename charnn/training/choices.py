@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..model import sizing
 from ..model.config import ModelConfig
+from ..model.precision import autocast_precision
 from .config import TrainConfig
 from ..errors import ConfigError
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
@@ -113,21 +114,35 @@ def warm_up(overrides: dict[str, Any], vocab_size: int, probe: ProbeSetup) -> No
 BF16_SHARE = 0.95  # bf16 when its step takes at most this share of fp32's
 PRECISION_TIMING = {"warmup": 1, "steps": 1}  # per precision and round
 CLOSE_CALL = 1.25  # a second round where the two are within this factor
+# The timing may take this share of a --time-limit; where a glance says it
+# would take more (a huge vocabulary, a short budget), the CPU's flags decide.
+PRECISION_SHARE = 0.03
 
 
 def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
-                     dist_info: DistInfo) -> tuple[str, str]:
+                     dist_info: DistInfo, time_limit: float) -> tuple[str, str]:
     """(precision, why) for a run on a CPU with native bf16: a step of
     ``shape`` timed in fp32 and in bf16 on the run's first batch, rank 0's
     figures deciding under torchrun."""
+    def rank0(*values: float) -> list[float]:
+        return rank0_values(dist_info, probe.device, *values)
+
+    started, share = time.perf_counter(), PRECISION_SHARE * time_limit
+    fp32_probe = ProbeSetup(probe.x, probe.y, probe.device, "fp32", probe.make_optimizer)
+    estimate = rank0(glance_step_time(shape, cell, dropout, vocab_size, fp32_probe))[0]
+    if 4 * estimate > share:  # two steps in each precision
+        chosen = autocast_precision("auto", probe.device)
+        return chosen, (f"{chosen}, by the CPU's flags: a {shape.name} step takes about {estimate:.1f}s here, "
+                        "too long to time in both precisions within the budget")
     best = {"fp32": math.inf, "bf16": math.inf}
     for _ in range(2):
         for precision in best:
             setup = ProbeSetup(probe.x, probe.y, probe.device, precision, probe.make_optimizer)
             best[precision] = min(best[precision],
                                   probe_step_time(shape, cell, dropout, vocab_size, setup, **PRECISION_TIMING))
-        fp32, bf16 = rank0_values(dist_info, probe.device, best["fp32"], best["bf16"])
-        if max(fp32, bf16) > CLOSE_CALL * min(fp32, bf16):
+        fp32, bf16 = rank0(best["fp32"], best["bf16"])
+        spent = rank0(time.perf_counter() - started)[0]
+        if max(fp32, bf16) > CLOSE_CALL * min(fp32, bf16) or spent + 2 * (fp32 + bf16) > share:
             break
     chosen = "bf16" if bf16 <= BF16_SHARE * fp32 else "fp32"
     return chosen, (f"{chosen}: a {shape.name} step takes {fp32 * 1000:.0f} ms in fp32 and {bf16 * 1000:.0f} ms "

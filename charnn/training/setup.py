@@ -229,7 +229,7 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
 
 
 def time_precision(overrides: dict[str, Any], start: CharRNN | None, vocab_size: int, probe: choices.ProbeSetup,
-                   dist_info: DistInfo, status: Callable[[str], None]) -> tuple[str, str]:
+                   dist_info: DistInfo, status: Callable[[str], None], time_limit: float) -> tuple[str, str]:
     """--precision auto on a CPU with native bf16: (precision, why). The
     shape timed is the model started from, the shape given, or --size fixed's
     (the middle of --size auto's ladder)."""
@@ -237,7 +237,7 @@ def time_precision(overrides: dict[str, Any], start: CharRNN | None, vocab_size:
     mc = start.config if start is not None else ModelConfig(**{**given, "dropout": given.get("dropout", 0.0)})
     shape = sizing.Shape(mc.hidden_size, mc.num_layers, mc.embedding_dim)
     status(f"timing a {shape.name} model in fp32 and in bf16 (--precision auto)")
-    return choices.choose_precision(shape, mc.cell, mc.dropout, vocab_size, probe, dist_info)
+    return choices.choose_precision(shape, mc.cell, mc.dropout, vocab_size, probe, dist_info, time_limit)
 
 
 def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], train_ids: np.ndarray, *,
@@ -266,7 +266,7 @@ def size_and_order(cfg: TrainConfig, plan: RunPlan, overrides: dict[str, Any], t
         choices.warm_up(overrides, vocab_size, probe)
     started = time.perf_counter()
     if precision is None:
-        precision, why = time_precision(overrides, start, vocab_size, probe, dist_info, status)
+        precision, why = time_precision(overrides, start, vocab_size, probe, dist_info, status, cfg.time_limit)
         probe = replace(probe, precision=precision)
         notes.append(f"precision: {why}")
     choice = None
