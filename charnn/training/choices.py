@@ -122,8 +122,9 @@ PRECISION_SHARE = 0.03
 def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size: int, probe: ProbeSetup,
                      dist_info: DistInfo, time_limit: float) -> tuple[str, str]:
     """(precision, why) for a run on a CPU with native bf16: a step of
-    ``shape`` timed in fp32 and in bf16 on the run's first batch, rank 0's
-    figures deciding under torchrun."""
+    ``shape`` timed in fp32 and in bf16 on the run's first batch, in at most
+    :data:`PRECISION_SHARE` of ``time_limit`` (else the CPU's flags decide),
+    rank 0's figures deciding under torchrun."""
     def rank0(*values: float) -> list[float]:
         return rank0_values(dist_info, probe.device, *values)
 
