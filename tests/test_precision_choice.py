@@ -90,3 +90,20 @@ def test_a_resumed_run_whose_recorded_precision_is_damaged_is_refused(corpus, tm
     text = " ".join(result.stderr.split())
     assert "training state is damaged" in text and "precision" in text and "--init-from" in text, text
     assert "Traceback" not in result.output
+
+
+def test_a_run_that_trained_in_fp16_resumes_on_a_cpu_saying_it_is_not_exact(corpus, tmp_path):
+    """fp16 needs a GPU: a run recorded in it resumes here in auto's choice, and says so."""
+    first = tmp_path / "first"
+    assert invoke("train", corpus, *SHAPE, "--max-steps", "2", "--out", first).exit_code == 0
+    data = torch.load(first / "last.pt", weights_only=True)
+    data["train_state"]["precision"] = "fp16"
+    edited = tmp_path / "edited" / "last.pt"
+    edited.parent.mkdir()
+    torch.save(data, edited)
+    result = invoke("train", corpus, "--resume", edited, "--max-steps", "4")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    expected = "bf16" if cpu_has_amx() else "fp32"
+    assert f"this run trained in fp16, which cpu does not have: it resumes in {expected}, so not bit for bit" in text
+    assert checkpoint.load(edited).train_state["precision"] == expected

@@ -129,12 +129,29 @@ def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size:
         return rank0_values(dist_info, probe.device, *values)
 
     started, share = time.perf_counter(), PRECISION_SHARE * time_limit
-    fp32_probe = ProbeSetup(probe.x, probe.y, probe.device, "fp32", probe.make_optimizer)
-    estimate = rank0(glance_step_time(shape, cell, dropout, vocab_size, fp32_probe))[0]
-    if 4 * estimate > share:  # two steps in each precision
+
+    def too_long(step: float) -> bool:  # what is spent, and two more steps in each precision (and a margin)
+        return rank0(time.perf_counter() - started + 5 * step)[0] > share
+
+    def by_flags(step: float) -> tuple[str, str]:
         chosen = autocast_precision("auto", probe.device)
-        return chosen, (f"{chosen}, by the CPU's flags: a {shape.name} step takes about {estimate:.1f}s here, "
-                        "too long to time in both precisions within the budget")
+        return chosen, (f"{chosen}, by the CPU's flags: a {shape.name} step takes about {step * 1000:.0f} ms "
+                        f"here, and timing it in both precisions would take more than "
+                        f"{PRECISION_SHARE:.0%} of the budget")
+
+    # A glance in two parts, each cheap enough to stop after: one cold step on
+    # a slice of the rows (a huge vocabulary makes even that slow), then the
+    # probe's estimate of the whole batch.
+    fp32_probe = ProbeSetup(probe.x, probe.y, probe.device, "fp32", probe.make_optimizer)
+    part = max(1, probe.x.shape[0] // GLANCE_ROWS)
+    first = probe_step_time(shape, cell, dropout, vocab_size,
+                            ProbeSetup(probe.x[:part], probe.y[:part], probe.device, "fp32", probe.make_optimizer),
+                            steps=1, warmup=0)
+    if too_long(first):
+        return by_flags(rank0(first)[0])
+    estimate = rank0(glance_step_time(shape, cell, dropout, vocab_size, fp32_probe))[0]
+    if too_long(estimate):
+        return by_flags(estimate)
     best = {"fp32": math.inf, "bf16": math.inf}
     for _ in range(2):
         for precision in best:
@@ -142,8 +159,7 @@ def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size:
             best[precision] = min(best[precision],
                                   probe_step_time(shape, cell, dropout, vocab_size, setup, **PRECISION_TIMING))
         fp32, bf16 = rank0(best["fp32"], best["bf16"])
-        spent = rank0(time.perf_counter() - started)[0]
-        if max(fp32, bf16) > CLOSE_CALL * min(fp32, bf16) or spent + 2 * (fp32 + bf16) > share:
+        if max(fp32, bf16) > CLOSE_CALL * min(fp32, bf16) or too_long((fp32 + bf16) / 2):
             break
     chosen = "bf16" if bf16 <= BF16_SHARE * fp32 else "fp32"
     return chosen, (f"{chosen}: a {shape.name} step takes {fp32 * 1000:.0f} ms in fp32 and {bf16 * 1000:.0f} ms "

@@ -217,7 +217,8 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
         try:
             precision = autocast_precision(recorded, device)
         except ConfigError:  # fp16 recorded on a GPU, resumed on a CPU: auto's choice here
-            pass
+            notes.append(f"this run trained in {recorded}, which {device.type} does not have: it resumes in "
+                         f"{autocast_precision('auto', device)}, so not bit for bit")
     if precision is None:
         if (cfg.precision == "auto" and cfg.time_limit and resumed is None and device.type == "cpu"
                 and cpu_has_bf16()):
@@ -231,8 +232,9 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
 def time_precision(overrides: dict[str, Any], start: CharRNN | None, vocab_size: int, probe: choices.ProbeSetup,
                    dist_info: DistInfo, status: Callable[[str], None], time_limit: float) -> tuple[str, str]:
     """--precision auto on a CPU with native bf16: (precision, why). The
-    shape timed is the model started from, the shape given, or --size fixed's
-    (the middle of --size auto's ladder)."""
+    shape timed is the model started from, the shape given (its missing
+    parts at --size fixed's), or --size fixed's: the middle of --size auto's
+    ladder, which the probe then chooses from in the precision chosen here."""
     given = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__ and v is not None}
     mc = start.config if start is not None else ModelConfig(**{**given, "dropout": given.get("dropout", 0.0)})
     shape = sizing.Shape(mc.hidden_size, mc.num_layers, mc.embedding_dim)
