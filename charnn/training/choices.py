@@ -95,9 +95,9 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
 def warm_up(overrides: dict[str, Any], vocab_size: int, probe: ProbeSetup) -> None:
     """A process's first training step sets torch up (thread pools, kernels,
     the compiler's modules its first optimizer loads: about 2 s on a 2-core
-    CPU), whatever the model's size. Paid on a tiny model before --size auto's
-    clock starts, it neither inflates the first shape's timing nor counts
-    against --time-limit, which does not cover starting torch."""
+    CPU), whatever the model's size. Paid on a tiny model before the clock of
+    the timings (precision, --size auto) starts, it neither inflates the first
+    timing nor counts against --time-limit, which does not cover starting torch."""
     cell = overrides.get("cell") or ModelConfig.cell
     tiny = ProbeSetup(probe.x[:1, :4], probe.y[:1, :4], probe.device, probe.precision, probe.make_optimizer)
     probe_step_time(sizing.Shape(8, 2, 8), cell, overrides.get("dropout") or 0.0, vocab_size, tiny,
@@ -133,11 +133,10 @@ def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size:
     def too_long(step: float) -> bool:  # what is spent, and two more steps in each precision (and a margin)
         return rank0(time.perf_counter() - started + 5 * step)[0] > share
 
-    def by_flags(step: float) -> tuple[str, str]:
+    def by_flags(seen: str) -> tuple[str, str]:
         chosen = autocast_precision("auto", probe.device)
-        return chosen, (f"{chosen}, by the CPU's flags: a {shape.name} step takes about {step * 1000:.0f} ms "
-                        f"here, and timing it in both precisions would take more than "
-                        f"{PRECISION_SHARE:.0%} of the budget")
+        return chosen, (f"{chosen}, by the CPU's flags: timing a {shape.name} step in both precisions would "
+                        f"take more than {PRECISION_SHARE:.0%} of the budget ({seen})")
 
     # A glance in two parts, each cheap enough to stop after: one cold step on
     # a slice of the rows (a huge vocabulary makes even that slow), then the
@@ -148,10 +147,10 @@ def choose_precision(shape: sizing.Shape, cell: str, dropout: float, vocab_size:
                             ProbeSetup(probe.x[:part], probe.y[:part], probe.device, "fp32", probe.make_optimizer),
                             steps=1, warmup=0)
     if too_long(first):
-        return by_flags(rank0(first)[0])
+        return by_flags(f"one step on {part} of its {probe.x.shape[0]} rows took {rank0(first)[0] * 1000:.0f} ms")
     estimate = rank0(glance_step_time(shape, cell, dropout, vocab_size, fp32_probe))[0]
     if too_long(estimate):
-        return by_flags(estimate)
+        return by_flags(f"a step takes about {estimate * 1000:.0f} ms here")
     best = {"fp32": math.inf, "bf16": math.inf}
     for _ in range(2):
         for precision in best:

@@ -13,17 +13,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError, safe_display, shell_arg
+from ..errors import CheckpointError, ConfigError, DataError, shell_arg
 from ..model.config import ModelConfig
 from ..model.devices import cpu_has_bf16, resolve_device
 from ..model import sizing
-from ..model.precision import AUTOCAST_DTYPE, autocast_precision, emulated_bf16
+from ..model.precision import autocast_precision, emulated_bf16
 from ..model.rnn import TRAIN_MEMORY_FACTOR, CharRNN, check_memory
 from ..storage import checkpoint as ckpt_mod
 from ..storage.outdir import CHECKPOINT_NAMES, STEP_FILE
 from ..text.data import BUILTIN_NAME, Corpus, builtin_corpus_path, encode_corpus, make_batcher, read_corpus, split_ids
 from ..text.tokenizer import CharTokenizer
-from . import base as base_mod, choices
+from . import base as base_mod, choices, state as train_state
 from .config import TrainConfig, given_options, merge_resume
 from .finetune import ARCH_FIELDS, check_arch, fine_tune_start
 from .plan import RunPlan
@@ -204,11 +204,7 @@ def device_and_precision(cfg: TrainConfig, dist_info: DistInfo, notes: list[str]
     the clock anyway; a run without one gives the same weights each time).
     A resumed run's ``auto`` keeps the precision it trained in where this
     device has it: an exact resume needs the same numbers."""
-    recorded = resumed.train_state.get("precision") if resumed is not None else None
-    if resumed is not None and recorded is not None and not (isinstance(recorded, str) and recorded in AUTOCAST_DTYPE):
-        raise CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged "
-                              "(train_state.precision is not fp32, bf16 or fp16); it cannot be resumed. "
-                              f"--init-from {shell_arg(resumed.path)} starts a new run from its weights")
+    recorded = train_state.recorded_precision(resumed) if resumed is not None else None
     device = resolve_device(cfg.device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)

@@ -86,6 +86,21 @@ def gather_carried(state: State | None, dist_info: DistInfo) -> Any:
     return tuple(out) if isinstance(state, tuple) else out[0]
 
 
+def damaged(resumed: ckpt_mod.Checkpoint, why: str) -> CheckpointError:
+    """The error for a checkpoint whose training state cannot be resumed."""
+    return CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged ({why}); it cannot "
+                           f"be resumed. --init-from {shell_arg(resumed.path)} starts a new run from its weights")
+
+
+def recorded_precision(resumed: ckpt_mod.Checkpoint) -> str | None:
+    """The precision a resumed run's steps ran in (None in a file that does
+    not say); a CheckpointError where the file says something else."""
+    recorded = resumed.train_state.get("precision")
+    if recorded is not None and not (isinstance(recorded, str) and recorded in ("fp32", "bf16", "fp16")):
+        raise damaged(resumed, "train_state.precision is not fp32, bf16 or fp16")
+    return recorded
+
+
 def restore(resumed: ckpt_mod.Checkpoint, pos: LoopPosition, optimizer: torch.optim.Optimizer,
             scheduler: Any, *, chunks: int, batch_size: int, device: torch.device) -> State | None:
     """Put ``resumed``'s position and counters into ``pos``, its optimizer
@@ -114,9 +129,7 @@ def restore(resumed: ckpt_mod.Checkpoint, pos: LoopPosition, optimizer: torch.op
             torch.set_rng_state(ts["rng_cpu"])
     except (ValueError, TypeError, KeyError, RuntimeError, IndexError, OverflowError, AttributeError) as e:
         why = str(e).splitlines()[0][:160] if isinstance(e, ValueError) and str(e) else type(e).__name__
-        raise CheckpointError(f"{safe_display(resumed.path, None)}: its training state is damaged ({why}); "
-                              f"it cannot be resumed. --init-from {shell_arg(resumed.path)} starts a new run "
-                              "from its weights") from None
+        raise damaged(resumed, why) from None
     if "rng_cuda" in ts and torch.cuda.is_available() and device.type == "cuda":
         torch.cuda.set_rng_state(ts["rng_cuda"].cpu(), device)
     carried = ts.get("carried_state")
